@@ -1,0 +1,161 @@
+"""Pure tensor maths of BatchNorm folding (no modules, no I/O).
+
+An eval-mode BatchNorm is a per-channel affine map  y = x * s + t  with
+s = gamma / sqrt(var + eps) and t = beta - mean * s.  Folding it into the layer
+that produces x scales that layer's output channels by s and maps its bias b to
+b * s + t; folding it into the layer that consumes y scales the consumer's
+input channels by s and adds W applied to t to its bias.  Everything is computed
+in float64 and cast back to the weight's dtype once, so half-precision
+checkpoints lose nothing to intermediate rounding.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Mapping
+
+import torch
+
+from bnstrip.errors import InputError
+
+
+@dataclass(frozen=True)
+class BNStats:
+    """What an eval-mode BatchNorm needs; weight/bias are None for affine=False."""
+
+    running_mean: torch.Tensor
+    running_var: torch.Tensor
+    weight: torch.Tensor | None
+    bias: torch.Tensor | None
+    eps: float
+
+    @property
+    def num_features(self) -> int:
+        return int(self.running_mean.numel())
+
+
+def bn_scale_shift(stats: BNStats, name: str = "BatchNorm") -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel (s, t) in float64 such that BN(x) = x * s + t; validates the statistics."""
+    mean = stats.running_mean.detach().to(torch.float64).reshape(-1)
+    var = stats.running_var.detach().to(torch.float64).reshape(-1)
+    c = mean.numel()
+    if var.numel() != c:
+        raise InputError(f"{name}: running_var has {var.numel()} channels but running_mean has {c}; the checkpoint is inconsistent")
+    for label, tensor in (("weight", stats.weight), ("bias", stats.bias)):
+        if tensor is not None and tensor.numel() != c:
+            raise InputError(f"{name}: {label} has {tensor.numel()} channels but running_mean has {c}; the checkpoint is inconsistent")
+    if not torch.isfinite(mean).all():
+        raise InputError(f"{name}: running_mean has NaN/Inf values; retrain or recalibrate the BatchNorm statistics")
+    if not torch.isfinite(var).all():
+        raise InputError(f"{name}: running_var has NaN/Inf values; retrain or recalibrate the BatchNorm statistics")
+    if (var < 0).any():
+        raise InputError(f"{name}: running_var has negative values (min {var.min().item():.3g}); the statistics are corrupt, recalibrate them")
+    if not math.isfinite(stats.eps) or stats.eps < 0:
+        raise InputError(f"{name}: eps={stats.eps} is not a finite non-negative number; pass a valid --eps")
+    denom = var + stats.eps
+    if (denom <= 0).any():
+        raise InputError(f"{name}: running_var + eps is 0 for some channel (eps={stats.eps}); pass a positive --eps")
+    gamma = torch.ones_like(mean) if stats.weight is None else stats.weight.detach().to(torch.float64).reshape(-1)
+    beta = torch.zeros_like(mean) if stats.bias is None else stats.bias.detach().to(torch.float64).reshape(-1)
+    if not (torch.isfinite(gamma).all() and torch.isfinite(beta).all()):
+        raise InputError(f"{name}: weight/bias has NaN/Inf values; the checkpoint is corrupt")
+    scale = gamma / torch.sqrt(denom)
+    return scale, beta - mean * scale
+
+
+def _cast_back(tensor64: torch.Tensor, dtype: torch.dtype, name: str, what: str, allow_overflow: bool) -> torch.Tensor:
+    out = tensor64.to(dtype)
+    if not allow_overflow and torch.isfinite(tensor64).all() and not torch.isfinite(out).all():
+        raise InputError(
+            f"{name}: folded {what} overflows {str(dtype).replace('torch.', '')} (max |value| {tensor64.abs().max().item():.3g}); "
+            "save in float32 or pass --allow-overflow"
+        )
+    if not torch.isfinite(tensor64).all():
+        raise InputError(f"{name}: folded {what} is not finite; the BatchNorm statistics are degenerate, recalibrate them")
+    return out
+
+
+def fold_into_producer(weight: torch.Tensor, bias: torch.Tensor | None, stats: BNStats, *, out_axis: int = 0,
+                       groups: int = 1, name: str = "layer", allow_overflow: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fold BN that follows a conv/linear into it: returns (W', b') with W' scaled per output channel.
+
+    `out_axis` is 0 for Conv/Linear weights (out, in, ...) and 1 for ConvTranspose
+    weights (in, out/groups, ...), where `groups` says how output channels are laid out.
+    """
+    scale, shift = bn_scale_shift(stats, name)
+    w = weight.detach().to(torch.float64)
+    if out_axis == 0:
+        out_channels = w.shape[0]
+        if out_channels != scale.numel():
+            raise InputError(f"{name}: produces {out_channels} channels but its BatchNorm has {scale.numel()}; they cannot be folded")
+        w_folded = w * scale.reshape(-1, *([1] * (w.dim() - 1)))
+    elif out_axis == 1:
+        in_channels, per_group = w.shape[0], w.shape[1]
+        out_channels = per_group * groups
+        if out_channels != scale.numel() or in_channels % groups:
+            raise InputError(f"{name}: produces {out_channels} channels but its BatchNorm has {scale.numel()}; they cannot be folded")
+        grouped = w.reshape(groups, in_channels // groups, per_group, *w.shape[2:])
+        s = scale.reshape(groups, 1, per_group, *([1] * (w.dim() - 2)))
+        w_folded = (grouped * s).reshape(w.shape)
+    else:
+        raise ValueError(f"out_axis must be 0 or 1, not {out_axis}")
+    b = torch.zeros(out_channels, dtype=torch.float64) if bias is None else bias.detach().to(torch.float64).reshape(-1)
+    b_folded = b * scale + shift
+    dtype = weight.dtype
+    bias_dtype = dtype if bias is None else bias.dtype
+    return (_cast_back(w_folded, dtype, name, "weight", allow_overflow),
+            _cast_back(b_folded, bias_dtype, name, "bias", allow_overflow))
+
+
+def fold_into_consumer(weight: torch.Tensor, bias: torch.Tensor | None, stats: BNStats, *, groups: int = 1,
+                       name: str = "layer", allow_overflow: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fold BN that precedes a Linear or an unpadded Conv (weight (out, in/groups, ...)) into it.
+
+    W(x*s + t) + b = (W*s) x + (W t + b): scale the input channels, and add W applied to t.
+    Exact for a conv only when every output reads no padding (padding 0), which the caller checks.
+    """
+    scale, shift = bn_scale_shift(stats, name)
+    w = weight.detach().to(torch.float64)
+    out_channels, in_per_group = w.shape[0], w.shape[1]
+    if in_per_group * groups != scale.numel() or out_channels % groups:
+        raise InputError(f"{name}: takes {in_per_group * groups} input channels but the BatchNorm before it has {scale.numel()}; they cannot be folded")
+    out_per_group = out_channels // groups
+    spatial = [1] * (w.dim() - 2)
+    s = scale.reshape(groups, 1, in_per_group, *spatial)
+    t = shift.reshape(groups, 1, in_per_group, *spatial)
+    grouped = w.reshape(groups, out_per_group, in_per_group, *w.shape[2:])
+    w_folded = (grouped * s).reshape(w.shape)
+    extra = (grouped * t).sum(dim=tuple(range(2, grouped.dim()))).reshape(out_channels)
+    b = torch.zeros(out_channels, dtype=torch.float64) if bias is None else bias.detach().to(torch.float64).reshape(-1)
+    bias_dtype = weight.dtype if bias is None else bias.dtype
+    return (_cast_back(w_folded, weight.dtype, name, "weight", allow_overflow),
+            _cast_back(b + extra, bias_dtype, name, "bias", allow_overflow))
+
+
+def bn_stats_from_state(state: Mapping[str, torch.Tensor], prefix: str, eps: float) -> BNStats:
+    """Read a BatchNorm's tensors from a state_dict (weight/bias absent means affine=False)."""
+    try:
+        mean, var = state[f"{prefix}.running_mean"], state[f"{prefix}.running_var"]
+    except KeyError:
+        raise InputError(f"{prefix}: BatchNorm has no running_mean/running_var in the checkpoint; it cannot be folded") from None
+    return BNStats(mean, var, state.get(f"{prefix}.weight"), state.get(f"{prefix}.bias"), eps)
+
+
+def fold_state_dict(state: Mapping[str, torch.Tensor], pairs: list[tuple[str, str]], eps: float,
+                    allow_overflow: bool = False) -> dict[str, torch.Tensor]:
+    """Fold each (producer, bn) pair of a Conv/Linear state_dict; drop the BN tensors.
+
+    Keys that belong to no pair are passed through untouched (same tensor objects).
+    """
+    out = dict(state)
+    for producer, bn in pairs:
+        weight_key, bias_key = f"{producer}.weight", f"{producer}.bias"
+        if weight_key not in state:
+            raise InputError(f"{producer}: no '{weight_key}' in the checkpoint; it does not match the model")
+        stats = bn_stats_from_state(state, bn, eps)
+        w, b = fold_into_producer(state[weight_key], state.get(bias_key), stats, name=f"{producer} + {bn}",
+                                  allow_overflow=allow_overflow)
+        out[weight_key], out[bias_key] = w, b
+        for suffix in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
+            out.pop(f"{bn}.{suffix}", None)
+    return out

@@ -1,0 +1,90 @@
+"""The course's check, run fast: both models over a dataset, max over batches of ||diff||^2."""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from bnstrip.data import to_float_tensor
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    """Figures of one verify run; `max_batch_sq_norm` is the course's figure."""
+
+    max_batch_sq_norm: float
+    max_abs_diff: float
+    agreement: float
+    accuracy_bn: float
+    accuracy_folded: float
+    images: int
+    batch_size: int
+    tolerance: float
+    seconds: float
+
+    @property
+    def passed(self) -> bool:
+        return self.max_batch_sq_norm < self.tolerance
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "passed": self.passed}
+
+
+def verify_models(bn_model: nn.Module, folded_model: nn.Module, images: np.ndarray, labels: np.ndarray, *,
+                  batch_size: int = 100, tolerance: float = 1e-8, chunk_batches: int | None = None,
+                  progress: Callable[[int, int], None] | None = None) -> VerifyResult:
+    """Both models in eval mode on uint8 CHW images; the figure is per batch of `batch_size`.
+
+    Images are decoded chunk by chunk (several batches at once, for throughput); the
+    squared norm is still summed per batch of `batch_size`, exactly as the course's loop does.
+    """
+    if batch_size <= 0:
+        raise ValueError("batch_size must be positive")
+    started = time.perf_counter()
+    bn_model.eval()
+    folded_model.eval()
+    n = len(labels)
+    chunk_batches = chunk_batches or max(1, 1000 // batch_size)
+    chunk = batch_size * chunk_batches
+    num_batches = (n + batch_size - 1) // batch_size
+    batch_sq = torch.zeros(num_batches, dtype=torch.float64)
+    labels_t = torch.from_numpy(np.asarray(labels, dtype=np.int64))
+    max_abs, agree, correct_bn, correct_folded = 0.0, 0, 0, 0
+    with torch.inference_mode():
+        for start in range(0, n, chunk):
+            x = to_float_tensor(images[start:start + chunk])
+            out_bn = bn_model(x)
+            out_folded = folded_model(x)
+            diff = (out_bn - out_folded).to(torch.float64)
+            row_sq = diff.reshape(diff.shape[0], -1).square().sum(1)
+            batch_index = torch.arange(start, start + len(x)) // batch_size
+            batch_sq.index_add_(0, batch_index, row_sq)
+            if diff.numel():
+                chunk_max = float(diff.abs().max())
+                max_abs = chunk_max if not chunk_max <= max_abs else max_abs  # keeps NaN visible
+            pred_bn, pred_folded = out_bn.argmax(1), out_folded.argmax(1)
+            y = labels_t[start:start + len(x)]
+            agree += int((pred_bn == pred_folded).sum())
+            correct_bn += int((pred_bn == y).sum())
+            correct_folded += int((pred_folded == y).sum())
+            if progress:
+                progress(min(start + chunk, n), n)
+    if not torch.isfinite(batch_sq).all():
+        figure = float("inf")
+    else:
+        figure = float(batch_sq.max()) if num_batches else 0.0
+    return VerifyResult(
+        max_batch_sq_norm=figure,
+        max_abs_diff=max_abs,
+        agreement=agree / n if n else 1.0,
+        accuracy_bn=correct_bn / n if n else 0.0,
+        accuracy_folded=correct_folded / n if n else 0.0,
+        images=n,
+        batch_size=batch_size,
+        tolerance=tolerance,
+        seconds=time.perf_counter() - started,
+    )
