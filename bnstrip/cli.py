@@ -163,3 +163,12 @@ def verify(checkpoint: str, fused: str | None, data_dir: str | None, batch_size:
         console.print("[bold green]PASS[/]" if result.passed else "[bold red]FAIL[/]")
     if not result.passed:
         raise SystemExit(EXIT_CHECK_FAILED)
+
+
+# --------------------------------------------------------------------------- other command groups
+# Each lives in its own module (click only at import time) and registers its commands here.
+
+from bnstrip import cli_bench, cli_maths  # noqa: E402
+
+cli_maths.register(main)
+cli_bench.register(main)
