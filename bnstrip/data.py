@@ -32,6 +32,7 @@ _ALLOWED_GLOBALS = {
     ("numpy._core.multiarray", "_reconstruct"),
     ("numpy", "ndarray"),
     ("numpy", "dtype"),
+    ("_codecs", "encode"),  # how Python 3 pickles bytes at protocol 2: str -> bytes, nothing more
 }
 
 

@@ -1,0 +1,121 @@
+"""Problem 1: the committed smallNetSaved folded into smallNetTest, checked on real CIFAR-10 images."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from bnstrip.checkpoint import load_checkpoint
+from bnstrip.errors import CheckFailed, InputError
+from bnstrip.models import SmallNetTest, SmallNetTrain
+from bnstrip.smallnet import fuse_smallnet
+from bnstrip.verify import verify_models
+
+import pytest
+
+from conftest import SMALLNET_SAVED
+
+
+class CourseSmallNetTest(nn.Module):
+    """The course's smallNetTest, written out independently of bnstrip.models."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU())
+        self.conv2 = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1), nn.ReLU())
+        self.fc1 = nn.Sequential(nn.Linear(16 * 32 * 32, 32 * 32), nn.ReLU())
+        self.fc2 = nn.Sequential(nn.Linear(32 * 32, 10), nn.ReLU())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv2(self.conv1(x)).reshape(-1, 16 * 32 * 32)
+        return self.fc2(self.fc1(x))
+
+
+def course_reference_figure(bn_model: nn.Module, test_model: nn.Module, x: torch.Tensor, batch_size: int = 100) -> float:
+    """The course's own loop: max over batches of ||out_bn - out_test||^2."""
+    worst = 0.0
+    with torch.no_grad():
+        for start in range(0, len(x), batch_size):
+            xb = x[start:start + batch_size]
+            worst = max(worst, float(torch.norm(bn_model(xb) - test_model(xb)) ** 2))
+    return worst
+
+
+def test_committed_checkpoint_is_a_plain_smallnettrain_state_dict() -> None:
+    loaded = load_checkpoint(SMALLNET_SAVED)
+    assert loaded.unwrapped == []
+    model = SmallNetTrain()
+    model.load_state_dict(torch.load(SMALLNET_SAVED, weights_only=True), strict=True)  # the course's own call
+    assert set(loaded.state_dict) == set(model.state_dict())
+
+
+def test_committed_checkpoint_folds_exactly_on_real_images(cifar_sample) -> None:
+    state = load_checkpoint(SMALLNET_SAVED).state_dict
+    result = fuse_smallnet(state)
+    assert result.self_check.passed
+    assert [p for p, _ in result.pairs] == ["conv1.0", "conv2.0", "fc1.0"]
+
+    bn_model = SmallNetTrain()
+    bn_model.load_state_dict(state)
+    bn_model.eval()
+    course_model = CourseSmallNetTest()
+    course_model.load_state_dict(result.state_dict, strict=True)
+    course_model.eval()
+
+    x = torch.from_numpy(cifar_sample.images).float() / 255
+    assert course_reference_figure(bn_model, course_model, x) < 1e-8
+    report = verify_models(bn_model, course_model, cifar_sample.images, cifar_sample.labels, batch_size=100)
+    assert report.passed and report.images == 200 and report.agreement == 1.0
+    assert report.accuracy_bn > 0.4  # a trained model, not random weights (10% chance)
+
+
+def test_fold_matches_pytorch_eval_model_in_float64(random_smallnet_state) -> None:
+    result = fuse_smallnet(random_smallnet_state)
+    reference = SmallNetTrain().double()
+    reference.load_state_dict(random_smallnet_state)
+    folded = SmallNetTest().double()
+    folded.load_state_dict({k: v.double() for k, v in result.state_dict.items()})
+    x = torch.rand(4, 3, 32, 32, dtype=torch.float64)
+    with torch.no_grad():
+        want, got = reference.eval()(x), folded.eval()(x)
+    assert torch.allclose(got, want, rtol=1e-6, atol=1e-6 * float(want.abs().max()))
+    assert set(result.state_dict) == set(SmallNetTest().state_dict())
+
+
+def test_eps_changes_the_fold(random_smallnet_state) -> None:
+    a = fuse_smallnet(random_smallnet_state, eps=1e-5).state_dict["fc1.0.weight"]
+    b = fuse_smallnet(random_smallnet_state, eps=1e-1).state_dict["fc1.0.weight"]
+    assert not torch.allclose(a, b)
+
+
+def test_wrong_architecture_is_refused(random_smallnet_state) -> None:
+    state = dict(random_smallnet_state)
+    state.pop("fc1.1.running_var")
+    state["extra.weight"] = torch.zeros(1)
+    with pytest.raises(InputError, match="missing fc1.1.running_var.*unexpected extra.weight"):
+        fuse_smallnet(state, source="ckpt.pt")
+    state = dict(random_smallnet_state)
+    state["conv1.0.weight"] = torch.zeros(16, 3, 5, 5)
+    with pytest.raises(InputError, match=r"conv1.0.weight has shape \(16, 3, 5, 5\)"):
+        fuse_smallnet(state)
+
+
+def test_never_trained_statistics_warn(random_smallnet_state) -> None:
+    state = dict(random_smallnet_state)
+    state["conv2.1.num_batches_tracked"] = torch.tensor(0)
+    result = fuse_smallnet(state)
+    assert any("conv2.1" in w and "never trained" in w for w in result.warnings)
+
+
+def test_self_check_failure_refuses(random_smallnet_state, monkeypatch) -> None:
+    import bnstrip.smallnet as smallnet
+
+    def broken_fold(state, pairs, eps, allow_overflow=False):
+        from bnstrip.fold import fold_state_dict as real
+
+        out = real(state, pairs, eps)
+        out["fc2.0.bias"] = out["fc2.0.bias"] + 1.0
+        return out
+
+    monkeypatch.setattr(smallnet, "fold_state_dict", broken_fold)
+    with pytest.raises(CheckFailed, match="differs"):
+        smallnet.fuse_smallnet(random_smallnet_state)

@@ -1,0 +1,55 @@
+"""verify_models: the course's per-batch figure, agreement and accuracy, on real and perturbed models."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from bnstrip.models import SmallNetTest, SmallNetTrain
+from bnstrip.smallnet import fuse_smallnet
+from bnstrip.verify import verify_models
+
+
+def _models(state, folded):
+    bn_model = SmallNetTrain()
+    bn_model.load_state_dict(state)
+    test_model = SmallNetTest()
+    test_model.load_state_dict(folded)
+    return bn_model.eval(), test_model.eval()
+
+
+def test_figure_is_per_batch_of_batch_size(random_smallnet_state, cifar_sample) -> None:
+    folded = dict(fuse_smallnet(random_smallnet_state).state_dict)
+    folded["fc2.0.bias"] = folded["fc2.0.bias"] + 1e-2  # a known perturbation, larger than the fold's rounding
+    bn_model, test_model = _models(random_smallnet_state, folded)
+    images, labels = cifar_sample.images[:130], cifar_sample.labels[:130]
+    result = verify_models(bn_model, test_model, images, labels, batch_size=50, tolerance=1e-8, chunk_batches=2)
+
+    x = torch.from_numpy(images).float() / 255
+    with torch.no_grad():
+        diffs = bn_model(x) - test_model(x)
+    expected = max(float(diffs[s:s + 50].double().square().sum()) for s in range(0, 130, 50))
+    assert np.isclose(result.max_batch_sq_norm, expected, rtol=1e-6)
+    assert result.max_abs_diff == float(diffs.abs().max())
+    assert result.images == 130 and result.batch_size == 50
+    assert not result.passed
+    assert result.to_dict()["passed"] is False
+
+
+def test_identical_models_pass_with_full_agreement(random_smallnet_state, cifar_sample) -> None:
+    folded = fuse_smallnet(random_smallnet_state).state_dict
+    bn_model, test_model = _models(random_smallnet_state, folded)
+    # Random statistics (var down to 1e-3) give outputs around 10, so float32 rounding alone is ~1e-8
+    # in squared norm; the course's absolute 1e-8 bar is for the trained net, tested in test_smallnet.
+    result = verify_models(bn_model, test_model, cifar_sample.images, cifar_sample.labels, tolerance=1e-6)
+    assert result.passed
+    assert result.agreement == 1.0
+    assert result.accuracy_bn == result.accuracy_folded
+
+
+def test_nan_output_fails(random_smallnet_state, cifar_sample) -> None:
+    folded = dict(fuse_smallnet(random_smallnet_state).state_dict)
+    folded["fc2.0.bias"] = torch.full_like(folded["fc2.0.bias"], float("nan"))
+    bn_model, test_model = _models(random_smallnet_state, folded)
+    result = verify_models(bn_model, test_model, cifar_sample.images[:100], cifar_sample.labels[:100])
+    assert not result.passed
+    assert result.max_abs_diff != result.max_abs_diff or result.max_abs_diff == float("inf")
