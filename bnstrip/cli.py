@@ -73,17 +73,15 @@ def _fuse_smallnet(input_path: str, output_path: str, eps: float | None, force: 
     started = time.perf_counter()
     check_output_path(output_path, [input_path], force)
     loaded = load_checkpoint(input_path)
-    for note in loaded.unwrapped:
-        warn(f"{input_path}: {note}")
     eps_value = SMALLNET_EPS if eps is None else eps
     result = fuse_smallnet(loaded.state_dict, eps=eps_value, source=input_path, allow_overflow=allow_overflow)
-    for note in result.warnings:
-        warn(f"{input_path}: {note}")
     pairs_text = ",".join(f"{p}+{b}" for p, b in result.pairs)
     save_checkpoint(result.state_dict, output_path, force=force, inputs=[input_path], metadata={
         "source_sha256": loaded.sha256, "bnstrip_version": version, "folded_pairs": pairs_text, "eps": repr(eps_value),
         "architecture": "smallNetTest",
     })
+    for note in loaded.unwrapped + result.warnings:  # after the write, so a failure stays a single stderr line
+        warn(f"{input_path}: {note}")
     seconds = time.perf_counter() - started
     if as_json:
         emit_json({
@@ -103,7 +101,33 @@ def _fuse_smallnet(input_path: str, output_path: str, eps: float | None, force: 
 
 def _fuse_arch(input_path: str, output_path: str, arch: str, input_shape: str | None, keep_structure: bool,
                eps: float | None, force: bool, allow_overflow: bool, as_json: bool) -> None:
-    raise click.UsageError("--arch is not available yet")
+    from bnstrip.clikit import parse_int_list
+    from bnstrip.engine import fuse_checkpoint
+
+    shape = parse_int_list(input_shape, "--input-shape") if input_shape is not None else None
+    report = fuse_checkpoint(input_path, output_path, arch, shape, keep_structure=keep_structure, eps=eps, force=force,
+                             allow_overflow=allow_overflow)
+    for note in report.unwrapped:
+        warn(f"{input_path}: {note}")
+    for note in report.warnings:
+        warn(note)
+    if as_json:
+        emit_json(report.to_dict())
+        return
+    result, check = report.result, report.self_check
+    into = {"producer": "layer before (weight, bias)", "consumer": "layer after (weight, bias)"}
+    console = stdout_console()
+    console.print(make_table(
+        f"Folded {input_path} -> {output_path} ({arch}, {result.form}, traced with {result.tracer})",
+        ["layer", "BatchNorm", "folded into"],
+        [[layer, bn, into[result.into[bn]] + (", gained bias" if layer in result.gained_bias else "")]
+         for layer, bn in result.folded]))
+    if result.skipped:
+        console.print(make_table(f"Not folded ({len(result.skipped)})", ["BatchNorm", "reason"],
+                                 [[bn, reason] for bn, reason in result.skipped]))
+    console.print(f"self-check: max |diff| {fmt(check.max_abs_diff)} vs output scale {fmt(check.output_scale)} on "
+                  f"{check.samples} random inputs of shape {tuple(report.input_shape)} (tolerance {fmt(check.tolerance)}); "
+                  f"manifest {report.manifest}; {report.seconds:.2f} s")
 
 
 # --------------------------------------------------------------------------- verify

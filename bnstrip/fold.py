@@ -68,7 +68,7 @@ def _cast_back(tensor64: torch.Tensor, dtype: torch.dtype, name: str, what: str,
     if not allow_overflow and torch.isfinite(tensor64).all() and not torch.isfinite(out).all():
         raise InputError(
             f"{name}: folded {what} overflows {str(dtype).replace('torch.', '')} (max |value| {tensor64.abs().max().item():.3g}); "
-            "save in float32 or pass --allow-overflow"
+            "save the checkpoint in a wider dtype (float32/float64) or pass --allow-overflow"
         )
     if not torch.isfinite(tensor64).all():
         raise InputError(f"{name}: folded {what} is not finite; the BatchNorm statistics are degenerate, recalibrate them")
@@ -83,28 +83,58 @@ def fold_into_producer(weight: torch.Tensor, bias: torch.Tensor | None, stats: B
     weights (in, out/groups, ...), where `groups` says how output channels are laid out.
     """
     scale, shift = bn_scale_shift(stats, name)
-    w = weight.detach().to(torch.float64)
     if out_axis == 0:
-        out_channels = w.shape[0]
+        out_channels = weight.shape[0]
         if out_channels != scale.numel():
             raise InputError(f"{name}: produces {out_channels} channels but its BatchNorm has {scale.numel()}; they cannot be folded")
-        w_folded = w * scale.reshape(-1, *([1] * (w.dim() - 1)))
+        w_cast = _scale_rows_blockwise(weight.detach(), scale, name, allow_overflow)
     elif out_axis == 1:
+        w = weight.detach().to(torch.float64)
         in_channels, per_group = w.shape[0], w.shape[1]
         out_channels = per_group * groups
         if out_channels != scale.numel() or in_channels % groups:
             raise InputError(f"{name}: produces {out_channels} channels but its BatchNorm has {scale.numel()}; they cannot be folded")
         grouped = w.reshape(groups, in_channels // groups, per_group, *w.shape[2:])
         s = scale.reshape(groups, 1, per_group, *([1] * (w.dim() - 2)))
-        w_folded = (grouped * s).reshape(w.shape)
+        w_cast = _cast_back((grouped * s).reshape(w.shape), weight.dtype, name, "weight", allow_overflow)
     else:
         raise ValueError(f"out_axis must be 0 or 1, not {out_axis}")
     b = torch.zeros(out_channels, dtype=torch.float64) if bias is None else bias.detach().to(torch.float64).reshape(-1)
     b_folded = b * scale + shift
-    dtype = weight.dtype
-    bias_dtype = dtype if bias is None else bias.dtype
-    return (_cast_back(w_folded, dtype, name, "weight", allow_overflow),
-            _cast_back(b_folded, bias_dtype, name, "bias", allow_overflow))
+    bias_dtype = weight.dtype if bias is None else bias.dtype
+    return w_cast, _cast_back(b_folded, bias_dtype, name, "bias", allow_overflow)
+
+
+_BLOCK_ELEMENTS = 1 << 18
+"""float64 elements per block of output channels (2 MB, cache-sized): a 16M-parameter layer is never held in float64."""
+
+
+def all_finite(tensor: torch.Tensor) -> bool:
+    """One reduction pass, no temporaries (torch.isfinite would allocate |x| and two masks of the tensor's size)."""
+    if tensor.numel() == 0:
+        return True
+    low, high = torch.aminmax(tensor)
+    return bool(torch.isfinite(low)) and bool(torch.isfinite(high))  # aminmax propagates NaN
+
+
+def _scale_rows_blockwise(weight: torch.Tensor, scale: torch.Tensor, name: str, allow_overflow: bool) -> torch.Tensor:
+    """weight * scale (per output channel, axis 0) computed in float64 block by block and cast once.
+
+    Bit-identical to casting the whole float64 product (each element is one float64
+    multiply and one rounding), without a full float64 copy (8 bytes a parameter).
+    A non-finite float64 value stays non-finite when cast, so one check of the result
+    suffices; if it fails, the layer goes through _cast_back, whose errors (and
+    --allow-overflow result) are exactly the unblocked ones.
+    """
+    out = torch.empty_like(weight)
+    rows = max(1, _BLOCK_ELEMENTS // max(1, weight[0].numel())) if weight.shape[0] else 1
+    trailing = [1] * (weight.dim() - 1)
+    for start in range(0, weight.shape[0], rows):
+        block = weight[start:start + rows].to(torch.float64) * scale[start:start + rows].reshape(-1, *trailing)
+        out[start:start + rows].copy_(block)
+    if all_finite(out):
+        return out
+    return _cast_back(weight.to(torch.float64) * scale.reshape(-1, *trailing), weight.dtype, name, "weight", allow_overflow)
 
 
 def fold_into_consumer(weight: torch.Tensor, bias: torch.Tensor | None, stats: BNStats, *, groups: int = 1,
@@ -159,3 +189,24 @@ def fold_state_dict(state: Mapping[str, torch.Tensor], pairs: list[tuple[str, st
         for suffix in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
             out.pop(f"{bn}.{suffix}", None)
     return out
+
+
+def cast_folded(tensor64: torch.Tensor, dtype: torch.dtype, name: str, what: str = "weight",
+                allow_overflow: bool = False) -> torch.Tensor:
+    """The single cast back from float64, with the same overflow/finiteness checks the fold functions use.
+
+    Lets a caller chain several folds into one layer in float64 and round once at the end.
+    """
+    return _cast_back(tensor64, dtype, name, what, allow_overflow)
+
+
+def identity_running_var(num_features: int, eps: float, dtype: torch.dtype) -> torch.Tensor:
+    """running_var that makes `var + eps` round to exactly 1, so an eval BatchNorm computes x * 1 + beta.
+
+    1 - eps rounded to `dtype` is within half an ulp of 1 - eps, and adding eps back rounds to 1.0 in the
+    same precision (float32/float64). float16/bfloat16 storage cannot hold 1 - eps that finely (the kernel
+    adds eps in float32), so there the scale is 1 only to within about eps/2 plus half a storage ulp.
+    """
+    if not math.isfinite(eps) or not 0 <= eps < 1:
+        raise InputError(f"eps={eps}: an identity BatchNorm needs 0 <= eps < 1; pass a valid --eps")
+    return torch.full((num_features,), 1.0 - eps, dtype=torch.float64).to(dtype)

@@ -1,0 +1,129 @@
+"""import_arch: MODULE:CALLABLE from the current directory, and one clear InputError per way it can go wrong."""
+from __future__ import annotations
+
+import sys
+import textwrap
+import uuid
+from pathlib import Path
+
+import pytest
+from torch import nn
+
+from bnstrip.arch import import_arch, parse_arch_spec
+from bnstrip.errors import InputError
+
+MODULE_TEXT = textwrap.dedent('''
+    import torch
+    from torch import nn
+
+    class Small(nn.Module):
+        def __init__(self, width: int = 4):
+            super().__init__()
+            self.fc = nn.Linear(width, 2)
+
+        def forward(self, x):
+            return self.fc(x)
+
+    class NeedsArgs(nn.Module):
+        def __init__(self, width):
+            super().__init__()
+
+    def factory():
+        return Small(3)
+
+    def not_a_module():
+        return {"fc": 1}
+
+    def explodes():
+        raise RuntimeError("constructor exploded")
+
+    class Zoo:
+        @staticmethod
+        def tiny():
+            return Small(5)
+
+    CONSTANT = 3
+''')
+
+
+@pytest.fixture
+def user_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A uniquely named module in a fresh cwd that is *not* on sys.path (import_arch must add it)."""
+    name = f"user_models_{uuid.uuid4().hex[:8]}"
+    (tmp_path / f"{name}.py").write_text(MODULE_TEXT)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", ".", str(tmp_path))])
+    yield name
+    sys.modules.pop(name, None)
+
+
+def test_class_factory_and_dotted_attribute_build_modules(user_module: str) -> None:
+    small = import_arch(f"{user_module}:Small")
+    assert isinstance(small, nn.Module) and small.fc.in_features == 4  # default argument used
+    assert import_arch(f"{user_module}:factory").fc.in_features == 3
+    assert import_arch(f"{user_module}:Zoo.tiny").fc.in_features == 5
+
+
+@pytest.mark.parametrize("spec, fragment", [
+    ("no_colon_here", "expected MODULE:CALLABLE"),
+    (":Small", "expected MODULE:CALLABLE"),
+    ("mod:", "expected MODULE:CALLABLE"),
+    ("models/net.py:Net", "dotted module name, not a file path; try --arch models.net:Net"),
+])
+def test_malformed_specs_are_refused_with_a_hint(spec: str, fragment: str) -> None:
+    with pytest.raises(InputError, match=fragment.replace(".", r"\.").replace("(", r"\(")):
+        parse_arch_spec(spec)
+
+
+def test_missing_module_names_the_search_path(user_module: str) -> None:
+    with pytest.raises(InputError, match="module 'no_such_module_xyz' not found in the current directory"):
+        import_arch("no_such_module_xyz:Net")
+
+
+def test_module_with_missing_dependency_says_which(tmp_path: Path, user_module: str) -> None:
+    (tmp_path / "needs_dep_mod.py").write_text("import surely_not_installed_pkg\n")
+    try:
+        with pytest.raises(InputError, match="needs module 'surely_not_installed_pkg', which is not installed"):
+            import_arch("needs_dep_mod:Net")
+    finally:
+        sys.modules.pop("needs_dep_mod", None)
+
+
+def test_module_that_raises_on_import(tmp_path: Path, user_module: str) -> None:
+    (tmp_path / "broken_mod_at_import.py").write_text("raise ValueError('bad config')\n")
+    try:
+        with pytest.raises(InputError, match="importing 'broken_mod_at_import' raised ValueError: bad config"):
+            import_arch("broken_mod_at_import:Net")
+    finally:
+        sys.modules.pop("broken_mod_at_import", None)
+
+
+def test_missing_attribute_lists_what_is_there(user_module: str) -> None:
+    with pytest.raises(InputError, match=r"has no attribute 'Nope'; callables it has: .*Small"):
+        import_arch(f"{user_module}:Nope")
+
+
+def test_not_callable(user_module: str) -> None:
+    with pytest.raises(InputError, match="'CONSTANT' is a int, not a class or factory"):
+        import_arch(f"{user_module}:CONSTANT")
+
+
+def test_needs_arguments_names_them(user_module: str) -> None:
+    with pytest.raises(InputError, match=r"NeedsArgs needs arguments \(width\); wrap it in a factory"):
+        import_arch(f"{user_module}:NeedsArgs")
+
+
+def test_constructor_error_is_one_line(user_module: str) -> None:
+    with pytest.raises(InputError, match=r"calling explodes\(\) raised RuntimeError: constructor exploded"):
+        import_arch(f"{user_module}:explodes")
+
+
+def test_factory_not_returning_a_module(user_module: str) -> None:
+    with pytest.raises(InputError, match=r"not_a_module\(\) returned a dict, not a torch.nn.Module"):
+        import_arch(f"{user_module}:not_a_module")
+
+
+def test_current_directory_is_put_on_sys_path(user_module: str, tmp_path: Path) -> None:
+    assert str(tmp_path) not in sys.path
+    import_arch(f"{user_module}:Small")
+    assert str(tmp_path) in sys.path

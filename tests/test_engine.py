@@ -1,0 +1,582 @@
+"""The graph-aware fold engine on the zoo: exact where it folds, a reason where it refuses, never silent.
+
+Ground truth is always the original model run in eval mode (and, for executed ops, PyTorch's
+own dispatcher), never the fold maths under test. torch.fx's fuse is run beside it to show
+what we fold that it misses and where it folds wrongly.
+"""
+from __future__ import annotations
+
+import copy
+import functools
+import json
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from click.testing import CliRunner
+from torch import nn
+from torch.fx.experimental.optimization import fuse as fx_fuse
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.utils._python_dispatch import TorchDispatchMode
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from bnstrip import FoldResult, fold_model, load_folded  # noqa: E402
+from bnstrip.cli import main  # noqa: E402
+from bnstrip.engine import fuse_checkpoint  # noqa: E402
+from bnstrip.errors import InputError  # noqa: E402
+from bnstrip.manifest import manifest_path  # noqa: E402
+from tests import zoo  # noqa: E402
+
+REL_TOL = 1e-5
+
+
+def rel_diff(reference: torch.Tensor, other: torch.Tensor) -> float:
+    """max |diff| relative to the output scale (max |reference|, at least 1)."""
+    return float((reference - other).abs().max()) / max(float(reference.abs().max()), 1.0)
+
+
+def run(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(x)
+
+
+class CountBatchNorms(TorchDispatchMode):
+    """Counts batch-norm kernels PyTorch actually executes (independent of how the model was rewritten)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if "batch_norm" in func.name():
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def executed_batch_norms(model: nn.Module, x: torch.Tensor) -> int:
+    with torch.no_grad(), CountBatchNorms() as counter:
+        model(x)
+    return counter.count
+
+
+@functools.lru_cache(maxsize=None)
+def folded_zoo(name: str) -> tuple[nn.Module, torch.Tensor, FoldResult, dict[str, torch.Tensor]]:
+    """(original, inputs, fold result, snapshot of the original's state before folding), computed once per model."""
+    model, x = zoo.build(name)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    return model, x, fold_model(model, (x,)), before
+
+
+def bn_module_names(model: nn.Module) -> set[str]:
+    return {n for n, m in model.named_modules() if isinstance(m, _BatchNorm)}
+
+
+# name -> (folded (layer, bn) pairs or None for "every BN into the conv before it", skipped bn -> reason fragment)
+EXPECTED: dict[str, tuple[set[tuple[str, str]] | None, dict[str, str]]] = {
+    "ResNet18Style": (None, {}),
+    "MobileNetV2Style": (None, {}),
+    "Conv1dNet": ({("conv1", "bn1"), ("conv2", "bn2"), ("up", "bn3"), ("fc", "bn4")}, {}),
+    "Conv3dNet": ({("conv1", "bn1"), ("conv2", "bn2"), ("up", "bn3")}, {}),
+    "ConvTransposeDecoder": ({("fc", "bn0"), ("up1", "bn1"), ("up2", "bn2"), ("up3", "bn3")}, {}),
+    "MLPBothSides": ({("fc1", "bn_in"), ("fc1", "bn1"), ("fc2", "bn_mid"), ("fc2", "bn2")}, {}),
+    "LinearBNSequence": ({("head", "bn_head")}, {"bn_seq": "whose features are the last dim, so folding would scale the wrong axis"}),
+    "ReusedConv": ({("conv_out", "bn_out")}, {"bn_a": "conv is called 2 times", "bn_b": "conv is called 2 times"}),
+    "BNBeforePaddedConv": ({("conv_valid", "bn_valid"), ("conv_replicate", "bn_replicate")},
+                           {"bn_pad": "conv_pad zero-pads (padding=(1, 1))"}),
+    "ControlFlowNet": ({("stem.0", "stem.1"), ("branch_a.0", "branch_a.1"), ("branch_b.0", "branch_b.1")},
+                       {"bn_top": "called from the model's forward, which cannot be traced"}),
+    "ShapeBranchNet": ({("conv", "bn"), ("fc", "bn_fc")}, {"bn_shared": "the output of conv_shared also feeds add"}),
+    "SubclassNet": ({("conv1", "bn1"), ("conv2", "bn2"), ("conv_f", "F.batch_norm@f_running_mean")},
+                    {"bn_ws": "_WeightStdConv overrides forward", "bn_nostats": "no running statistics (track_running_stats=False)"}),
+}
+TRACER = {"ControlFlowNet": "torch.fx (per submodule)", "ShapeBranchNet": "torch.export"}
+
+
+def test_zoo_is_covered_by_expectations() -> None:
+    assert set(EXPECTED) == set(zoo.ZOO)
+
+
+@pytest.mark.parametrize("name", list(zoo.ZOO))
+def test_folded_outputs_match_the_original(name: str) -> None:
+    model, x, result, _ = folded_zoo(name)
+    reference = run(model, x)
+    folded = run(result.model, x)
+    assert not result.model.training
+    assert rel_diff(reference, folded) <= REL_TOL, name
+    # A second, unseen input: folding must not depend on the example it was traced with.
+    x2 = torch.randn_like(x) * 3 + 1
+    assert rel_diff(run(model, x2), run(result.model, x2)) <= REL_TOL
+
+
+@pytest.mark.parametrize("name", list(zoo.ZOO))
+def test_every_batchnorm_is_folded_or_skipped_with_its_reason(name: str) -> None:
+    model, x, result, _ = folded_zoo(name)
+    pairs, skipped = EXPECTED[name]
+    folded_bns = [bn for _, bn in result.folded]
+    skipped_bns = [bn for bn, _ in result.skipped]
+    assert len(set(folded_bns)) == len(folded_bns) and not set(folded_bns) & set(skipped_bns)
+    assert bn_module_names(model) <= set(folded_bns) | set(skipped_bns)
+    if pairs is None:
+        assert not result.skipped and set(folded_bns) == bn_module_names(model)
+        for layer, bn in result.folded:
+            conv = model.get_submodule(layer)
+            assert isinstance(conv, nn.Conv2d) and conv.out_channels == model.get_submodule(bn).num_features
+    else:
+        assert set(result.folded) == pairs
+    reasons = dict(result.skipped)
+    assert set(reasons) == set(skipped)
+    for bn, fragment in skipped.items():
+        assert fragment in reasons[bn], (bn, reasons[bn])
+        assert "\n" not in reasons[bn]
+    assert result.tracer == TRACER.get(name, "torch.fx")
+
+
+@pytest.mark.parametrize("name", list(zoo.ZOO))
+def test_only_the_skipped_batchnorms_still_run(name: str) -> None:
+    """PyTorch's dispatcher, not our bookkeeping, says how many batch norms the folded model executes."""
+    model, x, result, _ = folded_zoo(name)
+    assert executed_batch_norms(model, x) == len(result.folded) + len(result.skipped) - _never_called(name)
+    assert executed_batch_norms(result.model, x) == len(result.skipped)
+
+
+def _never_called(name: str) -> int:
+    return 1 if name == "ControlFlowNet" else 0  # only one of branch_a / branch_b runs
+
+
+@pytest.mark.parametrize("name", list(zoo.ZOO))
+def test_input_model_is_never_modified(name: str) -> None:
+    model, _, result, before = folded_zoo(name)
+    after = model.state_dict()
+    assert set(after) == set(before)
+    assert all(torch.equal(after[k], before[k]) for k in before)
+    assert result.model is not model
+    assert bn_module_names(model) == bn_module_names(zoo.ZOO[name][0]())
+
+
+def test_training_mode_of_the_input_is_kept() -> None:
+    model, x = zoo.build("MLPBothSides")
+    model.train()
+    means = model.bn1.running_mean.clone()
+    result = fold_model(model, x)
+    assert model.training and model.bn1.training and torch.equal(model.bn1.running_mean, means)
+    assert not result.model.training
+
+
+# --------------------------------------------------------------------------- beside torch.fx's fuse
+
+FX_FUSE_CORRECT = ["ResNet18Style", "MobileNetV2Style", "Conv3dNet", "ConvTransposeDecoder", "MLPBothSides",
+                   "BNBeforePaddedConv"]
+
+
+def _fx_fused(model: nn.Module) -> tuple[nn.Module, int]:
+    fused = fx_fuse(copy.deepcopy(model))
+    left = sum(1 for n in fused.graph.nodes if n.op == "call_module" and isinstance(fused.get_submodule(n.target), _BatchNorm))
+    return fused, len(bn_module_names(model)) - left
+
+
+@pytest.mark.parametrize("name", FX_FUSE_CORRECT)
+def test_we_fold_at_least_what_fx_fuse_folds(name: str) -> None:
+    model, x, result, _ = folded_zoo(name)
+    fused, fx_count = _fx_fused(model)
+    assert rel_diff(run(model, x), run(fused, x)) <= REL_TOL  # fx is right on these ...
+    assert len(result.folded) >= fx_count  # ... and we fold at least as many
+    if name in ("ResNet18Style", "MobileNetV2Style"):
+        assert len(result.folded) == fx_count
+
+
+def test_fx_fuse_misses_what_we_fold() -> None:
+    counts = {name: (_fx_fused(folded_zoo(name)[0])[1], len(folded_zoo(name)[2].folded))
+              for name in ("Conv3dNet", "ConvTransposeDecoder", "MLPBothSides", "BNBeforePaddedConv")}
+    assert all(ours > theirs for theirs, ours in counts.values()), counts
+
+
+@pytest.mark.parametrize("name", ["ReusedConv", "LinearBNSequence"])
+def test_fx_fuse_changes_outputs_where_we_refuse(name: str) -> None:
+    model, x, result, _ = folded_zoo(name)
+    fused, _ = _fx_fused(model)
+    assert rel_diff(run(model, x), run(fused, x)) > 1e-2  # fx's fuse silently changed the model
+    assert rel_diff(run(model, x), run(result.model, x)) <= REL_TOL
+    assert result.skipped
+
+
+# --------------------------------------------------------------------------- --keep-structure
+
+
+@pytest.mark.parametrize("name", list(zoo.ZOO))
+def test_keep_structure_loads_strictly_into_the_original_class(name: str) -> None:
+    model, x, _, _ = folded_zoo(name)
+    result = fold_model(model, (x,), keep_structure=True)
+    fresh = zoo.ZOO[name][0]().eval()
+    fresh.load_state_dict(result.model.state_dict(), strict=True)
+    assert rel_diff(run(model, x), run(fresh, x)) <= REL_TOL
+    assert result.form == "keep-structure" and result.folded
+
+
+def test_keep_structure_batchnorm_is_an_exact_identity_plus_bias() -> None:
+    model, x = zoo.build("ResNet18Style")
+    result = fold_model(model, (x,), keep_structure=True)
+    bn = result.model.layers[0].bn1
+    assert torch.equal(bn.running_mean, torch.zeros(8)) and torch.equal(bn.weight.detach(), torch.ones(8))
+    t = torch.randn(2, 8, 5, 5)
+    assert torch.equal(run(bn, t), t + bn.bias.detach().view(1, -1, 1, 1))  # x * 1 + bias, bit for bit
+    assert result.model.layers[0].conv1.bias is None  # the class's layout is kept: no bias added
+
+
+def test_keep_structure_refuses_consumer_folds_without_a_bias_slot() -> None:
+    model, x, _, _ = folded_zoo("MLPBothSides")
+    result = fold_model(model, (x,), keep_structure=True)
+    assert "--keep-structure: the next layer fc2 has no bias" in dict(result.skipped)["bn_mid"]
+
+
+# --------------------------------------------------------------------------- single patterns
+
+
+class ConvBN(nn.Module):
+    def __init__(self, conv: nn.Module, bn: nn.Module) -> None:
+        super().__init__()
+        self.conv, self.bn = conv, bn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.conv(x))
+
+
+def _with_stats(model: nn.Module) -> nn.Module:
+    return zoo.randomize_bn(model, seed=3).eval()
+
+
+def test_conv_then_two_batchnorms_fold_into_the_conv() -> None:
+    model = _with_stats(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.BatchNorm2d(4)))
+    result = fold_model(model)  # Conv2d + BatchNorm2d needs no example inputs: the rank is fixed
+    assert result.folded == [("0", "1"), ("0", "2")] and not result.skipped
+    x = torch.randn(2, 3, 6, 6)
+    assert rel_diff(run(model, x), run(result.model, x)) <= REL_TOL
+
+
+def test_an_op_between_blocks_the_fold() -> None:
+    model = _with_stats(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.BatchNorm2d(4), nn.ReLU()))
+    result = fold_model(model)
+    assert not result.folded
+    assert "its input comes from 1 (ReLU), not directly from a Conv" in dict(result.skipped)["2"]
+
+
+def test_sequence_shapes_need_example_inputs() -> None:
+    model = _with_stats(nn.Sequential(nn.Linear(5, 6), nn.BatchNorm1d(6), nn.Conv1d(6, 6, 1), nn.BatchNorm1d(6)))
+    blind = fold_model(model)
+    assert not blind.folded
+    assert all("pass example inputs" in reason for _, reason in blind.skipped)
+    model2 = _with_stats(nn.Sequential(nn.Linear(5, 6), nn.BatchNorm1d(6)))
+    x = torch.randn(4, 5)
+    seen = fold_model(model2, x)
+    assert seen.folded == [("0", "1")]
+    assert rel_diff(run(model2, x), run(seen.model, x)) <= REL_TOL
+
+
+def test_batchnorm_called_twice_is_refused() -> None:
+    class SharedBN(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv_a, self.conv_b, self.bn = nn.Conv2d(3, 4, 1), nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.bn(self.conv_a(x)) + self.bn(self.conv_b(x))
+
+    model = _with_stats(SharedBN())
+    result = fold_model(model)
+    assert not result.folded
+    assert dict(result.skipped) == {"bn": "it is called 2 times, so folding would change every call"}
+    x = torch.randn(2, 3, 5, 5)
+    assert rel_diff(run(model, x), run(result.model, x)) <= REL_TOL
+
+
+def test_batchnorm_before_conv_transpose_is_refused() -> None:
+    model = _with_stats(nn.Sequential(nn.ReLU(), nn.BatchNorm2d(4), nn.ConvTranspose2d(4, 2, 3)))
+    result = fold_model(model)
+    assert "border outputs sum fewer taps" in dict(result.skipped)["1"]
+
+
+def test_module_registered_under_two_names_is_refused() -> None:
+    class Aliased(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 1)
+            self.bn = nn.BatchNorm2d(4)
+            self.same_conv = self.conv
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.bn(self.conv(x))
+
+    result = fold_model(_with_stats(Aliased()))
+    assert not result.folded
+    assert "registered as conv and same_conv" in dict(result.skipped)["bn"]
+
+
+def test_functional_batch_norm_in_training_mode_is_refused() -> None:
+    class TrainingBN(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 1)
+            self.register_buffer("rm", torch.zeros(4))
+            self.register_buffer("rv", torch.ones(4))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return F.batch_norm(self.conv(x), self.rm, self.rv, training=True)
+
+    result = fold_model(TrainingBN().eval(), torch.randn(2, 3, 4, 4))
+    assert not result.folded
+    assert "training=True" in dict(result.skipped)["F.batch_norm@rm"]
+
+
+def test_module_also_called_from_untraceable_code_is_refused() -> None:
+    class DirectCall(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.block = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.block(x)
+            if y.mean() > 0:  # data-dependent, and the conv is called again outside block
+                return y + self.block[0](x)
+            return y - self.block[0](x)
+
+    model = _with_stats(DirectCall())
+    x = torch.randn(2, 3, 5, 5)
+    result = fold_model(model, x)
+    assert not result.folded
+    assert "runs 2 times but block only 1 times" in dict(result.skipped)["block.1"]
+    assert rel_diff(run(model, x), run(result.model, x)) <= REL_TOL
+
+
+class _ScaledBN(nn.BatchNorm2d):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) * 2
+
+
+class _Gate(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 1)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.mean() > 0:  # data-dependent: only this block is untraceable
+            return self.bn(self.conv(x))
+        return -x
+
+
+class _Outer(nn.Module):
+    def __init__(self, middle: nn.Module) -> None:
+        super().__init__()
+        self.conv0, self.bn0 = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+        self.middle = middle
+        self.conv1, self.bn1 = nn.Conv2d(4, 4, 1, bias=False), nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn1(self.conv1(self.middle(self.bn0(self.conv0(x)))))
+
+
+def test_batchnorm_subclass_with_its_own_forward_is_kept_and_the_rest_folds() -> None:
+    model = _with_stats(_Outer(nn.Sequential(nn.Conv2d(4, 4, 1), _ScaledBN(4))))
+    x = torch.randn(2, 3, 6, 6)
+    result = fold_model(model, x)  # fx fails inside _ScaledBN; torch.export traces it
+    assert result.tracer == "torch.export"
+    assert set(result.folded) == {("conv0", "bn0"), ("conv1", "bn1")}
+    assert "_ScaledBN overrides forward" in dict(result.skipped)["middle.1"]
+    assert rel_diff(run(model, x), run(result.model, x)) <= REL_TOL
+
+
+def test_untraceable_block_is_made_opaque_and_everything_around_it_folds() -> None:
+    model = _with_stats(_Outer(_Gate()))
+    x = torch.randn(2, 3, 6, 6)
+    result = fold_model(model, x)
+    assert result.tracer == "torch.fx (per submodule)"
+    assert set(result.folded) == {("conv0", "bn0"), ("conv1", "bn1")}
+    assert "called from middle's forward, which cannot be traced: torch.fx: TraceError" in dict(result.skipped)["middle.bn"]
+    for probe in (x, -x - 5):
+        assert rel_diff(run(model, probe), run(result.model, probe)) <= REL_TOL
+
+
+def test_untraceable_model_without_example_inputs_skips_everything_with_the_fix() -> None:
+    model, _ = zoo.build("ShapeBranchNet")
+    result = fold_model(model)
+    assert not result.folded and result.tracer == "none"
+    assert len(result.skipped) == 3
+    assert all("pass example inputs (--input-shape)" in reason for _, reason in result.skipped)
+
+
+def test_eps_override_is_used_for_the_fold() -> None:
+    model = _with_stats(ConvBN(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)))
+    x = torch.randn(2, 3, 6, 6)
+    reference = copy.deepcopy(model)
+    reference.bn.eps = 1e-1
+    result = fold_model(model, eps=1e-1)
+    assert rel_diff(run(reference, x), run(result.model, x)) <= REL_TOL
+    assert rel_diff(run(model, x), run(result.model, x)) > 1e-3  # the override really changed the fold
+    assert model.bn.eps == 1e-5
+
+
+def test_half_precision_overflow_is_refused_unless_allowed() -> None:
+    model = ConvBN(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)).eval()
+    with torch.no_grad():
+        model.bn.running_var.fill_(1e-12)
+        model.bn.weight.fill_(1e3)
+        model.conv.weight.fill_(1.0)
+    model = model.half()
+    with pytest.raises(InputError, match="conv: folded weight overflows float16"):
+        fold_model(model)
+    result = fold_model(model, allow_overflow=True)
+    assert any("overflows float16" in w for w in result.warnings)
+
+
+# --------------------------------------------------------------------------- fuse_checkpoint + load_folded
+
+
+def _save_zoo_checkpoint(name: str, path: Path) -> tuple[nn.Module, torch.Tensor]:
+    model, x = zoo.build(name)
+    torch.save(model.state_dict(), path)
+    return model, x
+
+
+@pytest.mark.parametrize("name, form", [("MLPBothSides", "modules"), ("SubclassNet", "graph")])
+def test_load_folded_rebuilds_the_written_model(tmp_path: Path, name: str, form: str) -> None:
+    model, x = _save_zoo_checkpoint(name, tmp_path / "in.pt")
+    report = fuse_checkpoint(str(tmp_path / "in.pt"), str(tmp_path / "out.pt"), f"tests.zoo:{name}", list(x.shape))
+    assert report.result.form == form and report.self_check.passed
+    manifest = json.loads(manifest_path(tmp_path / "out.pt").read_text())
+    assert manifest["folded"] == [{"layer": l, "bn": b, "into": report.result.into[b]} for l, b in report.result.folded]
+    assert manifest["gained_bias"] == report.result.gained_bias and manifest["gained_bias"]
+    assert [(e["bn"], e["reason"]) for e in manifest["skipped"]] == report.result.skipped
+    assert manifest["form"] == form and manifest["self_check"]["max_abs_diff"] <= manifest["self_check"]["tolerance"]
+    rebuilt = load_folded(zoo.ZOO[name][0](), tmp_path / "out.pt")
+    assert rel_diff(run(model, x), run(rebuilt, x)) <= REL_TOL
+    assert executed_batch_norms(rebuilt, x) == len(report.result.skipped)
+
+
+def test_load_folded_refuses_a_changed_checkpoint_or_a_missing_manifest(tmp_path: Path) -> None:
+    _, x = _save_zoo_checkpoint("MLPBothSides", tmp_path / "in.pt")
+    fuse_checkpoint(str(tmp_path / "in.pt"), str(tmp_path / "out.pt"), "tests.zoo:MLPBothSides", list(x.shape))
+    state = torch.load(tmp_path / "out.pt", weights_only=True)
+    state["fc3.bias"] += 1
+    torch.save(state, tmp_path / "out.pt")
+    with pytest.raises(InputError, match="file changed since .* was written"):
+        load_folded(zoo.MLPBothSides(), tmp_path / "out.pt")
+    torch.save(state, tmp_path / "bare.pt")
+    with pytest.raises(InputError, match="no manifest next to"):
+        load_folded(zoo.MLPBothSides(), tmp_path / "bare.pt")
+
+
+# --------------------------------------------------------------------------- the CLI
+
+
+@pytest.fixture
+def at_repo_root(monkeypatch: pytest.MonkeyPatch) -> Path:
+    """`--arch tests.zoo:...` is resolved from the current directory, as a user would run it."""
+    monkeypatch.chdir(ROOT)
+    return ROOT
+
+
+def test_cli_fuse_arch_writes_a_loadable_model_and_its_manifest(tmp_path: Path, at_repo_root: Path) -> None:
+    model, x = _save_zoo_checkpoint("LinearBNSequence", tmp_path / "in.pt")
+    out = tmp_path / "out.safetensors"
+    result = CliRunner().invoke(main, ["fuse", "--arch", "tests.zoo:LinearBNSequence", str(tmp_path / "in.pt"),
+                                       str(out), "--input-shape", "3,8,8"])
+    assert result.exit_code == 0, result.output
+    assert "bn_head" in result.stdout and "Not folded (1)" in result.stdout and "self-check" in result.stdout
+    assert manifest_path(out).is_file()
+    rebuilt = load_folded(zoo.LinearBNSequence(), out)
+    assert rel_diff(run(model, x), run(rebuilt, x)) <= REL_TOL
+
+
+def test_cli_keep_structure_json_loads_into_the_original_class(tmp_path: Path, at_repo_root: Path) -> None:
+    model, x = _save_zoo_checkpoint("ReusedConv", tmp_path / "in.pt")
+    out = tmp_path / "out.pt"
+    result = CliRunner().invoke(main, ["fuse", "--arch", "tests.zoo:ReusedConv", str(tmp_path / "in.pt"), str(out),
+                                       "--input-shape", "2,4,8,8", "--keep-structure", "--json"])
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout)
+    assert payload["form"] == "keep-structure"
+    assert payload["folded"] == [{"layer": "conv_out", "bn": "bn_out", "into": "producer"}]
+    assert {s["bn"] for s in payload["skipped"]} == {"bn_a", "bn_b"}
+    assert all("called 2 times" in s["reason"] for s in payload["skipped"])
+    assert payload["self_check_max_abs_diff"] <= payload["self_check_tolerance"]
+    fresh = zoo.ReusedConv().eval()
+    fresh.load_state_dict(torch.load(out, weights_only=True), strict=True)
+    assert rel_diff(run(model, x), run(fresh, x)) <= REL_TOL
+
+
+def test_cli_eps_override_reaches_the_fold(tmp_path: Path, at_repo_root: Path) -> None:
+    _save_zoo_checkpoint("Conv3dNet", tmp_path / "in.pt")
+    result = CliRunner().invoke(main, ["fuse", "--arch", "tests.zoo:Conv3dNet", str(tmp_path / "in.pt"),
+                                       str(tmp_path / "out.pt"), "--input-shape", "1,2,4,4,4", "--eps", "1e-3", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["eps"] == 1e-3
+    assert json.loads(manifest_path(tmp_path / "out.pt").read_text())["eps"] == 1e-3
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--arch", "tests.zoo:MLPBothSides"], "--input-shape is required"),
+    (["--arch", "tests.zoo:NoSuchNet", "--input-shape", "4,12"], "has no attribute 'NoSuchNet'"),
+    (["--arch", "nowhere_module_q:Net", "--input-shape", "4,12"], "module 'nowhere_module_q' not found"),
+    (["--arch", "tests.zoo:ReusedConv", "--input-shape", "4,12"], "does not load strictly into ReusedConv"),
+    (["--arch", "tests.zoo:MLPBothSides", "--input-shape", "4,x"], "not a comma-separated list of integers"),
+    (["--arch", "tests.zoo:MLPBothSides", "--input-shape", "4,13"], "do not run through MLPBothSides"),
+])
+def test_cli_bad_input_exits_2_with_one_line(tmp_path: Path, at_repo_root: Path, args: list[str], fragment: str) -> None:
+    _save_zoo_checkpoint("MLPBothSides", tmp_path / "in.pt")
+    result = CliRunner().invoke(main, ["fuse", str(tmp_path / "in.pt"), str(tmp_path / "out.pt"), *args])
+    assert result.exit_code == 2, result.output
+    assert fragment in result.stderr
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "out.pt").exists() and not manifest_path(tmp_path / "out.pt").exists()
+
+
+def test_cli_refuses_to_overwrite_without_force(tmp_path: Path, at_repo_root: Path) -> None:
+    _save_zoo_checkpoint("MLPBothSides", tmp_path / "in.pt")
+    args = ["fuse", "--arch", "tests.zoo:MLPBothSides", str(tmp_path / "in.pt"), str(tmp_path / "out.pt"),
+            "--input-shape", "4,12"]
+    assert CliRunner().invoke(main, args).exit_code == 0
+    again = CliRunner().invoke(main, args)
+    assert again.exit_code == 2 and "pass --force" in again.stderr
+    (tmp_path / "out.pt").unlink()
+    manifest_only = CliRunner().invoke(main, args)
+    assert manifest_only.exit_code == 2 and "manifest exists" in manifest_only.stderr
+    assert CliRunner().invoke(main, [*args, "--force"]).exit_code == 0
+
+
+NOISY_MODULE = textwrap.dedent('''
+    import torch
+    from torch import nn
+
+    class Noisy(nn.Module):
+        """Adds fresh noise on every call, so no two runs agree: the self-check must refuse it."""
+
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 1)
+            self.bn = nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            return self.bn(self.conv(x)) + torch.rand(1).item()
+''')
+
+
+def test_cli_failed_self_check_exits_1_and_writes_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from bnstrip.arch import import_arch
+
+    (tmp_path / "noisy_models_cli.py").write_text(NOISY_MODULE)
+    monkeypatch.chdir(tmp_path)  # MODULE is found in the current directory, as on the command line
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    try:
+        torch.save(import_arch("noisy_models_cli:Noisy").state_dict(), tmp_path / "in.pt")
+        result = CliRunner().invoke(main, ["fuse", "--arch", "noisy_models_cli:Noisy", "in.pt", "out.pt",
+                                           "--input-shape", "2,3,4,4"])
+    finally:
+        sys.modules.pop("noisy_models_cli", None)
+    assert result.exit_code == 1, result.output
+    assert "differs from the original" in result.stderr and "not writing out.pt" in result.stderr
+    assert not (tmp_path / "out.pt").exists() and not manifest_path(tmp_path / "out.pt").exists()
