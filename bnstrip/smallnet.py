@@ -8,7 +8,7 @@ from typing import Mapping
 import torch
 
 from bnstrip.errors import CheckFailed, InputError
-from bnstrip.fold import fold_state_dict
+from bnstrip.fold import all_finite, bn_scale_shift, bn_stats_from_state, fold_state_dict
 from bnstrip.models import SMALLNET_EPS, SMALLNET_INPUT_SHAPE, SMALLNET_PAIRS, SmallNetTest, SmallNetTrain
 from bnstrip.selfcheck import SelfCheck, compare_models, relative_tolerance, seeded_inputs
 
@@ -25,8 +25,9 @@ class SmallNetFuse:
 
 
 def check_smallnet_keys(state: Mapping[str, torch.Tensor], source: str) -> None:
-    """Missing/extra keys or wrong shapes against SmallNetTrain, named in one line."""
-    expected = {k: v.shape for k, v in SmallNetTrain().state_dict().items()}
+    """Missing/extra keys, wrong shapes or NaN/Inf weights against SmallNetTrain, named in one line."""
+    with torch.device("meta"):  # shapes only: no 16M-parameter initialisation
+        expected = {k: v.shape for k, v in SmallNetTrain().state_dict().items()}
     missing = sorted(set(expected) - set(state))
     extra = sorted(set(state) - set(expected))
     if missing or extra:
@@ -46,6 +47,9 @@ def check_smallnet_keys(state: Mapping[str, torch.Tensor], source: str) -> None:
             raise InputError(f"{source}: {key} has dtype {tensor.dtype}; expected a floating-point tensor")
         if tensor.layout != torch.strided or tensor.device.type != "cpu":
             raise InputError(f"{source}: {key} is a {tensor.layout}/{tensor.device.type} tensor; expected dense CPU tensors")
+        # running statistics are checked by the fold, whose message says to recalibrate them
+        if tensor.dtype.is_floating_point and not key.endswith(("running_mean", "running_var")) and not all_finite(tensor):
+            raise InputError(f"{source}: {key} has NaN/Inf values; the checkpoint is corrupt, re-export it from a healthy run")
 
 
 def never_trained_warnings(state: Mapping[str, torch.Tensor], pairs: list[tuple[str, str]]) -> list[str]:
@@ -58,6 +62,34 @@ def never_trained_warnings(state: Mapping[str, torch.Tensor], pairs: list[tuple[
     return notes
 
 
+def overflow_warnings(folded: Mapping[str, torch.Tensor], pairs: list[tuple[str, str]]) -> list[str]:
+    """Folded tensors holding inf: only possible when --allow-overflow let a half-precision overflow through."""
+    notes = []
+    for producer, _ in pairs:
+        for what in ("weight", "bias"):
+            tensor = folded.get(f"{producer}.{what}")
+            if tensor is not None and not all_finite(tensor):
+                count = int((~torch.isfinite(tensor)).sum())
+                notes.append(f"{producer}.{what}: {count} folded values overflow {str(tensor.dtype).replace('torch.', '')} and "
+                             "are written as inf (--allow-overflow); the model will output inf/NaN, save in float32 instead")
+    return notes
+
+
+def exact_where_overflowed(state: Mapping[str, torch.Tensor], folded: Mapping[str, torch.Tensor],
+                           pairs: list[tuple[str, str]], eps: float) -> dict[str, torch.Tensor]:
+    """`folded`, with each pair that --allow-overflow let overflow refolded in float64.
+
+    The file gets the inf values the user allowed; the self-check still proves the fold itself.
+    """
+    checked = dict(folded)
+    for producer, bn in pairs:
+        if all(all_finite(folded[f"{producer}.{what}"]) for what in ("weight", "bias")):
+            continue
+        pair_state = {k: v.double() for k, v in state.items() if k.startswith((f"{producer}.", f"{bn}.")) and v.is_floating_point()}
+        checked.update(fold_state_dict(pair_state, [(producer, bn)], eps))
+    return checked
+
+
 def fuse_smallnet(state: Mapping[str, torch.Tensor], eps: float = SMALLNET_EPS, source: str = "checkpoint",
                   allow_overflow: bool = False, check_samples: int = 16, seed: int = 0) -> SmallNetFuse:
     """Fold the three BatchNorms of smallNetTrain; refuse (CheckFailed) if the result does not match."""
@@ -65,9 +97,14 @@ def fuse_smallnet(state: Mapping[str, torch.Tensor], eps: float = SMALLNET_EPS, 
     check_smallnet_keys(state, source)
     pairs = list(SMALLNET_PAIRS)
     warnings = never_trained_warnings(state, pairs)
-    folded = fold_state_dict(state, pairs, eps, allow_overflow=allow_overflow)
+    try:
+        folded = fold_state_dict(state, pairs, eps, allow_overflow=allow_overflow)
+    except InputError as exc:
+        raise InputError(f"{source}: {exc}") from None
+    warnings += overflow_warnings(folded, pairs)
+    checked = exact_where_overflowed(state, folded, pairs, eps)
     dtype = state["fc1.0.weight"].dtype
-    check = self_check_smallnet(state, folded, eps, rtol=relative_tolerance(dtype), samples=check_samples, seed=seed)
+    check = self_check_smallnet(state, checked, eps, rtol=relative_tolerance(dtype), samples=check_samples, seed=seed)
     if not check.passed:
         raise CheckFailed(
             f"{source}: folded smallNetTest differs from smallNetTrain by {check.max_abs_diff:.3g} "
@@ -78,21 +115,85 @@ def fuse_smallnet(state: Mapping[str, torch.Tensor], eps: float = SMALLNET_EPS, 
 
 def build_models(state: Mapping[str, torch.Tensor], folded: Mapping[str, torch.Tensor], eps: float,
                  dtype: torch.dtype) -> tuple[SmallNetTrain, SmallNetTest]:
-    """The BN model and the folded model in eval mode, in the given dtype."""
-    bn_model = SmallNetTrain().to(dtype)
+    """The BN model and the folded model in eval mode, in the given dtype.
+
+    Built on the meta device and filled with assign=True: no 16M-parameter random
+    initialisation, and tensors already in `dtype` are used as they are, not copied.
+    """
+    with torch.device("meta"):
+        bn_model, test_model = SmallNetTrain(), SmallNetTest()
     for module in bn_model.modules():
         if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
             module.eps = eps
-    bn_model.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}, strict=True)
-    test_model = SmallNetTest().to(dtype)
-    test_model.load_state_dict({k: v.to(dtype) for k, v in folded.items()}, strict=True)
+    bn_model.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}, strict=True,
+                             assign=True)
+    test_model.load_state_dict({k: v.to(dtype) for k, v in folded.items()}, strict=True, assign=True)
     return bn_model.eval(), test_model.eval()
+
+
+class _WidenedLinear(torch.nn.Module):
+    """A Linear that keeps its stored weight and computes in float64 one block of output rows at a time.
+
+    The float64 self-check of smallNet would otherwise hold fc1 (16M parameters) twice in
+    float64, 268 MB, four times the checkpoint; blocks of 2 MB give the same float64 result.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, rows: int) -> None:
+        super().__init__()
+        self.weight, self.bias, self.rows = weight, bias, max(1, rows)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.empty(*x.shape[:-1], self.weight.shape[0], dtype=torch.float64)
+        for start in range(0, self.weight.shape[0], self.rows):
+            stop = start + self.rows
+            bias = None if self.bias is None else self.bias[start:stop].to(torch.float64)
+            out[..., start:stop] = torch.nn.functional.linear(x, self.weight[start:stop].to(torch.float64), bias)
+        return out
+
+
+class _FewSamplesAtATime(torch.nn.Module):
+    """Runs a per-sample model on a few samples at a time and concatenates the outputs.
+
+    Float64 convolution unfolds its whole input batch (im2col: 1.2 MB a sample for
+    smallNet's conv2), which alone would be a third of fuse's memory headroom.
+    """
+
+    def __init__(self, model: torch.nn.Module, samples: int = 4) -> None:
+        super().__init__()
+        self.model, self.samples = model, samples
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.model(part) for part in x.split(self.samples)])
+
+
+def _float64_model(model: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> torch.nn.Module:
+    """`model` (built on meta) in float64, its Linear layers widened block by block instead of copied whole."""
+    elements_per_block = 1 << 18
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, torch.nn.Linear):
+                key = f"{name}.{child_name}" if name else child_name
+                weight = state[f"{key}.weight"]
+                setattr(module, child_name, _WidenedLinear(weight, state.get(f"{key}.bias"), elements_per_block // weight.shape[1]))
+    widened = {k for k, m in model.named_modules() if isinstance(m, _WidenedLinear)}
+    rest = {k: v.to(torch.float64) if v.is_floating_point() else v for k, v in state.items() if k.rpartition(".")[0] not in widened}
+    model.load_state_dict(rest, strict=True, assign=True)
+    for module in list(model.modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, torch.nn.Conv2d):
+                setattr(module, child_name, _FewSamplesAtATime(child))
+    return model.eval()
 
 
 def self_check_smallnet(state: Mapping[str, torch.Tensor], folded: Mapping[str, torch.Tensor], eps: float, rtol: float,
                         samples: int = 16, seed: int = 0) -> SelfCheck:
     """Both models in float64 on seeded random images: isolates the fold from float32 rounding."""
-    bn_model, test_model = build_models(state, folded, eps, torch.float64)
+    with torch.device("meta"):
+        bn_model, test_model = SmallNetTrain(), SmallNetTest()
+    for module in bn_model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.eps = eps
+    bn_model, test_model = _float64_model(bn_model, state), _float64_model(test_model, folded)
     inputs = seeded_inputs((samples, *SMALLNET_INPUT_SHAPE), seed=seed)
     return compare_models(bn_model, test_model, [inputs], rtol, name="smallNet")
 
@@ -108,6 +209,11 @@ def load_smallnet_pair(checkpoint: str, fused: str | None, eps: float) -> tuple[
     if fused is None:
         folded = fuse_smallnet(loaded.state_dict, eps=eps, source=checkpoint).state_dict
     else:
+        for _, bn in SMALLNET_PAIRS:  # the reference model must be sound even when the fold comes from a file
+            try:
+                bn_scale_shift(bn_stats_from_state(loaded.state_dict, bn, eps), bn)
+            except InputError as exc:
+                raise InputError(f"{checkpoint}: {exc}") from None
         fused_loaded = load_checkpoint(fused)
         notes += [f"{fused}: {n}" for n in fused_loaded.unwrapped]
         folded = fused_loaded.state_dict
