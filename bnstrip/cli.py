@@ -93,7 +93,8 @@ def _fuse_smallnet(input_path: str, output_path: str, eps: float | None, force: 
         })
         return
     console = stdout_console()
-    console.print(make_table(f"Folded {input_path} -> {output_path}", ["producer", "BatchNorm", "into"],
+    console.print(f"folded {input_path} -> {output_path} (smallNetTest state_dict)")
+    console.print(make_table("", ["producer", "BatchNorm", "folded into"],
                              [[p, b, "weight, bias"] for p, b in result.pairs]))
     console.print(f"self-check: max |diff| {fmt(result.self_check.max_abs_diff)} on {result.self_check.samples} random "
                   f"inputs (tolerance {fmt(result.self_check.tolerance)}), {seconds:.2f} s")

@@ -1,8 +1,96 @@
-"""Commands of the bench group; registered on the main group by bnstrip.cli."""
+"""Commands of the bench group; registered on the main group by bnstrip.cli.
+
+Only click is imported at module level, so `bnstrip --help` stays fast.
+"""
 from __future__ import annotations
 
+import os
+
 import click
+
+from bnstrip.clikit import Progress, emit_json, fmt, handle_errors, make_table, parse_int_list, stdout_console, warn
+
+DEFAULT_CHECKPOINT = "smallNetSaved"
+
+
+def _positive_int_list(text: str, name: str) -> list[int]:
+    values = parse_int_list(text, name)
+    if any(v < 1 for v in values):
+        raise click.BadParameter(f"{text!r}: every value must be at least 1", param_hint=name)
+    return values
+
+
+def _ms(seconds: float) -> str:
+    return fmt(seconds * 1e3)
+
+
+@click.command()
+@click.option("--arch", default="smallnet", show_default=True, metavar="MODULE:CALLABLE | smallnet",
+              help="The model: smallNet (folded from --checkpoint, default smallNetSaved) or a class/factory; "
+                   "without --checkpoint it gets random weights and randomised BatchNorm statistics.")
+@click.option("--checkpoint", default=None, type=click.Path(dir_okay=False, path_type=str),
+              help="Weights to load (smallNet: a smallNetTrain checkpoint; default smallNetSaved).")
+@click.option("--input-shape", default=None, metavar="C,H,W",
+              help="Shape of one input sample, without the batch dimension (default 3,32,32).")
+@click.option("--batch-size", "batch_sizes", default="1,32,100", show_default=True, metavar="N[,N...]",
+              help="Batch sizes to time, comma-separated.")
+@click.option("--threads", default=None, type=click.IntRange(min=1),
+              help="torch intra-op threads while timing (default: torch's current setting).")
+@click.option("--repeat", default=20, show_default=True, type=click.IntRange(min=1),
+              help="Interleaved rounds per batch size (each round times both models).")
+@click.option("--warmup", default=3, show_default=True, type=click.IntRange(min=0), help="Untimed calls per model first.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+@handle_errors
+def bench(arch: str, checkpoint: str | None, input_shape: str | None, batch_sizes: str, threads: int | None,
+          repeat: int, warmup: int, as_json: bool) -> None:
+    """Time the BatchNorm model (eval) against bnstrip's folded model, interleaved A B A B.
+
+    Per batch size: median and min latency of each, and the speed-up (median of the
+    rounds' paired ratios, with min-max spread); "within noise" where the spreads overlap.
+    """
+    sizes = _positive_int_list(batch_sizes, "--batch-size")
+    shape = tuple(_positive_int_list(input_shape, "--input-shape")) if input_shape else None
+
+    from bnstrip.bench import DEFAULT_SAMPLE_SHAPE, SMALLNET_ARCH, arch_pair, bench_pair, smallnet_pair
+    from bnstrip.errors import InputError
+
+    if arch.strip().lower() == SMALLNET_ARCH:
+        if shape is not None and shape != DEFAULT_SAMPLE_SHAPE:
+            raise click.BadParameter(f"smallNet takes 3,32,32 images, not {input_shape}", param_hint="--input-shape")
+        path = checkpoint or DEFAULT_CHECKPOINT
+        if not os.path.exists(path):
+            raise InputError(f"{path}: no smallNet checkpoint here; pass --checkpoint FILE (a smallNetTrain state_dict) "
+                             "or --arch MODULE:CALLABLE")
+        click.echo(f"bnstrip: loading and folding {path}", err=True)
+        pair = smallnet_pair(path)
+        used_checkpoint: str | None = path
+        label = f"smallNet ({path})"
+    else:
+        click.echo(f"bnstrip: building {arch} and folding it", err=True)
+        pair = arch_pair(arch, shape or DEFAULT_SAMPLE_SHAPE, checkpoint)
+        used_checkpoint = checkpoint
+        label = f"{arch} ({checkpoint or 'random weights, randomised BatchNorm statistics'})"
+    for note in pair.notes:
+        warn(note)
+    with Progress("timing") as progress:
+        report = bench_pair(pair.bn_model, pair.folded_model, pair.sample_shape, sizes, repeat=repeat, warmup=warmup,
+                            threads=threads, progress=progress)
+    if as_json:
+        emit_json({"arch": arch, "checkpoint": used_checkpoint, "folded": pair.folded, **report.to_dict()})
+        return
+    rows = []
+    for result in report.results:
+        bn, folded, speedup = result.bn.spread, result.folded.spread, result.speedup.spread
+        rows.append([result.batch_size, f"{_ms(bn.median)} ({_ms(bn.min)})", f"{_ms(folded.median)} ({_ms(folded.min)})",
+                     f"{speedup.median:.2f}x ({speedup.min:.2f}-{speedup.max:.2f})", result.speedup.verdict])
+    console = stdout_console()
+    console.print(make_table(f"bench {label}: {pair.folded} BatchNorm(s) folded, {report.threads} thread(s), "
+                             f"{report.repeat} rounds, torch {report.torch_version}",
+                             ["batch", "BN model ms", "folded ms", "speed-up", "verdict"], rows))
+    console.print("ms per call: median (min) over the rounds; speed-up: BN time / folded time, median (min-max) of "
+                  "the rounds' paired ratios; 'within noise': the two timings' interquartile ranges overlap, or the ratios' contains 1.")
 
 
 def register(group: click.Group) -> None:
     """Add this module's commands to the main `bnstrip` group."""
+    group.add_command(bench)

@@ -65,12 +65,12 @@ def bn_scale_shift(stats: BNStats, name: str = "BatchNorm") -> tuple[torch.Tenso
 
 def _cast_back(tensor64: torch.Tensor, dtype: torch.dtype, name: str, what: str, allow_overflow: bool) -> torch.Tensor:
     out = tensor64.to(dtype)
-    if not allow_overflow and torch.isfinite(tensor64).all() and not torch.isfinite(out).all():
+    if not allow_overflow and all_finite(tensor64) and not all_finite(out):
         raise InputError(
             f"{name}: folded {what} overflows {str(dtype).replace('torch.', '')} (max |value| {tensor64.abs().max().item():.3g}); "
             "save the checkpoint in a wider dtype (float32/float64) or pass --allow-overflow"
         )
-    if not torch.isfinite(tensor64).all():
+    if not all_finite(tensor64):
         raise InputError(f"{name}: folded {what} is not finite; the BatchNorm statistics are degenerate, recalibrate them")
     return out
 
@@ -99,7 +99,7 @@ def fold_into_producer(weight: torch.Tensor, bias: torch.Tensor | None, stats: B
         w_cast = _cast_back((grouped * s).reshape(w.shape), weight.dtype, name, "weight", allow_overflow)
     else:
         raise ValueError(f"out_axis must be 0 or 1, not {out_axis}")
-    b = torch.zeros(out_channels, dtype=torch.float64) if bias is None else bias.detach().to(torch.float64).reshape(-1)
+    b = torch.zeros(out_channels, dtype=torch.float64, device=scale.device) if bias is None else bias.detach().to(torch.float64).reshape(-1)
     b_folded = b * scale + shift
     bias_dtype = weight.dtype if bias is None else bias.dtype
     return w_cast, _cast_back(b_folded, bias_dtype, name, "bias", allow_overflow)
@@ -129,8 +129,11 @@ def _scale_rows_blockwise(weight: torch.Tensor, scale: torch.Tensor, name: str, 
     out = torch.empty_like(weight)
     rows = max(1, _BLOCK_ELEMENTS // max(1, weight[0].numel())) if weight.shape[0] else 1
     trailing = [1] * (weight.dim() - 1)
+    buffer = torch.empty((min(rows, weight.shape[0]), *weight.shape[1:]), dtype=torch.float64, device=weight.device)
     for start in range(0, weight.shape[0], rows):
-        block = weight[start:start + rows].to(torch.float64) * scale[start:start + rows].reshape(-1, *trailing)
+        block = buffer[:min(rows, weight.shape[0] - start)]
+        # float64 is the common dtype, so the multiply runs in float64 exactly as weight.to(float64) * scale would
+        torch.mul(weight[start:start + rows], scale[start:start + rows].reshape(-1, *trailing), out=block)
         out[start:start + rows].copy_(block)
     if all_finite(out):
         return out
@@ -156,7 +159,7 @@ def fold_into_consumer(weight: torch.Tensor, bias: torch.Tensor | None, stats: B
     grouped = w.reshape(groups, out_per_group, in_per_group, *w.shape[2:])
     w_folded = (grouped * s).reshape(w.shape)
     extra = (grouped * t).sum(dim=tuple(range(2, grouped.dim()))).reshape(out_channels)
-    b = torch.zeros(out_channels, dtype=torch.float64) if bias is None else bias.detach().to(torch.float64).reshape(-1)
+    b = torch.zeros(out_channels, dtype=torch.float64, device=scale.device) if bias is None else bias.detach().to(torch.float64).reshape(-1)
     bias_dtype = weight.dtype if bias is None else bias.dtype
     return (_cast_back(w_folded, weight.dtype, name, "weight", allow_overflow),
             _cast_back(b + extra, bias_dtype, name, "bias", allow_overflow))

@@ -181,7 +181,7 @@ def _float64_model(model: torch.nn.Module, state: Mapping[str, torch.Tensor]) ->
     for module in list(model.modules()):
         for child_name, child in list(module.named_children()):
             if isinstance(child, torch.nn.Conv2d):
-                setattr(module, child_name, _FewSamplesAtATime(child))
+                setattr(module, child_name, _FewSamplesAtATime(child, samples=2))
     return model.eval()
 
 
