@@ -24,7 +24,7 @@ import threading
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, Iterator, Mapping
+from typing import Any, BinaryIO, Callable, Iterator, Mapping
 
 from bnstrip.errors import InputError
 from bnstrip.safety import (
@@ -331,9 +331,12 @@ def output_format(path: str | os.PathLike[str]) -> str:
 class _RecordingWriter:
     """A file wrapper that keeps the OSError a write raised: torch.save turns it into an unrelated RuntimeError."""
 
-    def __init__(self, f: BinaryIO) -> None:
+    def __init__(self, f: BinaryIO | None) -> None:
         self._f = f
         self.error: OSError | None = None
+
+    def attach(self, f: BinaryIO) -> None:
+        self._f = f
 
     def write(self, data: Any) -> int:
         try:
@@ -366,47 +369,29 @@ def _file_size_limit_as_error() -> Iterator[None]:
         signal.signal(sigxfsz, previous)
 
 
-def save_checkpoint(state_dict: Mapping[str, Any], path: str | os.PathLike[str], *, force: bool = False,
-                    inputs: list[str | os.PathLike[str]] | None = None, metadata: Mapping[str, str] | None = None) -> Path:
-    """Write a state_dict atomically; format chosen by the output's extension.
+def write_atomically(path: Path, write: Callable[[str], None], writer: "_RecordingWriter | None" = None) -> None:
+    """Call write(temp_name) on a temp file beside `path`, fsync it, then os.replace it over `path`.
 
     Readers of `path` see either the old file or the complete new one, even if the
-    process is killed mid-write; after an ordinary failure no temp file remains.
+    process is killed mid-write; after an ordinary failure no temp file remains and
+    the error is one InputError line. Pass the _RecordingWriter that `write` uses, if
+    any, so the real OSError behind a library's wrapped error can be named.
     """
-    path = check_output_path(path, list(inputs or []), force)
     parent = path.parent if str(path.parent) else Path(".")
     try:
         fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
+        os.close(fd)
     except OSError as exc:
         raise InputError(f"{path}: cannot create a file in {parent} ({exc.strerror or exc}); choose another output path") from None
-    writer: _RecordingWriter | None = None
     try:
         with _file_size_limit_as_error():
-            if output_format(path) == "safetensors":
-                os.close(fd)
-                fd = -1
-                from safetensors.torch import save_file
-
-                tensors = {k: v.detach().contiguous().clone() if _shares_storage(v, state_dict) else v.detach().contiguous()
-                           for k, v in state_dict.items()}
-                save_file(tensors, tmp_name, metadata=dict(metadata or {}))
-                with open(tmp_name, "rb+") as f:
-                    os.fsync(f.fileno())
-            else:
-                import torch
-
-                with os.fdopen(fd, "wb") as f:
-                    fd = -1
-                    writer = _RecordingWriter(f)
-                    torch.save(dict(state_dict), writer)
-                    f.flush()
-                    os.fsync(f.fileno())
+            write(tmp_name)
+            with open(tmp_name, "rb+") as f:
+                os.fsync(f.fileno())
         os.chmod(tmp_name, 0o644)
         os.replace(tmp_name, path)
         _fsync_dir(parent)
     except BaseException as exc:
-        if fd >= 0:
-            os.close(fd)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp_name)
         if isinstance(exc, (KeyboardInterrupt, SystemExit)):
@@ -415,6 +400,34 @@ def save_checkpoint(state_dict: Mapping[str, Any], path: str | os.PathLike[str],
         if reason is None:
             raise
         raise InputError(f"{path}: write failed ({reason}); nothing was written, free space or choose another output path") from None
+
+
+def save_checkpoint(state_dict: Mapping[str, Any], path: str | os.PathLike[str], *, force: bool = False,
+                    inputs: list[str | os.PathLike[str]] | None = None, metadata: Mapping[str, str] | None = None) -> Path:
+    """Write a state_dict atomically (see write_atomically); format chosen by the output's extension."""
+    path = check_output_path(path, list(inputs or []), force)
+    if output_format(path) == "safetensors":
+        from safetensors.torch import save_file
+
+        def write(tmp_name: str) -> None:
+            tensors = {k: v.detach().contiguous().clone() if _shares_storage(v, state_dict) else v.detach().contiguous()
+                       for k, v in state_dict.items()}
+            save_file(tensors, tmp_name, metadata=dict(metadata or {}))
+
+        write_atomically(path, write)
+        return path
+
+    import torch
+
+    recorder = _RecordingWriter(None)
+
+    def write(tmp_name: str) -> None:
+        with open(tmp_name, "wb") as f:
+            recorder.attach(f)
+            torch.save(dict(state_dict), recorder)
+            f.flush()
+
+    write_atomically(path, write, recorder)
     return path
 
 

@@ -180,11 +180,12 @@ def verify(checkpoint: str, fused: str | None, data_dir: str | None, batch_size:
             ["accuracy, BN model", f"{result.accuracy_bn:.2%}", ""],
             ["accuracy, folded model", f"{result.accuracy_folded:.2%}", ""],
             ["images (batch size)", f"{result.images} ({result.batch_size})", ""],
-            ["wall time", f"{result.seconds:.2f} s", ""],
+            ["verify time", f"{result.seconds:.2f} s", ""],
         ]
         title = f"verify {checkpoint} vs {fused or 'folded in memory'} on {split.source}"
         console = stdout_console()
-        console.print(make_table(title, ["figure", "value", "bar"], rows))
+        console.print(title)
+        console.print(make_table("", ["figure", "value", "bar"], rows))
         console.print("[bold green]PASS[/]" if result.passed else "[bold red]FAIL[/]")
     if not result.passed:
         raise SystemExit(EXIT_CHECK_FAILED)

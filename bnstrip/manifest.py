@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -39,43 +38,14 @@ def check_manifest_path(output: str | os.PathLike[str], inputs: list[str | os.Pa
 
 
 def write_manifest(output: str | os.PathLike[str], payload: dict[str, Any]) -> Path:
-    """Write the manifest atomically (temp file in the same folder, fsync, rename)."""
+    """Write the manifest atomically, exactly as checkpoints are written."""
+    from bnstrip.checkpoint import write_atomically
+
     path = manifest_path(output)
     document = {"format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, **payload}
     text = json.dumps(document, indent=2, sort_keys=False) + "\n"
-    parent = path.parent if str(path.parent) else Path(".")
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp_name, 0o644)
-        os.replace(tmp_name, path)
-        _fsync_dir(parent)
-    except BaseException as exc:
-        try:
-            os.unlink(tmp_name)
-        except FileNotFoundError:
-            pass
-        if isinstance(exc, OSError):
-            raise InputError(f"{path}: write failed ({exc.strerror or exc}); free space or choose another output path") from None
-        raise
+    write_atomically(path, lambda tmp_name: Path(tmp_name).write_text(text, encoding="utf-8"))
     return path
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Make the rename itself durable (best effort: some filesystems refuse directory fsync)."""
-    try:
-        dir_fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dir_fd)
-    except OSError:
-        pass
-    finally:
-        os.close(dir_fd)
 
 
 def read_manifest(output: str | os.PathLike[str]) -> dict[str, Any]:
