@@ -5,8 +5,9 @@ only accept exact rewrites, chains all folds into a layer in float64 and rounds 
 then removes the folded BatchNorms. The input model is never touched.
 
 Forms of the folded model:
-* "modules": the user's own class with folded BatchNorms replaced by nn.Identity and a
-  bias Parameter added where a bias-free layer absorbed a shift (code keeps working);
+* "modules": the user's own class with folded BatchNorms replaced by FoldedBatchNorm (an
+  nn.Identity that still answers num_features, eps, ...) and a bias Parameter added where a
+  bias-free layer absorbed a shift (code keeps working);
 * "graph": an fx GraphModule, used only when a functional `F.batch_norm` call was
   folded (a call in user code cannot be deleted any other way);
 * "keep-structure": the user's class with every module kept; each folded BatchNorm is
@@ -18,6 +19,8 @@ Forms of the folded model:
 from __future__ import annotations
 
 import copy
+import math
+import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,12 +34,15 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from bnstrip.errors import CheckFailed, InputError
 from bnstrip.fold import (
     BNStats,
+    all_finite,
+    bn_scale_shift,
     cast_folded,
     fold_into_consumer,
     fold_into_producer,
     identity_running_var,
 )
-from bnstrip.graph import Op, OpGraph, bn_fixed_rank, build_graph, fx_trace, ops_from_fx
+from bnstrip.graph import (Op, OpGraph, bn_fixed_rank, build_graph, fresh_inputs, fx_trace, ops_from_fx,
+                           other_readers, output_leaves, writer_of)
 from bnstrip.selfcheck import SelfCheck, compare_models, relative_tolerance, seeded_inputs
 
 INTO_PRODUCER = "producer"
@@ -67,6 +73,25 @@ class FoldResult:
             "skipped": [{"bn": bn, "reason": reason} for bn, reason in self.skipped],
             "gained_bias": list(self.gained_bias),
         }
+
+
+class FoldedBatchNorm(nn.Identity):
+    """What a folded BatchNorm module becomes: the identity, keeping the plain settings user code may read.
+
+    `x.view(n, self.bn.num_features, -1)` keeps working; its tensors are gone (reads of them in
+    forward make bnstrip refuse the fold, so none are needed).
+    """
+
+    _SETTINGS = ("num_features", "eps", "momentum", "affine", "track_running_stats")
+
+    def __init__(self, bn: nn.Module | None = None) -> None:
+        super().__init__()
+        for setting in self._SETTINGS:
+            if bn is not None and hasattr(bn, setting):
+                setattr(self, setting, getattr(bn, setting))
+
+    def extra_repr(self) -> str:
+        return f"num_features={getattr(self, 'num_features', '?')} (folded)"
 
 
 # --------------------------------------------------------------------------- rules
@@ -162,6 +187,8 @@ def _try_consumer(bn: Op, graph: OpGraph, root: nn.Module, keep_structure: bool)
         return issue
     if consumer.inputs != [bn]:
         return f"the next layer {consumer.name} takes other inputs too"
+    if not keep_structure and (issue := _aliasing_issue(bn, consumer, graph)):
+        return issue
     rank = _bn_rank(bn)
     if isinstance(module, nn.Linear):
         if rank is None:
@@ -184,7 +211,12 @@ def _try_consumer(bn: Op, graph: OpGraph, root: nn.Module, keep_structure: bool)
     return consumer
 
 
-def _decide(bn: Op, graph: OpGraph, root: nn.Module, keep_structure: bool) -> _Fold | str:
+def _root_hooks(root: nn.Module) -> bool:
+    return bool(root._forward_hooks or root._forward_pre_hooks or getattr(root, "_forward_hooks_with_kwargs", None))
+
+
+def _bn_issue(bn: Op, graph: OpGraph, root: nn.Module, keep_structure: bool, eps: float | None) -> str | None:
+    """Why this BatchNorm cannot be folded anywhere, whatever its neighbours."""
     if bn.note:
         return bn.note
     calls = graph.calls.get(bn.name, 1)
@@ -192,6 +224,43 @@ def _decide(bn: Op, graph: OpGraph, root: nn.Module, keep_structure: bool) -> _F
         return f"it is called {calls} times, so folding would change every call"
     if bn.name in graph.refusals:
         return graph.refusals[bn.name]
+    if bn.functional is not None and not keep_structure and _root_hooks(root):
+        return (f"{type(root).__name__} has forward hooks, and removing a functional batch_norm needs an fx "
+                "GraphModule, which would drop them (use --keep-structure)")
+    try:
+        bn_scale_shift(_stats(bn, root, eps), bn.name)
+    except InputError as exc:
+        return f"its statistics cannot be folded: {exc}"
+    own_eps = bn.functional.eps if bn.functional is not None else float(bn.module.eps)
+    if keep_structure and not (math.isfinite(own_eps) and 0 <= own_eps < 1):
+        return f"--keep-structure: its eps={own_eps} is not in [0, 1), so it cannot become an exact identity"
+    return None
+
+
+def _aliasing_issue(bn: Op, consumer: Op, graph: OpGraph) -> str | None:
+    """Why dropping the BatchNorm would let an in-place write reach `consumer`, or None.
+
+    Without the BatchNorm its output is its input tensor itself, so a write into that input
+    (or a view of it) between the two calls would now reach the consumer. Only forms that delete
+    the BatchNorm are affected; --keep-structure keeps it as a real op.
+    """
+    source = bn.inputs[0] if bn.inputs else None
+    if source is None:
+        return None
+    changed = f"without the BatchNorm, {consumer.name} would read that same tensor, changed"
+    if (writer := writer_of(source, skip=bn)) is not None:
+        return f"its input is also changed in place by {writer.label}; {changed}"
+    if bn.name in graph.input_written:
+        return f"its input is changed in place ({graph.input_written[bn.name]}) after it runs; {changed}"
+    if not graph.sees_inplace and (readers := other_readers(source, skip=bn)):
+        return (f"its input is also used by {readers[0].label}, and torch.fx records `x += y` as out-of-place, so "
+                "an in-place change cannot be ruled out without example inputs; pass example inputs")
+    return None
+
+
+def _decide(bn: Op, graph: OpGraph, root: nn.Module, keep_structure: bool, eps: float | None = None) -> _Fold | str:
+    if issue := _bn_issue(bn, graph, root, keep_structure, eps):
+        return issue
     producer = _try_producer(bn, graph, root)
     if isinstance(producer, Op):
         return _Fold(producer, bn, INTO_PRODUCER)
@@ -215,7 +284,8 @@ def _rewire(fold: _Fold) -> None:
     bn.inputs, bn.users = [], []
 
 
-def plan_folds(graph: OpGraph, root: nn.Module, keep_structure: bool = False) -> tuple[list[_Fold], dict[str, str]]:
+def plan_folds(graph: OpGraph, root: nn.Module, keep_structure: bool = False,
+               eps: float | None = None) -> tuple[list[_Fold], dict[str, str]]:
     """Folds in the order they must be applied, and the reason each remaining BatchNorm stays."""
     folds: list[_Fold] = []
     reasons: dict[str, str] = {}
@@ -227,7 +297,7 @@ def plan_folds(graph: OpGraph, root: nn.Module, keep_structure: bool = False) ->
         for op in graph.ops:
             if op.kind != "bn" or id(op) in done:
                 continue
-            decision = _decide(op, graph, root, keep_structure)
+            decision = _decide(op, graph, root, keep_structure, eps)
             if isinstance(decision, _Fold):
                 folds.append(decision)
                 done.add(id(op))
@@ -280,7 +350,7 @@ def _fold_in_float64(folds: list[_Fold], root: nn.Module, eps: float | None) -> 
 def _cast(t64: torch.Tensor, dtype: torch.dtype, name: str, what: str, allow_overflow: bool,
           warnings: list[str]) -> torch.Tensor:
     out = cast_folded(t64, dtype, name, what, allow_overflow)
-    if not torch.isfinite(out).all():
+    if not all_finite(out):
         warnings.append(f"{name}: folded {what} overflows {str(dtype).replace('torch.', '')} and was kept as inf "
                         "(--allow-overflow)")
     return out
@@ -413,24 +483,132 @@ def _unseen_reason(name: str, graph: OpGraph) -> str:
     return "it is never called in the traced forward (unused, or hidden from the tracer)"
 
 
-def fold_model(model: nn.Module, example_inputs: Any = None, *, eps: float | None = None,
-               keep_structure: bool = False, allow_overflow: bool = False) -> FoldResult:
-    """Fold every BatchNorm of `model` that can be folded exactly; the input model is left unchanged.
+def _refuse_unfoldable_model(model: nn.Module) -> None:
+    """Whole models bnstrip cannot work on at all, with the fix."""
+    if isinstance(model, torch.jit.ScriptModule):
+        raise InputError(f"{getattr(model, 'original_name', type(model).__name__)}: the model is a TorchScript module "
+                         "(torch.jit.script/trace), which cannot be rewritten; fold the nn.Module before scripting it")
+    for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
+        if isinstance(tensor, (nn.parameter.UninitializedParameter, nn.parameter.UninitializedBuffer)):
+            raise InputError(f"{type(model).__name__}: {name} belongs to a lazy module that was never run, so there "
+                             "are no trained weights to fold; run the model once or load its checkpoint first")
 
-    example_inputs (a tensor or a tuple) give shapes to the rules that need them (BatchNorm1d
-    next to Linear or Conv1d) and let torch.export trace models fx cannot. `eps` replaces every
-    BatchNorm module's eps in the fold (a state_dict does not store eps); the returned model
-    then uses it too. With keep_structure=True every module is kept (see the module docstring).
+
+def _model_dtype(model: nn.Module) -> torch.dtype:
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+
+
+def _seeded_outputs(model: nn.Module, inputs: Sequence[Any]) -> Any:
+    """model(*inputs) with torch's and Python's generators seeded (and restored): random ops in a forward
+    (noise, dropout-like code) draw the same numbers for the original and the folded model."""
+    python_state = random.getstate()
+    try:
+        random.seed(0)
+        with torch.no_grad(), torch.random.fork_rng():
+            torch.manual_seed(0)
+            return model(*fresh_inputs(inputs))
+    finally:
+        random.setstate(python_state)
+
+
+def _output_gap(expected: Any, got: Any) -> tuple[float, float] | None:
+    """(max |difference|, max |expected|) over all tensor outputs; None when the outputs differ in structure."""
+    expected_spec, expected_leaves = output_leaves(expected)
+    got_spec, got_leaves = output_leaves(got)
+    if expected_spec != got_spec:
+        return None
+    gap, scale = 0.0, 0.0
+    for a, b in zip(expected_leaves, got_leaves):
+        if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor):
+            continue
+        if a.shape != b.shape:
+            return None
+        if a.numel() == 0:
+            continue
+        a64, b64 = a.detach().to(torch.float64), b.detach().to(torch.float64)
+        same_nonfinite = torch.equal(torch.isfinite(a64), torch.isfinite(b64))
+        finite = torch.isfinite(a64) & torch.isfinite(b64)
+        if not same_nonfinite:
+            return float("inf"), scale
+        if finite.any():
+            gap = max(gap, float((a64[finite] - b64[finite]).abs().max()))
+            scale = max(scale, float(a64[finite].abs().max()))
+    return gap, scale
+
+
+def _verify(reference: nn.Module, expected: Any, candidate: nn.Module, inputs: Sequence[Any],
+            dtype: torch.dtype) -> str | None:
+    """None when `candidate` gives the reference's outputs on the example inputs, else why not.
+
+    `expected` is the reference's output in its own dtype. A candidate within tolerance of it
+    passes at once; otherwise the two are compared again in float64 (where the model runs in it),
+    so that rounding of the run itself is never blamed on the fold. The tolerance is the one the
+    self-check uses for the model's dtype.
     """
-    inputs = _as_inputs(example_inputs)
+    from bnstrip.selfcheck import relative_tolerance
+
+    rtol = relative_tolerance(dtype)
+    try:
+        got = _seeded_outputs(candidate, inputs)
+    except Exception as exc:
+        return f"the folded model fails on the example inputs ({type(exc).__name__}: {_first_line(exc)})"
+    measured = _output_gap(expected, got)
+    if measured is not None and measured[0] <= rtol * max(measured[1], 1.0):
+        return None
+
+    def wide(t: Any) -> Any:
+        return t.to(torch.float64) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+
+    try:
+        wide_inputs = [wide(t) for t in inputs]
+        measured = _output_gap(_seeded_outputs(copy.deepcopy(reference).to(torch.float64), wide_inputs),
+                               _seeded_outputs(copy.deepcopy(candidate).to(torch.float64), wide_inputs))
+    except Exception:  # the model will not run in float64 (hard-coded dtypes, ...): the first comparison stands
+        pass
+    if measured is None:
+        return "the folded model's outputs have another structure or shape than the original's"
+    gap, scale = measured
+    tolerance = rtol * max(scale, 1.0)
+    if gap > tolerance:
+        return f"the outputs moved by {gap:.3g} on the example inputs (tolerance {tolerance:.3g})"
+    return None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:200] if text else ""
+
+
+@dataclass
+class _Attempt:
+    result: FoldResult
+    reference: nn.Module | None
+    reference_output: Any = None
+
+
+def _fold_copy(model: nn.Module, inputs: tuple[Any, ...] | None, eps: float | None, keep_structure: bool,
+               allow_overflow: bool, excluded: dict[str, str], keep_reference: bool) -> _Attempt:
+    """Fold a copy of `model`, refusing the BatchNorms in `excluded` (name -> reason); no verification."""
     try:
         work = copy.deepcopy(model)
     except Exception as exc:
-        raise InputError(f"{type(model).__name__}: cannot copy the model ({type(exc).__name__}: {exc}); "
-                         "the input model must stay untouched, so fold a copyable model") from None
+        hint = ("; a torch.nn.utils.weight_norm module cannot be copied: use "
+                "torch.nn.utils.parametrizations.weight_norm" if "deepcopy protocol" in str(exc) else "")
+        raise InputError(f"{type(model).__name__}: cannot copy the model ({type(exc).__name__}: "
+                         f"{_first_line(exc).split('. ')[0][:160]})"
+                         f"{hint}; the input model must stay untouched, so fold a copyable model") from None
     work.eval()
     graph = build_graph(work, inputs)
-    folds, reasons = plan_folds(graph, work, keep_structure)
+    for name, reason in excluded.items():
+        graph.refusals[name] = reason
+    reference, reference_output = None, None
+    if keep_reference:
+        reference = copy.deepcopy(work)
+        _set_unfolded_eps(reference, set(), eps)
+        reference_output = graph.model_output if eps is None else None
+        if reference_output is None:
+            reference_output = _seeded_outputs(reference, inputs or ())
+    folds, reasons = plan_folds(graph, work, keep_structure, eps)
     warnings: list[str] = []
     work_tensors = _fold_in_float64(folds, work, eps)
     held_by_bn = {f.layer.name: f.bn for f in folds if f.into == INTO_PRODUCER}
@@ -450,18 +628,93 @@ def fold_model(model: nn.Module, example_inputs: Any = None, *, eps: float | Non
     else:
         form = "modules"
         for fold in folds:
-            _replace_module(work, fold.bn.name, nn.Identity())
+            _replace_module(work, fold.bn.name, FoldedBatchNorm(work.get_submodule(fold.bn.name)))
         result_model = work
     _set_unfolded_eps(result_model, folded_names, eps)
     skipped = list(reasons.items())
     seen = folded_names | set(reasons)
     for name, module in work.named_modules():
-        if isinstance(module, _BatchNorm) and name not in seen:
+        if name in seen:
+            continue
+        if isinstance(module, _BatchNorm):
             skipped.append((name, _unseen_reason(name, graph)))
             seen.add(name)
-    return FoldResult(model=result_model.eval(), folded=[(f.layer.name, f.bn.name) for f in folds], skipped=skipped,
-                      into={f.bn.name: f.into for f in folds}, gained_bias=gained, tracer=graph.tracer, form=form,
-                      eps=eps, warnings=warnings)
+        elif isinstance(module, torch.jit.ScriptModule) and "BatchNorm" in str(getattr(module, "original_name", "")):
+            skipped.append((name, "it is a TorchScript module (torch.jit.script/trace), which bnstrip cannot rewrite; "
+                                  "fold before scripting"))
+            seen.add(name)
+    result = FoldResult(model=result_model.eval(), folded=[(f.layer.name, f.bn.name) for f in folds], skipped=skipped,
+                        into={f.bn.name: f.into for f in folds}, gained_bias=gained, tracer=graph.tracer, form=form,
+                        eps=eps, warnings=warnings)
+    return _Attempt(result=result, reference=reference, reference_output=reference_output)
+
+
+_MAX_ATTEMPTS = 12
+"""Folds of the model tried while looking for the one that moved the outputs (each is a trace and two runs)."""
+
+
+def fold_model(model: nn.Module, example_inputs: Any = None, *, eps: float | None = None,
+               keep_structure: bool = False, allow_overflow: bool = False) -> FoldResult:
+    """Fold every BatchNorm of `model` that can be folded exactly; the input model is left unchanged.
+
+    example_inputs (a tensor or a tuple) give shapes to the rules that need them (BatchNorm1d
+    next to Linear or Conv1d) and let torch.export trace models fx cannot. `eps` replaces every
+    BatchNorm module's eps in the fold (a state_dict does not store eps); the returned model
+    then uses it too. With keep_structure=True every module is kept (see the module docstring).
+
+    With example inputs the folded model is also run against the original: should the outputs
+    move (something no rule foresaw), the folds that moved them are found by bisection and undone,
+    each skipped with the reason, so a wrong model is never returned for these inputs.
+    """
+    _refuse_unfoldable_model(model)
+    inputs = _as_inputs(example_inputs)
+    verify = inputs is not None
+    attempt = _fold_copy(model, inputs, eps, keep_structure, allow_overflow, {}, keep_reference=verify)
+    if not verify or not attempt.result.folded:
+        return attempt.result
+    reference, dtype = attempt.reference, _model_dtype(model)
+    assert reference is not None
+    expected = attempt.reference_output
+    problem = _verify(reference, expected, attempt.result.model, inputs, dtype)
+    if problem is None:
+        return attempt.result
+
+    # Something moved the outputs: keep the folds that provably do not (bisection over the fold list).
+    first_problem = problem
+    candidates = [bn for _, bn in attempt.result.folded]
+    excluded: dict[str, str] = {}
+    tries = 0
+
+    def passes(trial_excluded: dict[str, str]) -> bool:
+        nonlocal tries
+        tries += 1
+        trial = _fold_copy(model, inputs, eps, keep_structure, allow_overflow, trial_excluded, keep_reference=False)
+        return _verify(reference, expected, trial.result.model, inputs, dtype) is None
+
+    undone = (f"every rule allowed folding it, but then {first_problem}; the fold was undone "
+              "(please report this model)")
+
+    def search(block: list[str], rest: list[str]) -> None:
+        """Decide `block` given that everything in `rest` (after it) is still excluded."""
+        if not block:
+            return
+        rest_excluded = {bn: "undecided" for bn in rest}
+        if tries < _MAX_ATTEMPTS and passes({**excluded, **rest_excluded}):
+            return  # the whole block is fine with what is already kept
+        if len(block) == 1 or tries >= _MAX_ATTEMPTS:
+            for bn in block:
+                excluded[bn] = undone
+            return
+        middle = len(block) // 2
+        search(block[:middle], block[middle:] + rest)
+        search(block[middle:], rest)
+
+    search(candidates, [])
+    final = _fold_copy(model, inputs, eps, keep_structure, allow_overflow, excluded, keep_reference=False)
+    if _verify(reference, expected, final.result.model, inputs, dtype) is not None:  # interactions: undo everything
+        excluded = {bn: undone for bn in candidates}
+        final = _fold_copy(model, inputs, eps, keep_structure, allow_overflow, excluded, keep_reference=False)
+    return final.result
 
 
 # --------------------------------------------------------------------------- rebuilding from OUT + manifest
@@ -484,7 +737,7 @@ def folded_skeleton(model: nn.Module, manifest: dict[str, Any], source: str = "m
             if not isinstance(module, _BatchNorm):
                 raise InputError(f"{source}: folded BatchNorm {name!r} is not a BatchNorm of {type(model).__name__}; "
                                  "pass the model the checkpoint was folded from")
-            _replace_module(work, name, nn.Identity())
+            _replace_module(work, name, FoldedBatchNorm(module))
         result: nn.Module = work
     else:
         gm, _, error = fx_trace(work)
@@ -509,7 +762,7 @@ def folded_skeleton(model: nn.Module, manifest: dict[str, Any], source: str = "m
         if layer.bias is None:
             out_features = layer.weight.shape[1] * layer.groups if isinstance(layer, nn.modules.conv._ConvTransposeNd) \
                 else layer.weight.shape[0]
-            _add_bias(layer, torch.zeros(out_features, dtype=layer.weight.dtype))
+            _add_bias(layer, torch.zeros(out_features, dtype=layer.weight.dtype, device=layer.weight.device))
     _set_unfolded_eps(result, set(bn_names), eps)
     return result.eval()
 

@@ -12,6 +12,7 @@ import json
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -431,6 +432,370 @@ def test_half_precision_overflow_is_refused_unless_allowed() -> None:
         fold_model(model)
     result = fold_model(model, allow_overflow=True)
     assert any("overflows float16" in w for w in result.warnings)
+
+
+# --------------------------------------------------------------------------- second uses the graph does not show
+
+
+class _TiedConvs(nn.Module):
+    """conv_b holds conv_a's weight Parameter: scaling it for bn would change conv_b's output too."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv_a, self.conv_b = nn.Conv2d(3, 4, 1), nn.Conv2d(3, 4, 1)
+        self.conv_b.weight = self.conv_a.weight
+        self.bn = nn.BatchNorm2d(4)
+        self.conv_c, self.bn_c = nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn_c(self.conv_c(self.bn(self.conv_a(x)) + self.conv_b(x)))
+
+
+class _TiedHead(nn.Module):
+    """A head tied to the embedding (weight tying) behind a BatchNorm that could fold into the head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed, self.bn, self.head = nn.Embedding(10, 6), nn.BatchNorm1d(6), nn.Linear(6, 10)
+        self.head.weight = self.embed.weight
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(self.bn(self.embed(tokens)))
+
+
+class _StatsView(nn.Module):
+    """bn's running_var is a view of a buffer the forward also reads: an identity BatchNorm would rewrite it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)
+        self.register_buffer("stats", torch.rand(8) + 0.5)
+        self.bn.running_var = self.stats[:4]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.conv(x)) * self.stats.sum()
+
+
+@pytest.mark.parametrize("build, x, keep_structure", [
+    (_TiedConvs, torch.randn(2, 3, 5, 5), False),
+    (_TiedHead, torch.randint(0, 10, (8,)), False),
+    (_StatsView, torch.randn(2, 3, 5, 5), True),
+])
+def test_tied_weights_are_never_folded(build, x: torch.Tensor, keep_structure: bool) -> None:
+    model = build()
+    zoo.randomize_bn(model, seed=3)
+    if isinstance(model, _StatsView):
+        with torch.no_grad():
+            model.stats.uniform_(0.5, 2.0)
+    model.eval()
+    result = fold_model(model, x, keep_structure=keep_structure)
+    assert "shares memory with" in dict(result.skipped)["bn"]
+    assert ("conv_c", "bn_c") in result.folded or not hasattr(model, "conv_c")
+    assert rel_diff(run(model, x), run(result.model, x)) <= REL_TOL
+
+
+class _Reader(nn.Module):
+    """block (conv, bn) -> tail (conv, bn), scaled by something `read` takes from block's modules."""
+
+    def __init__(self, read) -> None:
+        super().__init__()
+        self.block = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4))
+        self.tail = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4))  # zero-padded: no consumer fold
+        self.read = read
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.tail(self.block(x)) * self.read(self)
+
+
+class _UntraceableReader(_Reader):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.block(x)
+        if y.sum() > -1e9:  # data-dependent: fx and torch.export give up, block and tail are traced on their own
+            y = y * self.read(self)
+        return self.tail(y)
+
+
+@pytest.mark.parametrize("cls, read, fragment", [
+    (_Reader, lambda m: m.block[0].weight.sum(), "its weight is also read directly in forward"),
+    (_Reader, lambda m: m.block[1].running_var.mean(), "its running_var is also read directly in forward"),
+    (_Reader, lambda m: m.block[1].weight.abs().sum(), "its weight is also read directly in forward"),
+    (_UntraceableReader, lambda m: m.block[1].running_var.mean(), "its running_var is also read by the model's forward"),
+    (_UntraceableReader, lambda m: m.block[0].weight.sum(), "its weight is also read by the model's forward"),
+])
+@pytest.mark.parametrize("keep_structure", [False, True])
+def test_tensors_read_outside_their_module_block_the_fold(cls, read, fragment: str, keep_structure: bool) -> None:
+    model = _with_stats(cls(read))
+    x = torch.randn(2, 3, 5, 5)
+    result = fold_model(model, x, keep_structure=keep_structure)
+    assert fragment in dict(result.skipped)["block.1"]
+    assert result.folded == [("tail.0", "tail.1")]
+    assert rel_diff(run(model, x), run(result.model, x)) <= REL_TOL
+
+
+def test_reading_only_a_layers_dtype_or_shape_does_not_block_its_fold() -> None:
+    model = _with_stats(_Reader(lambda m: m.block[0].weight.shape[1] + m.block[0].weight.size(0)))  # 3 + 4
+    x = torch.randn(2, 3, 5, 5)
+    result = fold_model(model, x)
+    assert set(result.folded) == {("block.0", "block.1"), ("tail.0", "tail.1")}
+    assert rel_diff(run(model, x), run(result.model, x)) <= REL_TOL
+
+
+class _TensorCheck(nn.Module):
+    """fx's proxies are not torch.Tensor, so fx traces the else-branch: a graph in which conv's output has one user."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)
+        self.conv2, self.bn2 = nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        y = self.bn(y) + y if isinstance(y, torch.Tensor) else self.bn(y)
+        return self.bn2(self.conv2(y))
+
+
+class _Wrapped(nn.Module):
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x) if x.sum() > -1e9 else x  # data-dependent: only inner can be traced
+
+
+@pytest.mark.parametrize("wrap, tracer, prefix", [
+    (lambda m: m, "torch.export", ""), (_Wrapped, "torch.fx (per submodule)", "inner.")])
+def test_a_traced_graph_that_differs_from_the_forward_is_not_trusted(wrap, tracer: str, prefix: str) -> None:
+    model = _with_stats(wrap(_TensorCheck()))
+    x = torch.randn(2, 3, 5, 5)
+    result = fold_model(model, x)
+    assert result.tracer == tracer
+    assert prefix + "bn" in dict(result.skipped)
+    assert rel_diff(run(model, x), run(result.model, x)) <= REL_TOL
+    if tracer == "torch.export":  # torch.export sees the real branch: conv feeds bn and add; conv2 + bn2 folds
+        assert result.folded == [("conv2", "bn2")]
+        assert "the output of conv also feeds add" in dict(result.skipped)["bn"]
+
+
+def test_outputs_in_dataclasses_and_namedtuples_keep_the_fx_graph() -> None:
+    import collections
+    import dataclasses
+
+    @dataclasses.dataclass
+    class Out:
+        pooled: torch.Tensor
+        rest: Any
+
+    Pair = collections.namedtuple("Pair", "a b")
+
+    class Structured(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)
+
+        def forward(self, x: torch.Tensor) -> Out:
+            y = self.bn(self.conv(x))
+            return Out(y.mean((2, 3)), Pair(y, {"scaled": y * 2, "k": 3}))
+
+    model = _with_stats(Structured())
+    x = torch.randn(2, 3, 4, 4)
+    result = fold_model(model, x)
+    assert result.tracer == "torch.fx" and result.folded == [("conv", "bn")]
+    expected, got = run(model, x), run(result.model, x)
+    assert rel_diff(expected.rest.b["scaled"], got.rest.b["scaled"]) <= REL_TOL
+
+
+def test_global_module_hooks_block_every_fold() -> None:
+    model = _with_stats(ConvBN(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)))
+    x = torch.randn(2, 3, 4, 4)
+    handle = torch.nn.modules.module.register_module_forward_hook(
+        lambda module, args, out: out * 1.5 if isinstance(module, _BatchNorm) else out)
+    try:
+        result = fold_model(model, x)
+        assert not result.folded and "global module hooks are registered" in dict(result.skipped)["bn"]
+        assert rel_diff(run(model, x), run(result.model, x)) <= REL_TOL
+    finally:
+        handle.remove()
+
+
+class _FunctionalBN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+        self.register_buffer("f_running_mean", torch.zeros(4))
+        self.register_buffer("f_running_var", torch.ones(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.batch_norm(self.conv(x), self.f_running_mean, self.f_running_var, training=False)
+
+
+@pytest.mark.parametrize("with_inputs", [False, True])
+def test_hooks_on_the_model_itself_survive_a_functional_fold(with_inputs: bool) -> None:
+    """Removing F.batch_norm needs an fx GraphModule, which does not carry the root's hooks."""
+    model = _with_stats(_FunctionalBN())
+    model.register_forward_hook(lambda module, args, out: out * 2)
+    x = torch.randn(2, 3, 4, 4)
+    result = fold_model(model, x if with_inputs else None)
+    assert not result.folded
+    assert rel_diff(run(model, x), run(result.model, x)) <= REL_TOL
+    assert "has forward hooks" in dict(result.skipped)["F.batch_norm@f_running_mean"]
+    if with_inputs:  # the user's class keeps its hooks, so --keep-structure folds it
+        kept = fold_model(model, x, keep_structure=True)
+        assert kept.folded == [("conv", "F.batch_norm@f_running_mean")] and kept.tracer == "torch.fx"
+        assert rel_diff(run(model, x), run(kept.model, x)) <= REL_TOL
+
+
+def test_a_folded_batchnorm_still_answers_its_settings() -> None:
+    class UsesNumFeatures(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.bn(self.conv(x)).reshape(x.shape[0], self.bn.num_features, -1)
+
+    model = _with_stats(UsesNumFeatures())
+    x = torch.randn(2, 3, 4, 4)
+    result = fold_model(model, x)
+    assert result.folded == [("conv", "bn")]
+    assert result.model.bn.num_features == 4 and not list(result.model.bn.parameters())
+    assert rel_diff(run(model, x), run(result.model, x)) <= REL_TOL
+
+
+def test_torchscript_is_refused_or_reported() -> None:
+    scripted = torch.jit.script(_with_stats(nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4))))
+    with pytest.raises(InputError, match="TorchScript module .* fold the nn.Module before scripting"):
+        fold_model(scripted, torch.randn(2, 3, 4, 4))
+    model = _with_stats(nn.Sequential(copy.deepcopy(scripted), nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)))
+    x = torch.randn(2, 3, 4, 4)
+    for example in (x, None):
+        result = fold_model(model, example)
+        assert result.folded == [("1", "2")]
+        assert "TorchScript" in dict(result.skipped)["0.1"]
+        assert rel_diff(run(model, x), run(result.model, x)) <= REL_TOL
+
+
+def test_a_lazy_model_that_never_ran_is_refused_with_the_fix() -> None:
+    with pytest.raises(InputError, match="lazy module that was never run.*run the model once"):
+        fold_model(nn.Sequential(nn.LazyConv2d(4, 1), nn.BatchNorm2d(4)), torch.randn(1, 3, 4, 4))
+
+
+def test_degenerate_statistics_skip_that_batchnorm_only() -> None:
+    model = _with_stats(nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 1),
+                                      nn.BatchNorm2d(4, eps=1.5)))
+    with torch.no_grad():
+        model[1].running_var[0] = -1.0  # corrupt: one BatchNorm, not the whole model
+    result = fold_model(model)
+    assert result.folded == [("2", "3")]
+    assert "running_var has negative values" in dict(result.skipped)["1"]
+    kept = fold_model(model, keep_structure=True)
+    assert not kept.folded and "eps=1.5 is not in [0, 1)" in dict(kept.skipped)["3"]
+
+
+class _TwoLayouts(nn.Module):
+    """block runs on (N, L, C) first, then on (N, C): Linear + BatchNorm1d is exact only for the second."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        seq = self.block(x)
+        if seq.sum() > -1e9:  # data-dependent: only block is traced, its BatchNorm rank comes from the run
+            return seq.mean(-1) + self.block(x.mean(1))
+        return seq.mean(-1)
+
+
+def test_a_block_run_on_two_layouts_is_not_folded_for_either() -> None:
+    model = _with_stats(_TwoLayouts())
+    x = torch.randn(3, 4, 4)
+    result = fold_model(model, x)
+    assert not result.folded and "block.1" in dict(result.skipped)
+    assert rel_diff(run(model, x), run(result.model, x)) <= REL_TOL
+
+
+def test_export_folds_a_batchnorm_into_a_reflect_padded_conv() -> None:
+    class ShapeGate(nn.Module):  # control flow on a shape: only torch.export traces it
+        def __init__(self) -> None:
+            super().__init__()
+            self.bn = nn.BatchNorm2d(3)
+            self.conv = nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect")
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.conv(self.bn(x)) if x.shape[-1] > 2 else x
+
+    model = _with_stats(ShapeGate())
+    x = torch.randn(2, 3, 6, 6)
+    result = fold_model(model, x)
+    assert result.tracer == "torch.export" and result.folded == [("conv", "bn")]
+    assert result.into["bn"] == "consumer"
+    assert rel_diff(run(model, x), run(result.model, x)) <= REL_TOL
+
+
+class _WritesBatchNormInput(nn.Module):
+    """pre -> x; bn(x) feeds a 1x1 conv, and x is then changed in place before that conv runs.
+
+    With the BatchNorm gone its output would be x itself, so the conv would read the changed x.
+    """
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.pre, self.bn, self.conv = nn.Conv2d(3, 8, 1), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 1)
+        self.act = nn.ReLU(inplace=True)
+        self.how = how
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.pre(x)
+        x = y[:, :4] if self.how == "slice" else y[:, :4] * 1.0
+        z = self.bn(x)
+        if self.how == "iadd":
+            x += 1  # fx records this as an out-of-place add: only a real run shows it
+        elif self.how == "view":
+            x.view(-1).mul_(2)
+        elif self.how == "module":
+            self.act(x)
+        elif self.how == "slice":
+            y.mul_(-1)  # writes the tensor x is a view of
+        return self.conv(z) + x
+
+
+@pytest.mark.parametrize("how", ["iadd", "view", "module", "slice"])
+@pytest.mark.parametrize("with_inputs", [True, False])
+def test_an_in_place_write_to_the_batchnorm_input_blocks_folding_into_the_next_layer(how: str,
+                                                                                   with_inputs: bool) -> None:
+    model = _with_stats(_WritesBatchNormInput(how))
+    x = torch.randn(2, 3, 4, 4)
+    result = fold_model(model, x if with_inputs else None)
+    assert not result.folded
+    assert "changed in place" in dict(result.skipped)["bn"] or "out-of-place" in dict(result.skipped)["bn"]
+    assert rel_diff(run(model, x), run(result.model, x)) <= REL_TOL
+    kept = fold_model(model, x if with_inputs else None, keep_structure=True)  # the BatchNorm stays a real op
+    assert kept.folded == [("conv", "bn")]
+    assert rel_diff(run(model, x), run(kept.model, x)) <= REL_TOL
+
+
+class _AsksForBatchNorm(nn.Module):
+    """Code that behaves differently once its BatchNorm is gone: no rule can see this, the final check does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4))
+        self.second = nn.Sequential(nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.second(self.first(x))
+        return y * 2 if isinstance(self.second[1], nn.BatchNorm2d) else y
+
+
+def test_a_fold_that_moves_the_outputs_is_found_and_undone() -> None:
+    model = _with_stats(_AsksForBatchNorm())
+    x = torch.randn(2, 3, 4, 4)
+    result = fold_model(model, x)
+    assert result.folded == [("first.0", "first.1")]
+    assert "the fold was undone" in dict(result.skipped)["second.1"]
+    assert rel_diff(run(model, x), run(result.model, x)) <= REL_TOL
+    kept = fold_model(model, x, keep_structure=True)  # the BatchNorm module stays: both fold
+    assert len(kept.folded) == 2 and rel_diff(run(model, x), run(kept.model, x)) <= REL_TOL
 
 
 # --------------------------------------------------------------------------- fuse_checkpoint + load_folded
