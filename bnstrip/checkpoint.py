@@ -24,7 +24,7 @@ import threading
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Iterator, Mapping
+from typing import Any, BinaryIO, Callable, Iterable, Iterator, Mapping
 
 from bnstrip.errors import InputError
 from bnstrip.safety import (
@@ -293,6 +293,16 @@ def _one_line(exc: BaseException) -> str:
 
 
 # --------------------------------------------------------------------------- writing
+
+
+def key_mismatch(expected: Iterable[str], actual: Iterable[str], shown: int = 4) -> str | None:
+    """'missing a, b; unexpected c' for two key sets, or None when they are equal (for one-line errors)."""
+    expected, actual = set(expected), set(actual)
+    parts = []
+    for label, keys in (("missing", sorted(expected - actual)), ("unexpected", sorted(actual - expected))):
+        if keys:
+            parts.append(f"{label} {', '.join(keys[:shown])}{' ...' if len(keys) > shown else ''}")
+    return "; ".join(parts) or None
 
 
 def check_output_path(output: str | os.PathLike[str], inputs: list[str | os.PathLike[str]], force: bool) -> Path:

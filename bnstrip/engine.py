@@ -31,6 +31,7 @@ import torch.fx as fx
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from bnstrip.checkpoint import key_mismatch
 from bnstrip.errors import CheckFailed, InputError
 from bnstrip.fold import (
     BNStats,
@@ -770,15 +771,9 @@ def folded_skeleton(model: nn.Module, manifest: dict[str, Any], source: str = "m
 def load_state_strict(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
     """load_state_dict(strict=True) with a one-line InputError that names what does not match."""
     expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    extra = sorted(set(state) - set(expected))
-    if missing or extra:
-        parts = []
-        if missing:
-            parts.append(f"missing {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}")
-        if extra:
-            parts.append(f"unexpected {', '.join(extra[:4])}{' ...' if len(extra) > 4 else ''}")
-        raise InputError(f"{source}: does not load strictly into {type(model).__name__} ({'; '.join(parts)}); "
+    mismatch = key_mismatch(expected, state)
+    if mismatch:
+        raise InputError(f"{source}: does not load strictly into {type(model).__name__} ({mismatch}); "
                          "pass the matching --arch / checkpoint")
     for key, tensor in expected.items():
         if tuple(state[key].shape) != tuple(tensor.shape):

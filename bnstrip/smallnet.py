@@ -7,6 +7,7 @@ from typing import Mapping
 
 import torch
 
+from bnstrip.checkpoint import key_mismatch
 from bnstrip.errors import CheckFailed, InputError
 from bnstrip.fold import all_finite, bn_scale_shift, bn_stats_from_state, fold_state_dict
 from bnstrip.models import SMALLNET_EPS, SMALLNET_INPUT_SHAPE, SMALLNET_PAIRS, SmallNetTest, SmallNetTrain
@@ -28,15 +29,9 @@ def check_smallnet_keys(state: Mapping[str, torch.Tensor], source: str) -> None:
     """Missing/extra keys, wrong shapes or NaN/Inf weights against SmallNetTrain, named in one line."""
     with torch.device("meta"):  # shapes only: no 16M-parameter initialisation
         expected = {k: v.shape for k, v in SmallNetTrain().state_dict().items()}
-    missing = sorted(set(expected) - set(state))
-    extra = sorted(set(state) - set(expected))
-    if missing or extra:
-        parts = []
-        if missing:
-            parts.append(f"missing {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
-        if extra:
-            parts.append(f"unexpected {', '.join(extra[:5])}{' ...' if len(extra) > 5 else ''}")
-        raise InputError(f"{source}: not a smallNetTrain checkpoint ({'; '.join(parts)}); pass smallNetSaved or use --arch")
+    mismatch = key_mismatch(expected, state, shown=5)
+    if mismatch:
+        raise InputError(f"{source}: not a smallNetTrain checkpoint ({mismatch}); pass smallNetSaved or use --arch")
     for key, shape in expected.items():
         tensor = state[key]
         if not isinstance(tensor, torch.Tensor):
@@ -217,11 +212,9 @@ def load_smallnet_pair(checkpoint: str, fused: str | None, eps: float) -> tuple[
         fused_loaded = load_checkpoint(fused)
         notes += [f"{fused}: {n}" for n in fused_loaded.unwrapped]
         folded = fused_loaded.state_dict
-        expected = set(SmallNetTest().state_dict())
-        if set(folded) != expected:
-            missing, extra = sorted(expected - set(folded)), sorted(set(folded) - expected)
-            raise InputError(f"{fused}: not a smallNetTest state_dict (missing {missing[:4]}, unexpected {extra[:4]}); "
-                             "write it with `bnstrip fuse`")
+        mismatch = key_mismatch(SmallNetTest().state_dict(), folded)
+        if mismatch:
+            raise InputError(f"{fused}: not a smallNetTest state_dict ({mismatch}); write it with `bnstrip fuse`")
         for key, tensor in SmallNetTest().state_dict().items():
             if folded[key].shape != tensor.shape:
                 raise InputError(f"{fused}: {key} has shape {tuple(folded[key].shape)}, smallNetTest expects {tuple(tensor.shape)}")
