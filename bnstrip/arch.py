@@ -13,7 +13,7 @@ import os
 import sys
 from typing import TYPE_CHECKING, Any, Callable
 
-from bnstrip.errors import InputError
+from bnstrip.errors import InputError, first_line
 
 if TYPE_CHECKING:
     from torch import nn
@@ -51,7 +51,7 @@ def import_callable(spec: str) -> Callable[..., Any]:
         raise InputError(f"--arch {spec!r}: importing {module_name!r} failed because it needs module {missing!r}, "
                          "which is not installed; install it") from None
     except Exception as exc:  # the user's module raised while importing
-        raise InputError(f"--arch {spec!r}: importing {module_name!r} raised {type(exc).__name__}: {_one_line(exc)}; "
+        raise InputError(f"--arch {spec!r}: importing {module_name!r} raised {type(exc).__name__}: {first_line(exc)}; "
                          "fix the module") from None
     target: Any = module
     walked = module_name
@@ -94,13 +94,10 @@ def import_arch(spec: str) -> "nn.Module":
         model = target()
     except Exception as exc:  # the user's constructor raised
         raise InputError(f"--arch {spec!r}: calling {spec.partition(':')[2]}() raised {type(exc).__name__}: "
-                         f"{_one_line(exc)}") from None
+                         f"{first_line(exc)}") from None
     if not isinstance(model, nn.Module):
         raise InputError(f"--arch {spec!r}: {spec.partition(':')[2]}() returned a {type(model).__name__}, not a "
                          "torch.nn.Module; point --arch at the model class or a factory that returns one")
     return model
 
 
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:300] if text else type(exc).__name__

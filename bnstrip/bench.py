@@ -4,8 +4,8 @@ Folding exists to make inference cheaper; whether it did, on this machine, is a
 measurement, not a promise.  Candidates run interleaved (A B A B ...) so that a
 slow phase of the machine hits all of them alike; each speed-up is the median of
 per-round ratios, reported with its spread, and called "within noise" when the
-spreads overlap.  The library only measures: it prints nothing and returns
-dataclasses.
+timings' interquartile ranges overlap or the ratios' contains 1.  The library only
+measures: it prints nothing and returns dataclasses.
 """
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from bnstrip.errors import InputError
+from bnstrip.selfcheck import seeded_inputs
 
 SMALLNET_ARCH = "smallnet"
 DEFAULT_SAMPLE_SHAPE = (3, 32, 32)
@@ -80,10 +81,6 @@ class Timing:
     @property
     def median(self) -> float:
         return self.spread.median
-
-    @property
-    def min(self) -> float:
-        return self.spread.min
 
     def to_dict(self) -> dict[str, Any]:
         return {"label": self.label, **self.spread.to_dict("_s"), "samples": len(self.seconds),
@@ -223,8 +220,7 @@ class BenchReport:
 def seeded_batch(batch_size: int, sample_shape: Sequence[int], seed: int = 0,
                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Image-like uniform [0, 1) inputs from a private generator: the same for both models."""
-    generator = torch.Generator().manual_seed(seed)
-    return torch.rand(batch_size, *sample_shape, generator=generator, dtype=dtype)
+    return seeded_inputs((batch_size, *sample_shape), seed=seed, dtype=dtype)
 
 
 def bench_pair(bn_model: nn.Module, folded_model: nn.Module, sample_shape: Sequence[int], batch_sizes: Sequence[int], *,

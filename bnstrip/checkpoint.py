@@ -15,6 +15,7 @@ is left as it was.  The input is never written.
 from __future__ import annotations
 
 import contextlib
+from collections import Counter
 import hashlib
 import os
 import re
@@ -26,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterable, Iterator, Mapping
 
-from bnstrip.errors import InputError
+from bnstrip.errors import InputError, first_line
 from bnstrip.safety import (
     ZIP_MAGIC,
     describe_non_checkpoint,
@@ -45,7 +46,6 @@ from bnstrip.safety import (
 WRAPPER_KEYS = ("state_dict", "model_state_dict", "model")
 STRIP_PREFIXES = ("module.", "_orig_mod.")
 
-PICKLE_PROTO2 = b"\x80\x02"
 UNSAFE_LOAD_ENV = "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"
 """torch turns weights_only off when this is set and the caller did not pass weights_only; bnstrip hides it anyway."""
 
@@ -202,7 +202,7 @@ def _read_safetensors(path: Path, f: BinaryIO, names: list[str]) -> dict[str, An
         with safe_open(str(path), framework="pt", device="cpu") as st:
             return {name: st.get_tensor(name) for name in names}
     except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
-        raise InputError(f"{path}: unreadable safetensors file ({_one_line(exc)}); re-export it") from None
+        raise InputError(f"{path}: unreadable safetensors file ({first_line(exc)}); re-export it") from None
 
 
 def _torchscript_refusal(f: BinaryIO, layout: Any, path: Path) -> InputError:
@@ -281,15 +281,12 @@ def _load_failure(path: Path, exc: BaseException) -> InputError:
                           "the file is corrupt, re-export it")
     if "Invalid magic number" in text or "Invalid load key" in text:
         return InputError(f"{path}: a pickle, but not one written by torch.save; save the state_dict with torch.save")
-    detail = _one_line(exc)
+    detail = first_line(exc)
     if "weights_only" in detail or "safe_globals" in detail:
         detail = type(exc).__name__
     return InputError(f"{path}: cannot load as a PyTorch checkpoint ({detail}); re-export it with torch.save")
 
 
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:300] if text else type(exc).__name__
 
 
 # --------------------------------------------------------------------------- writing
@@ -420,7 +417,9 @@ def save_checkpoint(state_dict: Mapping[str, Any], path: str | os.PathLike[str],
         from safetensors.torch import save_file
 
         def write(tmp_name: str) -> None:
-            tensors = {k: v.detach().contiguous().clone() if _shares_storage(v, state_dict) else v.detach().contiguous()
+            # safetensors refuses tensors that share memory: give each shared one its own copy
+            users = Counter(v.untyped_storage().data_ptr() for v in state_dict.values())
+            tensors = {k: v.detach().contiguous().clone() if users[v.untyped_storage().data_ptr()] > 1 else v.detach().contiguous()
                        for k, v in state_dict.items()}
             save_file(tensors, tmp_name, metadata=dict(metadata or {}))
 
@@ -451,13 +450,8 @@ def _write_failure_reason(exc: BaseException, writer: _RecordingWriter | None) -
     if match:
         return os.strerror(int(match.group(1)))
     if type(exc).__name__ == "SafetensorError" or "inline_container" in str(exc):
-        return _one_line(exc)
+        return first_line(exc)
     return None
-
-
-def _shares_storage(tensor: Any, state_dict: Mapping[str, Any]) -> bool:
-    ptr = tensor.untyped_storage().data_ptr()
-    return sum(1 for v in state_dict.values() if v.untyped_storage().data_ptr() == ptr) > 1
 
 
 def _fsync_dir(directory: Path) -> None:

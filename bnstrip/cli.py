@@ -10,6 +10,7 @@ import click
 
 from bnstrip import __version__
 from bnstrip.clikit import (
+    DEFAULT_CHECKPOINT,
     EXIT_CHECK_FAILED,
     Progress,
     emit_json,
@@ -19,8 +20,6 @@ from bnstrip.clikit import (
     stdout_console,
     warn,
 )
-
-DEFAULT_CHECKPOINT = "smallNetSaved"
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})

@@ -8,10 +8,8 @@ import os
 
 import click
 
-from bnstrip.clikit import Progress, emit_json, fmt, handle_errors, make_table, parse_int_list, stdout_console, warn
-
-DEFAULT_CHECKPOINT = "smallNetSaved"
-
+from bnstrip.clikit import (DEFAULT_CHECKPOINT, Progress, emit_json, fmt, handle_errors, make_table, parse_int_list,
+                            stdout_console, warn)
 
 def _positive_int_list(text: str, name: str) -> list[int]:
     values = parse_int_list(text, name)
@@ -46,7 +44,8 @@ def bench(arch: str, checkpoint: str | None, input_shape: str | None, batch_size
     """Time the BatchNorm model (eval) against bnstrip's folded model, interleaved A B A B.
 
     Per batch size: median and min latency of each, and the speed-up (median of the
-    rounds' paired ratios, with min-max spread); "within noise" where the spreads overlap.
+    rounds' paired ratios, with min-max spread); "within noise" where the two timings' interquartile
+    ranges overlap or the ratios' interquartile range contains 1.
     """
     sizes = _positive_int_list(batch_sizes, "--batch-size")
     shape = tuple(_positive_int_list(input_shape, "--input-shape")) if input_shape else None

@@ -19,6 +19,9 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 EXIT_OK, EXIT_CHECK_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
+DEFAULT_CHECKPOINT = "smallNetSaved"
+"""The trained smallNetTrain checkpoint shipped at the top of the repository (the course's file name)."""
+
 
 def debug_enabled() -> bool:
     return os.environ.get("BNSTRIP_DEBUG", "") not in ("", "0")

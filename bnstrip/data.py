@@ -6,7 +6,6 @@ with an unpickler that admits only numpy's array reconstruction.
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 import pickle
 import tarfile
@@ -24,7 +23,6 @@ ARCHIVE_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 ARCHIVE_MD5 = "c58f30108f718f92721af3b95e74349a"
 TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
 TEST_BATCH = "test_batch"
-CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 DATA_DIR_ENV = "BNSTRIP_DATA_DIR"
 
 _ALLOWED_GLOBALS = {
@@ -178,10 +176,3 @@ def load_npz_sample(path: str | os.PathLike[str]) -> Split:
     """A small committed sample (tests/data) stored as .npz with `images` and `labels`."""
     with np.load(path, allow_pickle=False) as z:
         return Split(images=z["images"], labels=z["labels"].astype(np.int64), source=Path(path))
-
-
-def save_npz_sample(split: Split, indices: np.ndarray, path: str | os.PathLike[str]) -> None:
-    """Write a subset as a compressed .npz (used once to make tests/data)."""
-    buf = io.BytesIO()
-    np.savez_compressed(buf, images=split.images[indices], labels=split.labels[indices])
-    Path(path).write_bytes(buf.getvalue())

@@ -32,7 +32,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from bnstrip.checkpoint import key_mismatch
-from bnstrip.errors import CheckFailed, InputError
+from bnstrip.errors import CheckFailed, InputError, first_line
 from bnstrip.fold import (
     BNStats,
     all_finite,
@@ -546,13 +546,11 @@ def _verify(reference: nn.Module, expected: Any, candidate: nn.Module, inputs: S
     so that rounding of the run itself is never blamed on the fold. The tolerance is the one the
     self-check uses for the model's dtype.
     """
-    from bnstrip.selfcheck import relative_tolerance
-
     rtol = relative_tolerance(dtype)
     try:
         got = _seeded_outputs(candidate, inputs)
     except Exception as exc:
-        return f"the folded model fails on the example inputs ({type(exc).__name__}: {_first_line(exc)})"
+        return f"the folded model fails on the example inputs ({type(exc).__name__}: {first_line(exc, 200, '')})"
     measured = _output_gap(expected, got)
     if measured is not None and measured[0] <= rtol * max(measured[1], 1.0):
         return None
@@ -575,9 +573,6 @@ def _verify(reference: nn.Module, expected: Any, candidate: nn.Module, inputs: S
     return None
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:200] if text else ""
 
 
 @dataclass
@@ -596,7 +591,7 @@ def _fold_copy(model: nn.Module, inputs: tuple[Any, ...] | None, eps: float | No
         hint = ("; a torch.nn.utils.weight_norm module cannot be copied: use "
                 "torch.nn.utils.parametrizations.weight_norm" if "deepcopy protocol" in str(exc) else "")
         raise InputError(f"{type(model).__name__}: cannot copy the model ({type(exc).__name__}: "
-                         f"{_first_line(exc).split('. ')[0][:160]})"
+                         f"{first_line(exc, 200, '').split('. ')[0][:160]})"
                          f"{hint}; the input model must stay untouched, so fold a copyable model") from None
     work.eval()
     graph = build_graph(work, inputs)
@@ -877,10 +872,10 @@ def fuse_checkpoint(input_path: str, output_path: str, arch: str, input_shape: S
         model = model.to(dtype)
     load_state_strict(model, loaded.state_dict, input_path)
     model.eval()
-    model_dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    model_dtype = _model_dtype(model)
     inputs = seeded_inputs(list(input_shape), seed=seed, dtype=model_dtype)
     result = fold_model(model, (inputs,), eps=eps, keep_structure=keep_structure, allow_overflow=allow_overflow)
-    reference = copy.deepcopy(model)
+    reference = model  # fold_model worked on its own copy; this one is not needed as it was
     _set_unfolded_eps(reference, set(), eps)
     if keep_structure:
         candidate = import_arch(arch).to(model_dtype)

@@ -29,10 +29,6 @@ class BNStats:
     bias: torch.Tensor | None
     eps: float
 
-    @property
-    def num_features(self) -> int:
-        return int(self.running_mean.numel())
-
 
 def bn_scale_shift(stats: BNStats, name: str = "BatchNorm") -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel (s, t) in float64 such that BN(x) = x * s + t; validates the statistics."""

@@ -41,7 +41,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from bnstrip.errors import InputError
+from bnstrip.errors import InputError, first_line
 
 _CONV_FORWARDS = {nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward}
 _CONV_IMPLS = {nn.Conv1d._conv_forward, nn.Conv2d._conv_forward, nn.Conv3d._conv_forward}
@@ -993,7 +993,7 @@ def graph_export(model: nn.Module, example_inputs: Sequence[torch.Tensor]) -> tu
         ops.append(op)
     _absorb_conv_padding(ops)
     _link_users(ops)
-    graph = OpGraph(ops=ops, tracer="torch.export", calls=Counter(o.name for o in ops if o.module is not None),
+    graph = OpGraph(ops=ops, tracer="torch.export", calls=module_calls(ops),
                     refusals=module_refusals(model))
     graph.traced = {""}
     return graph, None
@@ -1133,8 +1133,7 @@ def _shapes(example_inputs: Sequence[torch.Tensor]) -> str:
 def _one_line(exc: BaseException | None) -> str:
     if exc is None:
         return ""
-    text = str(exc).strip().splitlines()
-    first = text[0][:200] if text else ""
+    first = first_line(exc, 200, "")
     return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
 
 

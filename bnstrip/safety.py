@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Iterable
 
-from bnstrip.errors import InputError
+from bnstrip.errors import InputError, first_line
 
 ZIP_MAGIC = b"PK\x03\x04"
 EMPTY_ZIP_MAGIC = b"PK\x05\x06"
@@ -233,7 +233,7 @@ def scan_zip_pickle(f: BinaryIO, layout: "ZipLayout", path: Path) -> list[str]:
     try:
         found.update(pickle_globals(io.BytesIO(data)))
     except ValueError as exc:
-        raise InputError(f"{path}: {layout.pickle_name} is not a valid pickle ({_first_line(exc)}); the file is corrupt, re-export it") from None
+        raise InputError(f"{path}: {layout.pickle_name} is not a valid pickle ({first_line(exc, 200)}); the file is corrupt, re-export it") from None
     return unsafe_globals(found)
 
 
@@ -243,7 +243,7 @@ def scan_legacy_pickles(f: BinaryIO, size: int, path: Path) -> list[str]:
     try:
         names = pickle_globals(_BoundedReader(f, size), max_pickles=PICKLE_SCAN_LIMIT)
     except ValueError as exc:
-        raise InputError(f"{path}: corrupt pickle ({_first_line(exc)}); re-export the checkpoint with torch.save") from None
+        raise InputError(f"{path}: corrupt pickle ({first_line(exc, 200)}); re-export the checkpoint with torch.save") from None
     return unsafe_globals(names)
 
 
@@ -286,7 +286,7 @@ def validate_torch_zip(f: BinaryIO, size: int, path: Path) -> ZipLayout:
         with zipfile.ZipFile(f) as archive:  # reads only the central directory; f stays open
             infos = archive.infolist()
     except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError, EOFError, struct.error) as exc:
-        raise InputError(f"{path}: truncated or corrupt zip archive ({_first_line(exc)}); re-download or re-export it") from None
+        raise InputError(f"{path}: truncated or corrupt zip archive ({first_line(exc, 200)}); re-download or re-export it") from None
     if not infos:
         raise InputError(f"{path}: zip archive holds no records; re-export it with torch.save")
     declared = sum(i.file_size for i in infos)
@@ -374,7 +374,7 @@ def validate_safetensors(f: BinaryIO, size: int, path: Path) -> SafetensorsLayou
     try:
         header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicate_keys)
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise InputError(f"{path}: safetensors header is not valid JSON ({_first_line(exc)}); the file is corrupt, re-download it") from None
+        raise InputError(f"{path}: safetensors header is not valid JSON ({first_line(exc, 200)}); the file is corrupt, re-download it") from None
     if not isinstance(header, dict):
         raise InputError(f"{path}: safetensors header is not a JSON object; the file is corrupt, re-download it")
     metadata = header.pop("__metadata__", None) or {}
@@ -429,6 +429,3 @@ def _no_duplicate_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
     return result
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:200] if text else type(exc).__name__

@@ -96,8 +96,10 @@ def fuse_smallnet(state: Mapping[str, torch.Tensor], eps: float = SMALLNET_EPS, 
         folded = fold_state_dict(state, pairs, eps, allow_overflow=allow_overflow)
     except InputError as exc:
         raise InputError(f"{source}: {exc}") from None
-    warnings += overflow_warnings(folded, pairs)
-    checked = exact_where_overflowed(state, folded, pairs, eps)
+    checked = folded  # without --allow-overflow the fold refused any non-finite result
+    if allow_overflow:
+        warnings += overflow_warnings(folded, pairs)
+        checked = exact_where_overflowed(state, folded, pairs, eps)
     dtype = state["fc1.0.weight"].dtype
     check = self_check_smallnet(state, checked, eps, rtol=relative_tolerance(dtype), samples=check_samples, seed=seed)
     if not check.passed:
@@ -108,6 +110,16 @@ def fuse_smallnet(state: Mapping[str, torch.Tensor], eps: float = SMALLNET_EPS, 
     return SmallNetFuse(folded, pairs, check, warnings, time.perf_counter() - started)
 
 
+def _meta_models(eps: float) -> tuple[SmallNetTrain, SmallNetTest]:
+    """Both networks on the meta device (no parameter initialisation), the BN model's eps set."""
+    with torch.device("meta"):
+        bn_model, test_model = SmallNetTrain(), SmallNetTest()
+    for module in bn_model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.eps = eps
+    return bn_model, test_model
+
+
 def build_models(state: Mapping[str, torch.Tensor], folded: Mapping[str, torch.Tensor], eps: float,
                  dtype: torch.dtype) -> tuple[SmallNetTrain, SmallNetTest]:
     """The BN model and the folded model in eval mode, in the given dtype.
@@ -115,11 +127,7 @@ def build_models(state: Mapping[str, torch.Tensor], folded: Mapping[str, torch.T
     Built on the meta device and filled with assign=True: no 16M-parameter random
     initialisation, and tensors already in `dtype` are used as they are, not copied.
     """
-    with torch.device("meta"):
-        bn_model, test_model = SmallNetTrain(), SmallNetTest()
-    for module in bn_model.modules():
-        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
-            module.eps = eps
+    bn_model, test_model = _meta_models(eps)
     bn_model.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}, strict=True,
                              assign=True)
     test_model.load_state_dict({k: v.to(dtype) for k, v in folded.items()}, strict=True, assign=True)
@@ -183,11 +191,7 @@ def _float64_model(model: torch.nn.Module, state: Mapping[str, torch.Tensor]) ->
 def self_check_smallnet(state: Mapping[str, torch.Tensor], folded: Mapping[str, torch.Tensor], eps: float, rtol: float,
                         samples: int = 16, seed: int = 0) -> SelfCheck:
     """Both models in float64 on seeded random images: isolates the fold from float32 rounding."""
-    with torch.device("meta"):
-        bn_model, test_model = SmallNetTrain(), SmallNetTest()
-    for module in bn_model.modules():
-        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
-            module.eps = eps
+    bn_model, test_model = _meta_models(eps)
     bn_model, test_model = _float64_model(bn_model, state), _float64_model(test_model, folded)
     inputs = seeded_inputs((samples, *SMALLNET_INPUT_SHAPE), seed=seed)
     return compare_models(bn_model, test_model, [inputs], rtol, name="smallNet")
@@ -199,11 +203,13 @@ def load_smallnet_pair(checkpoint: str, fused: str | None, eps: float) -> tuple[
 
     loaded = load_checkpoint(checkpoint)
     notes = [f"{checkpoint}: {n}" for n in loaded.unwrapped]
-    check_smallnet_keys(loaded.state_dict, checkpoint)
-    notes += [f"{checkpoint}: {n}" for n in never_trained_warnings(loaded.state_dict, list(SMALLNET_PAIRS))]
     if fused is None:
-        folded = fuse_smallnet(loaded.state_dict, eps=eps, source=checkpoint).state_dict
+        result = fuse_smallnet(loaded.state_dict, eps=eps, source=checkpoint)  # validates the checkpoint itself
+        folded = result.state_dict
+        notes += [f"{checkpoint}: {n}" for n in result.warnings]
     else:
+        check_smallnet_keys(loaded.state_dict, checkpoint)
+        notes += [f"{checkpoint}: {n}" for n in never_trained_warnings(loaded.state_dict, list(SMALLNET_PAIRS))]
         for _, bn in SMALLNET_PAIRS:  # the reference model must be sound even when the fold comes from a file
             try:
                 bn_scale_shift(bn_stats_from_state(loaded.state_dict, bn, eps), bn)
@@ -212,10 +218,11 @@ def load_smallnet_pair(checkpoint: str, fused: str | None, eps: float) -> tuple[
         fused_loaded = load_checkpoint(fused)
         notes += [f"{fused}: {n}" for n in fused_loaded.unwrapped]
         folded = fused_loaded.state_dict
-        mismatch = key_mismatch(SmallNetTest().state_dict(), folded)
+        expected = _meta_models(eps)[1].state_dict()
+        mismatch = key_mismatch(expected, folded)
         if mismatch:
             raise InputError(f"{fused}: not a smallNetTest state_dict ({mismatch}); write it with `bnstrip fuse`")
-        for key, tensor in SmallNetTest().state_dict().items():
+        for key, tensor in expected.items():
             if folded[key].shape != tensor.shape:
                 raise InputError(f"{fused}: {key} has shape {tuple(folded[key].shape)}, smallNetTest expects {tuple(tensor.shape)}")
     bn_model, test_model = build_models(loaded.state_dict, folded, eps, torch.float32)

@@ -159,7 +159,7 @@ def row_latency(args: argparse.Namespace, report: Report) -> None:
     lines = ["## a. Latency: BN model vs folded (bnstrip, torch.fx fuse, torch.compile with freezing)", "",
              f"Per call, {args.repeat} interleaved rounds after 3 warm-up calls, torch.inference_mode, "
              f"{torch.get_num_threads()} threads; inputs 3x32x32. Cells: speed-up over the BN model (BN time / its time), "
-             "median of the rounds' paired ratios (min-max); 'within noise' where the spreads overlap.", "",
+             "median of the rounds' paired ratios (min-max); 'within noise' where the timings' interquartile ranges overlap or the ratios' contains 1.", "",
              "| model | batch | BN model ms, median (min) | bnstrip folded | torch.fx fuse | torch.compile + freezing |",
              "|---|---|---|---|---|---|"]
     notes, worst_bnstrip = [], []
