@@ -11,8 +11,8 @@ _LAZY = {
     "fold_model": ("bnstrip.engine", "fold_model"),
     "load_folded": ("bnstrip.engine", "load_folded"),
     "FoldResult": ("bnstrip.engine", "FoldResult"),
-    "SmallNetTrain": ("bnstrip.models", "SmallNetTrain"),
-    "SmallNetTest": ("bnstrip.models", "SmallNetTest"),
+    "SmallNetTrain": ("bnstrip.homework.models", "SmallNetTrain"),
+    "SmallNetTest": ("bnstrip.homework.models", "SmallNetTest"),
 }
 
 __all__ = ["__version__", *_LAZY]

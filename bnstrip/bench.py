@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from bnstrip.errors import InputError
-from bnstrip.selfcheck import seeded_inputs
+from bnstrip.core.compare import seeded_inputs
 
 SMALLNET_ARCH = "smallnet"
 DEFAULT_SAMPLE_SHAPE = (3, 32, 32)
@@ -295,8 +295,8 @@ def randomise_batchnorm_stats(model: nn.Module, seed: int = 0) -> nn.Module:
 
 def smallnet_pair(checkpoint: str, eps: float | None = None) -> ModelPair:
     """smallNetTrain from `checkpoint` and the smallNetTest that bnstrip folds from it, both float32 eval."""
-    from bnstrip.models import SMALLNET_EPS, SMALLNET_INPUT_SHAPE, SMALLNET_PAIRS
-    from bnstrip.smallnet import load_smallnet_pair
+    from bnstrip.homework.models import SMALLNET_EPS, SMALLNET_INPUT_SHAPE, SMALLNET_PAIRS
+    from bnstrip.homework.smallnet import load_smallnet_pair
 
     bn_model, folded_model, notes = load_smallnet_pair(checkpoint, None, SMALLNET_EPS if eps is None else eps)
     return ModelPair(bn_model, folded_model, tuple(SMALLNET_INPUT_SHAPE), len(SMALLNET_PAIRS), notes)
@@ -315,7 +315,7 @@ def arch_pair(spec: str, sample_shape: Sequence[int], checkpoint: str | None = N
     model = import_arch(spec)
     notes: list[str] = []
     if checkpoint is not None:
-        from bnstrip.checkpoint import load_checkpoint
+        from bnstrip.io.checkpoint import load_checkpoint
 
         loaded = load_checkpoint(checkpoint)
         notes += [f"{checkpoint}: {n}" for n in loaded.unwrapped]

@@ -31,9 +31,9 @@ import torch.fx as fx
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from bnstrip.checkpoint import key_mismatch
+from bnstrip.io.checkpoint import key_mismatch
 from bnstrip.errors import CheckFailed, InputError, first_line
-from bnstrip.fold import (
+from bnstrip.core.foldmath import (
     BNStats,
     all_finite,
     bn_scale_shift,
@@ -44,7 +44,7 @@ from bnstrip.fold import (
 )
 from bnstrip.graph import (Op, OpGraph, bn_fixed_rank, build_graph, fresh_inputs, fx_trace, ops_from_fx,
                            other_readers, output_leaves, writer_of)
-from bnstrip.selfcheck import SelfCheck, compare_models, relative_tolerance, seeded_inputs
+from bnstrip.core.compare import SelfCheck, compare_models, relative_tolerance, seeded_inputs
 
 INTO_PRODUCER = "producer"
 INTO_CONSUMER = "consumer"
@@ -783,8 +783,8 @@ def load_state_strict(model: nn.Module, state: dict[str, torch.Tensor], source: 
 
 def load_folded(model: nn.Module, path: str | Path) -> nn.Module:
     """Rebuild the folded module written by `bnstrip fuse --arch`: `model` is a fresh instance of the original class."""
-    from bnstrip.checkpoint import load_checkpoint
-    from bnstrip.manifest import manifest_path, read_manifest
+    from bnstrip.io.checkpoint import load_checkpoint
+    from bnstrip.io.manifest import manifest_path, read_manifest
 
     manifest = read_manifest(path)
     loaded = load_checkpoint(path)
@@ -854,8 +854,8 @@ def fuse_checkpoint(input_path: str, output_path: str, arch: str, input_shape: S
     """Build --arch, load IN strictly, fold, self-check against the original, write OUT and OUT.bnstrip.json."""
     from bnstrip import __version__
     from bnstrip.arch import import_arch
-    from bnstrip.checkpoint import check_output_path, load_checkpoint, save_checkpoint, sha256_file
-    from bnstrip.manifest import check_manifest_path, write_manifest
+    from bnstrip.io.checkpoint import check_output_path, load_checkpoint, save_checkpoint, sha256_file
+    from bnstrip.io.manifest import check_manifest_path, write_manifest
 
     started = time.perf_counter()
     if not input_shape:

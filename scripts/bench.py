@@ -259,7 +259,7 @@ def op_shares(bn_model: torch.nn.Module, folded_model: torch.nn.Module, images: 
     """Where verify's time goes (torch.profiler over 1,000 images), for the 'why' of a missed goal."""
     from torch.profiler import ProfilerActivity, profile
 
-    from bnstrip.verify import verify_models
+    from bnstrip.homework.verify import verify_models
 
     subset = images[:1000]
     with profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -280,8 +280,8 @@ def op_shares(bn_model: torch.nn.Module, folded_model: torch.nn.Module, images: 
 
 
 def row_verify(args: argparse.Namespace, report: Report, pair: Any) -> None:
-    from bnstrip.data import load_split
-    from bnstrip.verify import verify_models
+    from bnstrip.homework.data import load_split
+    from bnstrip.homework.verify import verify_models
 
     split = load_split("test", args.data_dir, allow_download=False)
     images, labels = split.images[:args.images], split.labels[:args.images]
@@ -399,8 +399,8 @@ def run_measured(command: list[str]) -> tuple[float, int, int]:
 
 def fuse_breakdown(checkpoint: str, out_dir: Path) -> str:
     """In-process seconds of fuse's steps (torch already imported), for the 'why' of a missed wall-time goal."""
-    from bnstrip.checkpoint import load_checkpoint, save_checkpoint
-    from bnstrip.smallnet import fuse_smallnet
+    from bnstrip.io.checkpoint import load_checkpoint, save_checkpoint
+    from bnstrip.homework.smallnet import fuse_smallnet
 
     steps = {}
     started = time.perf_counter()
@@ -479,7 +479,7 @@ def fusion_fold(state: dict[str, torch.Tensor], eps: float) -> dict[str, torch.T
     """smallNetTest state_dict folded by torch.nn.utils.fusion (arithmetic in the checkpoint's own dtype)."""
     from torch.nn.utils.fusion import fuse_conv_bn_weights, fuse_linear_bn_weights
 
-    from bnstrip.models import SMALLNET_PAIRS
+    from bnstrip.homework.models import SMALLNET_PAIRS
 
     out = dict(state)
     for producer, bn in SMALLNET_PAIRS:
@@ -494,13 +494,13 @@ def fusion_fold(state: dict[str, torch.Tensor], eps: float) -> dict[str, torch.T
 
 
 def row_precision(args: argparse.Namespace, report: Report) -> None:
-    from bnstrip.checkpoint import load_checkpoint
-    from bnstrip.models import SMALLNET_EPS
-    from bnstrip.smallnet import build_models, fuse_smallnet
+    from bnstrip.io.checkpoint import load_checkpoint
+    from bnstrip.homework.models import SMALLNET_EPS
+    from bnstrip.homework.smallnet import build_models, fuse_smallnet
 
     state = load_checkpoint(args.checkpoint).state_dict
     try:
-        from bnstrip.data import load_split
+        from bnstrip.homework.data import load_split
 
         images = load_split("test", args.data_dir, allow_download=False).images[:args.precision_images]
         x = torch.from_numpy(images).to(torch.float64).div(255)

@@ -14,9 +14,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch import nn
 
-from bnstrip.checkpoint import save_checkpoint
-from bnstrip.data import load_split, to_float_tensor
-from bnstrip.models import SmallNetTrain
+from bnstrip.io.checkpoint import save_checkpoint
+from bnstrip.homework.data import load_split, to_float_tensor
+from bnstrip.homework.models import SmallNetTrain
 
 
 def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 500) -> float:

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from bnstrip.data import load_npz_sample
-from bnstrip.models import SmallNetTrain
+from bnstrip.homework.data import load_npz_sample
+from bnstrip.homework.models import SmallNetTrain
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SAMPLE_PATH = REPO_ROOT / "tests" / "data" / "cifar10_test_first200.npz"

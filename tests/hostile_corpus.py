@@ -309,7 +309,7 @@ def _kill_writes(folder: Path, kills: int, seed: int, suffix: str) -> dict[str, 
     import hashlib
     import signal
 
-    from bnstrip.checkpoint import save_checkpoint
+    from bnstrip.io.checkpoint import save_checkpoint
 
     gen = torch.Generator().manual_seed(seed)
     versions = [{"w": torch.randn(1_000_000, generator=gen), "b": torch.randn(1000, generator=gen)} for _ in range(2)]
@@ -379,7 +379,7 @@ def _real_process(folder: Path, hostile: Path, checkpoint: Path) -> dict[str, An
     at the file-size limit (SIGXFSZ handled); a hostile checkpoint must be refused
     although the environment asks torch to load unsafely.
     """
-    from bnstrip.checkpoint import save_checkpoint
+    from bnstrip.io.checkpoint import save_checkpoint
     from bnstrip.errors import InputError
 
     results: dict[str, Any] = {}

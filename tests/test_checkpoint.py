@@ -1,4 +1,4 @@
-"""bnstrip.checkpoint: round trips in both formats, unwrapping, prefixes, metadata, atomic writes, refusals."""
+"""bnstrip.io.checkpoint: round trips in both formats, unwrapping, prefixes, metadata, atomic writes, refusals."""
 from __future__ import annotations
 
 import errno
@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from bnstrip.checkpoint import (
+from bnstrip.io.checkpoint import (
     check_output_path,
     detect_format,
     load_checkpoint,
@@ -21,7 +21,7 @@ from bnstrip.checkpoint import (
 )
 from bnstrip.cli import main
 from bnstrip.errors import InputError
-from bnstrip.models import SmallNetTest
+from bnstrip.homework.models import SmallNetTest
 from hostile_corpus import light_smallnet_state
 
 

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 from bnstrip import __version__
 from bnstrip.cli import main
-from bnstrip.models import SmallNetTest
+from bnstrip.homework.models import SmallNetTest
 
 
 def run(*args: str):
@@ -53,7 +53,7 @@ def test_fuse_json_and_safetensors_metadata(random_smallnet_file: Path, tmp_path
     with safe_open(str(out), framework="pt") as f:
         meta = f.metadata()
         assert set(f.keys()) == set(SmallNetTest().state_dict())
-    from bnstrip.checkpoint import sha256_file
+    from bnstrip.io.checkpoint import sha256_file
 
     assert meta["source_sha256"] == sha256_file(random_smallnet_file)
     assert meta["bnstrip_version"] == __version__

@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from click.testing import CliRunner
 
 from bnstrip.cli import main
-from bnstrip.derivations import conv_grad as conv_module
-from bnstrip.derivations.conv_grad import (
+from bnstrip.homework.derivations import conv_grad as conv_module
+from bnstrip.homework.derivations.conv_grad import (
     ACTIVATIONS,
     ConvNet,
     backprop,

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-import bnstrip.data as data
+import bnstrip.homework.data as data
 from bnstrip.errors import InputError
 
 from conftest import write_cifar_batch

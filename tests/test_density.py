@@ -9,8 +9,8 @@ import torch
 from click.testing import CliRunner
 
 from bnstrip.cli import main
-from bnstrip.derivations import density as density_module
-from bnstrip.derivations.density import (
+from bnstrip.homework.derivations import density as density_module
+from bnstrip.homework.derivations.density import (
     check_density,
     log_density_change_of_variables,
     log_density_closed_form,

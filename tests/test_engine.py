@@ -31,7 +31,7 @@ from bnstrip import FoldResult, fold_model, load_folded  # noqa: E402
 from bnstrip.cli import main  # noqa: E402
 from bnstrip.engine import fuse_checkpoint  # noqa: E402
 from bnstrip.errors import InputError  # noqa: E402
-from bnstrip.manifest import manifest_path  # noqa: E402
+from bnstrip.io.manifest import manifest_path  # noqa: E402
 from tests import zoo  # noqa: E402
 
 REL_TOL = 1e-5

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from bnstrip.errors import InputError
-from bnstrip.fold import BNStats, fold_into_consumer, fold_into_producer
+from bnstrip.core.foldmath import BNStats, fold_into_consumer, fold_into_producer
 
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
 CORRUPTIONS = [None, None, None, None, "nan_var", "inf_var", "negative_var", "zero_var", "nan_mean", "inf_gamma",

@@ -24,10 +24,10 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-import bnstrip.checkpoint as checkpoint
+import bnstrip.io.checkpoint as checkpoint
 from bnstrip.cli import main
-from bnstrip.fold import fold_state_dict
-from bnstrip.models import SMALLNET_EPS, SMALLNET_PAIRS, SmallNetTest
+from bnstrip.core.foldmath import fold_state_dict
+from bnstrip.homework.models import SMALLNET_EPS, SMALLNET_PAIRS, SmallNetTest
 from hostile_corpus import (
     Case,
     code_execution_cases,

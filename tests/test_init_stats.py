@@ -10,8 +10,8 @@ import torch
 from click.testing import CliRunner
 
 from bnstrip.cli import main
-from bnstrip.derivations import init_stats as stats_module
-from bnstrip.derivations.init_stats import (
+from bnstrip.homework.derivations import init_stats as stats_module
+from bnstrip.homework.derivations.init_stats import (
     InitLaw,
     closed_form_variance,
     exact_moments,

@@ -10,8 +10,8 @@ from click.testing import CliRunner
 from torch.distributions import MultivariateNormal, Normal, kl_divergence
 
 from bnstrip.cli import main
-from bnstrip.derivations import kl as kl_module
-from bnstrip.derivations.kl import (
+from bnstrip.homework.derivations import kl as kl_module
+from bnstrip.homework.derivations.kl import (
     check_kl,
     kl_closed_form,
     kl_monte_carlo,

@@ -4,11 +4,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from bnstrip.checkpoint import load_checkpoint
+from bnstrip.io.checkpoint import load_checkpoint
 from bnstrip.errors import CheckFailed, InputError
-from bnstrip.models import SmallNetTest, SmallNetTrain
-from bnstrip.smallnet import fuse_smallnet
-from bnstrip.verify import verify_models
+from bnstrip.homework.models import SmallNetTest, SmallNetTrain
+from bnstrip.homework.smallnet import fuse_smallnet
+from bnstrip.homework.verify import verify_models
 
 import pytest
 
@@ -16,7 +16,7 @@ from conftest import SMALLNET_SAVED
 
 
 class CourseSmallNetTest(nn.Module):
-    """The course's smallNetTest, written out independently of bnstrip.models."""
+    """The course's smallNetTest, written out independently of bnstrip.homework.models."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -107,10 +107,10 @@ def test_never_trained_statistics_warn(random_smallnet_state) -> None:
 
 
 def test_self_check_failure_refuses(random_smallnet_state, monkeypatch) -> None:
-    import bnstrip.smallnet as smallnet
+    import bnstrip.homework.smallnet as smallnet
 
     def broken_fold(state, pairs, eps, allow_overflow=False):
-        from bnstrip.fold import fold_state_dict as real
+        from bnstrip.core.foldmath import fold_state_dict as real
 
         out = real(state, pairs, eps)
         out["fc2.0.bias"] = out["fc2.0.bias"] + 1.0

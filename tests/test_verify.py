@@ -4,9 +4,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from bnstrip.models import SmallNetTest, SmallNetTrain
-from bnstrip.smallnet import fuse_smallnet
-from bnstrip.verify import verify_models
+from bnstrip.homework.models import SmallNetTest, SmallNetTrain
+from bnstrip.homework.smallnet import fuse_smallnet
+from bnstrip.homework.verify import verify_models
 
 
 def _models(state, folded):

@@ -39,7 +39,7 @@ def check_manifest_path(output: str | os.PathLike[str], inputs: list[str | os.Pa
 
 def write_manifest(output: str | os.PathLike[str], payload: dict[str, Any]) -> Path:
     """Write the manifest atomically, exactly as checkpoints are written."""
-    from bnstrip.checkpoint import write_atomically
+    from bnstrip.io.checkpoint import write_atomically
 
     path = manifest_path(output)
     document = {"format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, **payload}

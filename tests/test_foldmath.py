@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from bnstrip.errors import InputError
-from bnstrip.fold import BNStats, bn_scale_shift, fold_into_consumer, fold_into_producer, fold_state_dict
+from bnstrip.core.foldmath import BNStats, bn_scale_shift, fold_into_consumer, fold_into_producer, fold_state_dict
 
 from conftest import randomise_batchnorms
 

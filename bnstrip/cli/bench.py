@@ -8,7 +8,7 @@ import os
 
 import click
 
-from bnstrip.clikit import (DEFAULT_CHECKPOINT, Progress, emit_json, fmt, handle_errors, make_table, parse_int_list,
+from bnstrip.cli.common import (DEFAULT_CHECKPOINT, Progress, emit_json, fmt, handle_errors, make_table, parse_int_list,
                             stdout_console, warn)
 
 def _positive_int_list(text: str, name: str) -> list[int]:

@@ -7,11 +7,11 @@ from typing import Mapping
 
 import torch
 
-from bnstrip.checkpoint import key_mismatch
+from bnstrip.io.checkpoint import key_mismatch
 from bnstrip.errors import CheckFailed, InputError
-from bnstrip.fold import all_finite, bn_scale_shift, bn_stats_from_state, fold_state_dict
-from bnstrip.models import SMALLNET_EPS, SMALLNET_INPUT_SHAPE, SMALLNET_PAIRS, SmallNetTest, SmallNetTrain
-from bnstrip.selfcheck import SelfCheck, compare_models, relative_tolerance, seeded_inputs
+from bnstrip.core.foldmath import all_finite, bn_scale_shift, bn_stats_from_state, fold_state_dict
+from bnstrip.homework.models import SMALLNET_EPS, SMALLNET_INPUT_SHAPE, SMALLNET_PAIRS, SmallNetTest, SmallNetTrain
+from bnstrip.core.compare import SelfCheck, compare_models, relative_tolerance, seeded_inputs
 
 
 @dataclass
@@ -199,7 +199,7 @@ def self_check_smallnet(state: Mapping[str, torch.Tensor], folded: Mapping[str, 
 
 def load_smallnet_pair(checkpoint: str, fused: str | None, eps: float) -> tuple[SmallNetTrain, SmallNetTest, list[str]]:
     """The BN model from `checkpoint` and the folded model (from `fused`, or folded in memory), both eval, float32."""
-    from bnstrip.checkpoint import load_checkpoint
+    from bnstrip.io.checkpoint import load_checkpoint
 
     loaded = load_checkpoint(checkpoint)
     notes = [f"{checkpoint}: {n}" for n in loaded.unwrapped]

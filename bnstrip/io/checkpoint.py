@@ -2,7 +2,7 @@
 
 Reading: the file is opened once (only if it is a regular file), its format is
 taken from its first bytes (never the extension), its structure is validated by
-bnstrip.safety, every global its pickle names is checked against torch's
+bnstrip.io.safety, every global its pickle names is checked against torch's
 weights-only set *before* torch.load runs, and torch.load then runs with
 weights_only=True (explicitly, so TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD cannot
 override it; the variable is also hidden for the call).  Nothing is ever retried
@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterable, Iterator, Mapping
 
 from bnstrip.errors import InputError, first_line
-from bnstrip.safety import (
+from bnstrip.io.safety import (
     ZIP_MAGIC,
     describe_non_checkpoint,
     looks_like_pickle,

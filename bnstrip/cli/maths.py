@@ -1,7 +1,7 @@
 """Commands of the maths group (Problems 2-6 of homework 6); registered on the main group by bnstrip.cli.
 
 Each command prints a closed form and its numerical check against PyTorch.  Only click is imported
-here; torch and bnstrip.derivations are imported inside the command bodies so `bnstrip --help` stays fast.
+here; torch and bnstrip.homework.derivations are imported inside the command bodies so `bnstrip --help` stays fast.
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Any
 
 import click
 
-from bnstrip.clikit import (
+from bnstrip.cli.common import (
     EXIT_CHECK_FAILED,
     Progress,
     emit_json,
@@ -89,7 +89,7 @@ def init_stats_command(layers: str, samples: int, seed: int, as_json: bool) -> N
     """
     import torch
 
-    from bnstrip.derivations.init_stats import MC_STDERR_BAR, init_stats
+    from bnstrip.homework.derivations.init_stats import MC_STDERR_BAR, init_stats
 
     widths = parse_int_list(layers, "--layers")
     with Progress("Monte Carlo", enabled=sys.stderr.isatty()) as progress:
@@ -157,7 +157,7 @@ def conv_grad_command(filters: str, activation: str, seed: int, as_json: bool) -
     Checked against torch.autograd and against explicit matrices A_w built only for the check.
     Exit 1 when either differs by more than 1e-10 relative to the largest gradient.
     """
-    from bnstrip.derivations.conv_grad import RECURSION_LINES, check_conv_grad, random_conv_net
+    from bnstrip.homework.derivations.conv_grad import RECURSION_LINES, check_conv_grad, random_conv_net
 
     sizes = parse_int_list(filters, "--filters")
     result = check_conv_grad(random_conv_net(sizes, seed), activation)
@@ -204,7 +204,7 @@ def density_command(dim: int | None, points: int, matrix: str | None, shift: str
 
     Exit 1 when the three evaluations differ by more than the tolerance (which grows with cond(A)^2).
     """
-    from bnstrip.derivations.density import check_density, random_affine, validate_sizes
+    from bnstrip.homework.derivations.density import check_density, random_affine, validate_sizes
 
     if matrix is None:
         if shift is not None:
@@ -270,7 +270,7 @@ def kl_command(mu0: str | None, cov0: str | None, mu1: str | None, cov1: str | N
     and torch disagree, the Monte Carlo estimate is more than 4 standard errors off, a KL is negative
     (Problem 5a) or, with --independent, the 1-D KLs do not sum to the joint KL (Problem 5b).
     """
-    from bnstrip.derivations.kl import check_kl, make_gaussian, random_gaussian_pair
+    from bnstrip.homework.derivations.kl import check_kl, make_gaussian, random_gaussian_pair
 
     given = {name: text for name, text in (("--mu0", mu0), ("--cov0", cov0), ("--mu1", mu1), ("--cov1", cov1))
              if text is not None}

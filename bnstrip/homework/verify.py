@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from bnstrip.data import to_float_tensor
+from bnstrip.homework.data import to_float_tensor
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ import time
 import click
 
 from bnstrip import __version__
-from bnstrip.clikit import (
+from bnstrip.cli.common import (
     DEFAULT_CHECKPOINT,
     EXIT_CHECK_FAILED,
     Progress,
@@ -65,9 +65,9 @@ def fuse(input_path: str, output_path: str, eps: float | None, arch: str | None,
 def _fuse_smallnet(input_path: str, output_path: str, eps: float | None, force: bool, allow_overflow: bool,
                    as_json: bool) -> None:
     from bnstrip import __version__ as version
-    from bnstrip.checkpoint import check_output_path, load_checkpoint, save_checkpoint
-    from bnstrip.models import SMALLNET_EPS
-    from bnstrip.smallnet import fuse_smallnet
+    from bnstrip.io.checkpoint import check_output_path, load_checkpoint, save_checkpoint
+    from bnstrip.homework.models import SMALLNET_EPS
+    from bnstrip.homework.smallnet import fuse_smallnet
 
     started = time.perf_counter()
     check_output_path(output_path, [input_path], force)
@@ -101,7 +101,7 @@ def _fuse_smallnet(input_path: str, output_path: str, eps: float | None, force: 
 
 def _fuse_arch(input_path: str, output_path: str, arch: str, input_shape: str | None, keep_structure: bool,
                eps: float | None, force: bool, allow_overflow: bool, as_json: bool) -> None:
-    from bnstrip.clikit import parse_int_list
+    from bnstrip.cli.common import parse_int_list
     from bnstrip.engine import fuse_checkpoint
 
     shape = parse_int_list(input_shape, "--input-shape") if input_shape is not None else None
@@ -153,10 +153,10 @@ def verify(checkpoint: str, fused: str | None, data_dir: str | None, batch_size:
     """
     import sys
 
-    from bnstrip.data import load_split
-    from bnstrip.models import SMALLNET_EPS
-    from bnstrip.smallnet import load_smallnet_pair
-    from bnstrip.verify import verify_models
+    from bnstrip.homework.data import load_split
+    from bnstrip.homework.models import SMALLNET_EPS
+    from bnstrip.homework.smallnet import load_smallnet_pair
+    from bnstrip.homework.verify import verify_models
 
     bn_model, folded_model, notes = load_smallnet_pair(checkpoint, fused, SMALLNET_EPS if eps is None else eps)
     for note in notes:
@@ -193,7 +193,7 @@ def verify(checkpoint: str, fused: str | None, data_dir: str | None, batch_size:
 # --------------------------------------------------------------------------- other command groups
 # Each lives in its own module (click only at import time) and registers its commands here.
 
-from bnstrip import cli_bench, cli_maths  # noqa: E402
+from bnstrip.cli import bench as cli_bench, maths as cli_maths  # noqa: E402
 
 cli_maths.register(main)
 cli_bench.register(main)

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from bnstrip.derivations.density import as_float64
+from bnstrip.homework.derivations.density import as_float64
 from bnstrip.errors import InputError
 
 MAX_DIM = 1000

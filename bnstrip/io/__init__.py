@@ -1,0 +1,1 @@
+"""Bytes in and out: checkpoint loading with its byte-level validators, the one atomic writer, the manifest."""
