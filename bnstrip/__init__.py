@@ -8,9 +8,12 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 _LAZY = {
-    "fold_model": ("bnstrip.engine", "fold_model"),
-    "load_folded": ("bnstrip.engine", "load_folded"),
-    "FoldResult": ("bnstrip.engine", "FoldResult"),
+    "fold_model": ("bnstrip.fold.model", "fold_model"),
+    "load_folded": ("bnstrip.fold.load", "load_folded"),
+    "FoldResult": ("bnstrip.fold.model", "FoldResult"),
+    "fold_program": ("bnstrip.fold.program", "fold_program"),
+    "load_program": ("bnstrip.io.pt2", "load_program"),
+    "fuse_file": ("bnstrip.pipeline", "fuse_file"),
     "SmallNetTrain": ("bnstrip.homework.models", "SmallNetTrain"),
     "SmallNetTest": ("bnstrip.homework.models", "SmallNetTest"),
 }
@@ -25,3 +28,7 @@ def __getattr__(name: str):
         module_name, attr = _LAZY[name]
         return getattr(importlib.import_module(module_name), attr)
     raise AttributeError(f"module 'bnstrip' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted((set(globals()) - {"annotations"}) | set(_LAZY))

@@ -1,17 +1,27 @@
 """Build a user's model from a "MODULE:CALLABLE" spec, as `--arch` takes it.
 
 The CLI only has a checkpoint (a state_dict); the code that defines the network
-lives in the user's own module. We import it the way `python -c "import MODULE"`
-would from the current directory, call the class or factory with no arguments,
-and insist on an nn.Module, so every failure is one line that says what to fix.
+lives in the user's own module. `--arch` runs that code, by design. We import it
+from the current directory, call the class or factory with no arguments, and insist
+on an nn.Module, so every failure is one line that says what to fix.
+
+The current directory is importable only for that: only while MODULE is imported and
+its CALLABLE called, and then only for MODULE's own top-level name and for imports
+made by files in the current directory.  torch and the libraries it imports lazily
+(sympy, gmpy2, tabulate, ...) never pick up a same-named file lying beside the
+checkpoint, and the current directory is taken off sys.path for the rest of the run
+(`python -m bnstrip` puts it first).
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
+import importlib.abc
+import importlib.machinery
 import inspect
 import os
 import sys
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from bnstrip.errors import InputError, first_line
 
@@ -30,19 +40,55 @@ def parse_arch_spec(spec: str) -> tuple[str, str]:
     return module_name, attr_path
 
 
-def _ensure_cwd_on_path() -> None:
-    """`python -m` puts the current directory first on sys.path; a console script does not, so we do."""
-    cwd = os.getcwd()
-    if not any(entry in ("", ".", cwd) for entry in sys.path):
-        sys.path.insert(0, cwd)
+def _is_cwd_entry(entry: str, cwd: str) -> bool:
+    return entry in ("", ".") or os.path.abspath(entry) == cwd
+
+
+class _CwdFinder(importlib.abc.MetaPathFinder):
+    """Finds modules in the current directory for MODULE's top-level name, or for an import made from a file there."""
+
+    def __init__(self, cwd: str, top_level: str) -> None:
+        self.cwd = cwd
+        self.top_level = top_level
+
+    def _from_user_code(self) -> bool:
+        """Is the import statement in a file of the current directory (not in torch, sympy, ...)?"""
+        frame = sys._getframe(2)
+        while frame is not None:
+            filename = frame.f_code.co_filename
+            if not filename.startswith("<frozen importlib"):
+                return os.path.dirname(os.path.abspath(filename)) == self.cwd or filename == __file__
+            frame = frame.f_back
+        return False
+
+    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> Any:
+        if path is not None or "." in fullname:
+            return None  # submodules are found through their package's __path__
+        if fullname != self.top_level and not self._from_user_code():
+            return None
+        return importlib.machinery.PathFinder.find_spec(fullname, [self.cwd])
+
+
+@contextlib.contextmanager
+def user_code_importable(module_name: str) -> Iterator[None]:
+    """The current directory is importable (see the module doc) inside the block and nowhere else."""
+    cwd = os.path.abspath(os.getcwd())
+    sys.path[:] = [entry for entry in sys.path if not _is_cwd_entry(entry, cwd)]
+    finder = _CwdFinder(cwd, module_name.split(".", 1)[0])
+    sys.meta_path.insert(0, finder)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(ValueError):
+            sys.meta_path.remove(finder)
 
 
 def import_callable(spec: str) -> Callable[..., Any]:
     """Import MODULE and resolve CALLABLE (dotted attributes allowed, e.g. Models.small)."""
     module_name, attr_path = parse_arch_spec(spec)
-    _ensure_cwd_on_path()
     try:
-        module = importlib.import_module(module_name)
+        with user_code_importable(module_name):
+            module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
         missing = exc.name or ""
         if missing and (module_name == missing or module_name.startswith(missing + ".")):
@@ -91,7 +137,8 @@ def import_arch(spec: str) -> "nn.Module":
         raise InputError(f"--arch {spec!r}: {spec.partition(':')[2]} needs arguments ({', '.join(required)}); "
                          "wrap it in a factory function that takes none")
     try:
-        model = target()
+        with user_code_importable(spec.partition(":")[0]):
+            model = target()
     except Exception as exc:  # the user's constructor raised
         raise InputError(f"--arch {spec!r}: calling {spec.partition(':')[2]}() raised {type(exc).__name__}: "
                          f"{first_line(exc)}") from None

@@ -309,7 +309,7 @@ def arch_pair(spec: str, sample_shape: Sequence[int], checkpoint: str | None = N
     randomised BatchNorm statistics, which is enough for timing.
     """
     from bnstrip.arch import import_arch
-    from bnstrip.engine import fold_model, load_state_strict
+    from bnstrip.fold import fold_model, load_state_strict
 
     torch.manual_seed(seed)
     model = import_arch(spec)

@@ -143,12 +143,9 @@ def safetensors_bytes(header: dict[str, Any], data: bytes, header_len: int | Non
     return struct.pack("<Q", len(raw) if header_len is None else header_len) + raw + data
 
 
-def malformed_cases(folder: Path) -> list[Case]:
-    """Files that are not checkpoints, broken checkpoints and checkpoints of the wrong shape of object."""
-    from safetensors.torch import save_file
-
+def case_adder(folder: Path, cases: list[Case]) -> Callable[..., None]:
+    """add(name, expect, content=None, path=None, **kw): write `content` to folder/name (or take `path`), record the Case."""
     folder.mkdir(parents=True, exist_ok=True)
-    cases: list[Case] = []
 
     def add(name: str, expect: str, content: bytes | None = None, path: Path | None = None, **kw: Any) -> None:
         target = path if path is not None else folder / name
@@ -156,6 +153,15 @@ def malformed_cases(folder: Path) -> list[Case]:
             target.write_bytes(content)
         cases.append(Case(name, target, expect.lower(), **kw))
 
+    return add
+
+
+def malformed_cases(folder: Path) -> list[Case]:
+    """Files that are not checkpoints, broken checkpoints and checkpoints of the wrong shape of object."""
+    from safetensors.torch import save_file
+
+    cases: list[Case] = []
+    add = case_adder(folder, cases)
     good = folder / "good.pt"
     torch.save({"w": torch.arange(12, dtype=torch.float32), "b": torch.ones(4)}, good)
 
@@ -294,6 +300,175 @@ def wrong_content_cases(folder: Path, state: dict[str, torch.Tensor]) -> list[Ca
     variant("overflow_f16.pt", "overflows float16", huge_gamma(6e4), dtype=torch.float16)
     variant("overflow_bf16.pt", "overflows bfloat16", huge_gamma(3e38), dtype=torch.bfloat16)
     variant("overflow_f32.pt", "overflows float32", huge_gamma(3e38))
+    return cases
+
+
+# --------------------------------------------------------------------------- round 2 (issue 11)
+
+
+def replace_data_pkl(src: Path, dst: Path, data_pkl: bytes) -> Path:
+    """A copy of a torch zip whose data.pkl is `data_pkl` (every other record kept, all stored)."""
+    return rezip(src, dst, lambda n, d: (n, data_pkl if n.endswith("/data.pkl") else d, zipfile.ZIP_STORED))
+
+
+def legacy_parts(path: Path) -> tuple[list[bytes], bytes]:
+    """The five pickles of a legacy torch.save file and the raw storage bytes after them."""
+    import io
+    import pickletools
+
+    data = path.read_bytes()
+    stream, pickles, start = io.BytesIO(data), [], 0
+    for _ in range(5):
+        for _ in pickletools.genops(stream):
+            pass
+        pickles.append(data[start:stream.tell()])
+        start = stream.tell()
+    return pickles, data[start:]
+
+
+def edit_zip_tail(src: Path, dst: Path, edit: Callable[[bytearray], bytes]) -> Path:
+    dst.write_bytes(edit(bytearray(src.read_bytes())))
+    return dst
+
+
+def second_central_directory(data: bytearray) -> bytes:
+    """Append a second copy of the central directory and point the end records at it (two directories, one file)."""
+    eocd = len(data) - 22
+    locator = eocd - 20
+    zip64 = locator - 56
+    cd_size, cd_offset = struct.unpack_from("<QQ", data, zip64 + 40)
+    directory = bytes(data[cd_offset:cd_offset + cd_size])
+    new_offset = zip64
+    tail = bytearray(data[zip64:])
+    struct.pack_into("<Q", tail, 48, new_offset)                       # zip64 record: directory offset
+    struct.pack_into("<Q", tail, 56 + 8, new_offset + cd_size)         # locator: where the zip64 record now is
+    if struct.unpack_from("<I", tail, 56 + 20 + 16)[0] != 0xFFFFFFFF:   # classic end record agrees with the zip64 one
+        struct.pack_into("<I", tail, 56 + 20 + 16, new_offset)
+    out = bytearray(data[:zip64]) + directory + tail
+    return bytes(out)
+
+
+def round2_cases(folder: Path, state: dict[str, torch.Tensor]) -> list[Case]:
+    """Issue 11: storages not backed by the file, zip parser differences, allocation bombs, cycles, names."""
+    import collections
+
+    cases: list[Case] = []
+    add = case_adder(folder, cases)
+    good = folder / "good.pt"
+    torch.save({"w": torch.arange(12, dtype=torch.float32), "b": torch.ones(4)}, good)
+    n = 300_000_000
+    fresh = Payload(torch._utils._rebuild_tensor_v2, (Payload(torch.FloatStorage, (n,)), 0, (n,), (1,), False,
+                                                       collections.OrderedDict()))
+    add("fresh_storage.pt", "uninitialised",
+        path=replace_data_pkl(good, folder / "fresh_storage.pt", pickle.dumps({"w": fresh}, protocol=2)))
+    add("fresh_untyped.pt", "uninitialised", path=replace_data_pkl(
+        good, folder / "fresh_untyped.pt", pickle.dumps({"w": Payload(torch.UntypedStorage, (n,))}, protocol=4)))
+    add("bytearray.pt", "bytearray(1,800,000,000)", path=replace_data_pkl(
+        good, folder / "bytearray.pt", pickle.dumps({"w": Payload(bytearray, (1_800_000_000,))}, protocol=4)))
+    add("bytearray.pkl", "bytearray(1,800,000,000)", pickle.dumps(Payload(bytearray, (1_800_000_000,)), protocol=4))
+    add("binbytes8.pkl", "corrupt pickle", b"\x80\x04\x8e" + struct.pack("<Q", 1 << 40) + b"abc.")
+    add("binbytes8.pt", "not a valid pickle",
+        path=replace_data_pkl(good, folder / "binbytes8.pt", b"\x80\x04\x8e" + struct.pack("<Q", 1 << 40) + b"abc."))
+    add("tensor_call.pt", "allocate a tensor", path=replace_data_pkl(
+        good, folder / "tensor_call.pt", pickle.dumps({"w": Payload(torch.FloatTensor, (n,))}, protocol=2)))
+
+    legacy = folder / "legacy_src.pt"
+    torch.save({"w": torch.arange(6, dtype=torch.float32), "b": torch.ones(3, dtype=torch.float64)}, legacy,
+               _use_new_zipfile_serialization=False)
+    pickles, raw = legacy_parts(legacy)
+    keys = pickle.loads(pickles[4])
+    add("legacy_unlisted.pt", "uninitialised", b"".join(pickles[:4]) + pickle.dumps(keys[:1], protocol=2) + raw)
+    add("legacy_short.pt", "past the end", b"".join(pickles) + raw[:-4])
+    bad_count = bytearray(raw)
+    struct.pack_into("<q", bad_count, 0, 1 << 40)
+    add("legacy_count.pt", "elements but its tensor needs", b"".join(pickles) + bytes(bad_count))
+    legacy.unlink()
+
+    whole = good.read_bytes()
+    add("prepended.pt", "crafted", b"PK\x03\x04" + bytes(60) + whole)
+    add("appended.pt", "end record", whole + b"trailing data")
+    add("two_directories.pt", "hidden data", path=edit_zip_tail(good, folder / "two_directories.pt", second_central_directory))
+
+    def bad_locator(data: bytearray) -> bytes:
+        struct.pack_into("<Q", data, len(data) - 22 - 20 + 8, 0)
+        return bytes(data)
+
+    add("zip64_locator.pt", "zip64 locator", path=edit_zip_tail(good, folder / "zip64_locator.pt", bad_locator))
+    sparse = folder / "sparse_8g.pt"
+    with open(sparse, "wb") as f:
+        f.write(b"PK\x03\x04")
+        f.truncate(8 << 30)
+    add("sparse_8g.pt", "end record", path=sparse, tags=frozenset({"slow-if-hashed"}))
+
+    cycle: dict[str, Any] = {}
+    cycle["state_dict"] = cycle
+    torch.save(cycle, folder / "cycle.pt")
+    add("cycle.pt", "contains itself", path=folder / "cycle.pt")
+    deep: dict[str, Any] = {"w": torch.ones(1), "epoch": 1}
+    for _ in range(20):
+        deep = {"state_dict": deep}
+    torch.save(deep, folder / "deep.pt")
+    add("deep.pt", "levels deep", path=folder / "deep.pt")
+    torch.save({"w": torch.zeros(1).expand(1 << 40)}, folder / "broadcast.pt")
+    add("broadcast.pt", "claim", path=folder / "broadcast.pt")
+    base = torch.zeros(4)
+    torch.save({f"t{i}": base[i % 4:] for i in range(20_001)}, folder / "many_views.pt")
+    add("many_views.pt", "storages, over", path=folder / "many_views.pt")
+    torch.save(torch.nn.Linear(2, 2), folder / "whole_model.pt")
+    add("whole_model.pt", "torch.save(model.state_dict(), path)", path=folder / "whole_model.pt")
+
+    entry = b'"t%d":{"dtype":"F32","shape":[0],"data_offsets":[0,0]}'
+    many = b"{" + b",".join(entry % i for i in range(150_000)) + b"}"
+    add("many_tensors.safetensors", "tensors, over", struct.pack("<Q", len(many)) + many)
+    big = b'{"a":{"dtype":"F32","shape":[0],"data_offsets":[0,0]},"__metadata__":{"x":"' + b"y" * (20 << 20) + b'"}}'
+    add("big_header.safetensors", "over bnstrip's", struct.pack("<Q", len(big)) + big)
+    add("f99.safetensors", "f99", safetensors_bytes({"a": {"dtype": "F99", "shape": [1], "data_offsets": [0, 4]}}, bytes(4)))
+
+    forged = {k: v.clone() for k, v in light_smallnet_state(state).items()}
+    forged["conv1.0.weight\nfolded 3 pairs, all fine\r\x1b[2J"] = forged.pop("conv1.0.weight")
+    torch.save(forged, folder / "control_key.pt")
+    add("control_key.pt", "\\n", path=folder / "control_key.pt")
+    named = folder / "bad\nname\x1b[31m.pt"
+    named.write_bytes(b"\xff" + bytes(100))
+    add("control_name", "not a pytorch", path=named)
+    loop = folder / "loop.pt"
+    loop.symlink_to(loop)
+    add("loop.pt", "symbolic link loop", path=loop)
+    good.unlink()
+    return cases
+
+
+def cifar_cases(folder: Path) -> list[Case]:
+    """Fake `test_batch` files in their own data dirs: code, allocation bombs, bad shapes, labels, codecs."""
+    import numpy as np
+
+    cases = []
+
+    def batch(name: str, expect: str, content: bytes | None = None, sparse_size: int = 0) -> None:
+        root = folder / name
+        (root / "cifar-10-batches-py").mkdir(parents=True)
+        target = root / "cifar-10-batches-py" / "test_batch"
+        if sparse_size:
+            with open(target, "wb") as f:
+                f.write(b"\x80\x02")
+                f.truncate(sparse_size)
+        else:
+            target.write_bytes(content)
+        cases.append(Case(name, target, expect.lower(), args=("--data-dir", str(root))))
+
+    def dumps(obj: Any) -> bytes:
+        return pickle.dumps(obj, protocol=2)
+
+    batch("ndarray_call", "numpy.ndarray(...) directly",
+          dumps({"data": Payload(np.ndarray, ((400_000, 3072), "u1")), "labels": [0]}))
+    batch("reconstruct_big", "not an empty one", dumps({"data": Payload(getattr(np, "_core", None).multiarray._reconstruct,
+                                                                         (np.ndarray, (400_000, 3072), b"b")), "labels": [0]}))
+    batch("codec", "latin-1", dumps({"data": Payload(__import__("_codecs").encode, ("x", "no-such-codec")), "labels": [0]}))
+    batch("labels", "integers in 0..9", dumps({"data": np.zeros((2, 3072), np.uint8), "labels": [0, 2 ** 70]}))
+    batch("too_many", "1 <= n <= 10,000", dumps({"data": np.zeros((10_001, 3072), np.uint8), "labels": [0] * 10_001}))
+    batch("object_dtype", "not a plain number", dumps({"data": np.array([1, "a"], dtype=object), "labels": [0]}))
+    batch("huge_file", "larger than a cifar-10 batch", sparse_size=1 << 33)
+    batch("eval", "not allowed", dumps({"data": Payload(eval, ("1",)), "labels": [0]}))
     return cases
 
 

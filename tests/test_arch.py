@@ -1,6 +1,7 @@
 """import_arch: MODULE:CALLABLE from the current directory, and one clear InputError per way it can go wrong."""
 from __future__ import annotations
 
+import json
 import sys
 import textwrap
 import uuid
@@ -123,7 +124,51 @@ def test_factory_not_returning_a_module(user_module: str) -> None:
         import_arch(f"{user_module}:not_a_module")
 
 
-def test_current_directory_is_put_on_sys_path(user_module: str, tmp_path: Path) -> None:
-    assert str(tmp_path) not in sys.path
-    import_arch(f"{user_module}:Small")
-    assert str(tmp_path) in sys.path
+def test_user_module_and_its_siblings_import_from_the_current_directory(tmp_path: Path, user_module: str) -> None:
+    name = f"sibling_user_{uuid.uuid4().hex[:8]}"
+    (tmp_path / f"{name}_helpers.py").write_text("WIDTH = 6\n")
+    (tmp_path / f"{name}.py").write_text(f"from torch import nn\nimport {name}_helpers\n"
+                                         f"def build():\n    return nn.Linear({name}_helpers.WIDTH, 2)\n")
+    try:
+        assert import_arch(f"{name}:build").in_features == 6
+        assert str(tmp_path) not in sys.path, "the current directory stays off sys.path after the import"
+    finally:
+        for module in (name, f"{name}_helpers"):
+            sys.modules.pop(module, None)
+
+
+CANARY_SCRIPT = textwrap.dedent('''
+    import importlib, importlib.util, json, os, sys
+    sys.path.insert(0, "")  # what `python -m bnstrip` does
+    before = {m: (importlib.util.find_spec(m) or None) is not None and
+              os.path.dirname(os.path.abspath(importlib.util.find_spec(m).origin)) == os.getcwd()
+              for m in ("gmpy2", "tabulate", "sympy")}
+    from bnstrip.arch import import_arch
+    model = import_arch("canary_user_model:Net")
+    after = {}
+    for m in ("gmpy2", "tabulate", "sympy"):  # what torch imports lazily, after --arch
+        try:
+            importlib.import_module(m)
+        except ImportError:
+            pass
+    print(json.dumps({"before": before, "canaries": sorted(os.listdir("canaries")), "model": type(model).__name__}))
+''')
+
+
+def test_files_beside_the_checkpoint_do_not_shadow_torchs_lazy_imports(tmp_path: Path) -> None:
+    """A gmpy2.py / sympy.py / tabulate.py in the current directory never runs; the user's MODULE does."""
+    import subprocess
+
+    (tmp_path / "canaries").mkdir()
+    for module in ("gmpy2", "tabulate", "sympy"):
+        (tmp_path / f"{module}.py").write_text(f"open('canaries/{module}', 'w').close()\n")
+    (tmp_path / "canary_user_model.py").write_text(
+        "import torch.fx\nfrom torch import nn\nclass Net(nn.Linear):\n    def __init__(self):\n        super().__init__(2, 2)\n")
+    (tmp_path / "script.py").write_text(CANARY_SCRIPT)
+    proc = subprocess.run([sys.executable, "script.py"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["before"]["gmpy2"] and report["before"]["tabulate"] or report["before"]["sympy"], \
+        f"the canaries must be importable without the fix, or the test proves nothing: {report}"
+    assert report["model"] == "Net"
+    assert report["canaries"] == [], f"a file beside the checkpoint ran: {report['canaries']}"

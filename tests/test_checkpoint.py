@@ -121,7 +121,7 @@ def test_format_comes_from_the_bytes(tmp_path: Path) -> None:
 
 def test_save_replaces_only_with_force_and_never_an_input(tmp_path: Path) -> None:
     out = save_checkpoint({"w": torch.ones(2)}, tmp_path / "out.pt")
-    with pytest.raises(InputError, match="pass --force"):
+    with pytest.raises(InputError, match="pass force=True"):
         save_checkpoint({"w": torch.zeros(2)}, out)
     assert torch.equal(load_checkpoint(out).state_dict["w"], torch.ones(2))
     save_checkpoint({"w": torch.zeros(2)}, out, force=True)
@@ -172,3 +172,63 @@ def test_cli_reports_unwrapping_and_writes_a_strict_state_dict(tmp_path: Path, r
     loaded = load_checkpoint(tmp_path / "test.safetensors")
     SmallNetTest().load_state_dict(loaded.state_dict, strict=True)
     assert loaded.metadata["source_sha256"] == sha256_file(tmp_path / "train.pt")
+
+
+def test_output_names_near_name_max_get_a_temp_name_that_fits(tmp_path: Path) -> None:
+    """A 250-byte OUT is written (its temp name is cut to fit NAME_MAX); a 256-byte one is refused before any work."""
+    out = tmp_path / ("a" * 247 + ".pt")
+    save_checkpoint({"w": torch.ones(2)}, out)
+    assert torch.equal(load_checkpoint(out).state_dict["w"], torch.ones(2))
+    assert [p.name for p in tmp_path.iterdir()] == [out.name]
+    with pytest.raises(InputError, match="over this file system's 255-byte limit"):
+        check_output_path(tmp_path / ("b" * 253 + ".pt"), [], force=False)
+
+
+@pytest.mark.parametrize("name, fmt", [("m.pt", "torch"), ("m.PTH", "torch"), ("m.bin", "torch"), ("m.ckpt", "torch"),
+                                       ("smallNetSaved", "torch"), ("m.safetensors", "safetensors")])
+def test_output_format_from_the_suffix(name: str, fmt: str) -> None:
+    from bnstrip.io.write import output_format
+
+    assert output_format(name) == fmt
+
+
+def test_unknown_output_suffix_is_refused_naming_the_supported_ones(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match=r"does not write \.onnx files; name the output with one of \.pt, \.pth"):
+        save_checkpoint({"w": torch.ones(2)}, tmp_path / "m.onnx")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_check_output_paths_checks_all_before_writing(tmp_path: Path) -> None:
+    from bnstrip.io.write import check_output_paths
+
+    (tmp_path / "out.pt.bnstrip.json").write_text("{}")
+    with pytest.raises(InputError, match="out.pt.bnstrip.json: output exists"):
+        check_output_paths([tmp_path / "out.pt", tmp_path / "out.pt.bnstrip.json"], [], force=False)
+    assert check_output_paths([tmp_path / "out.pt", tmp_path / "out.pt.bnstrip.json"], [], force=True)
+
+
+def test_legacy_and_zip_storages_must_be_backed_by_the_file(tmp_path: Path) -> None:
+    """The static storage checks agree with torch on good files of both formats (incl. views of one storage)."""
+    base = torch.arange(10, dtype=torch.float32)
+    state = {"a": base[:4], "b": base[4:], "c": torch.ones(2, dtype=torch.float16)}
+    for kwargs in ({}, {"_use_new_zipfile_serialization": False}):
+        torch.save(state, tmp_path / "views.pt", **kwargs)
+        loaded = load_checkpoint(tmp_path / "views.pt").state_dict
+        assert all(torch.equal(loaded[k], v) for k, v in state.items())
+
+
+@pytest.mark.parametrize("renameat2", [True, False])
+def test_no_replace_placement_with_and_without_renameat2(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                         renameat2: bool) -> None:
+    """Without force the file is placed by renameat2(RENAME_NOREPLACE) or, where that is missing, a hard link."""
+    import bnstrip.io.write as write_module
+
+    if not renameat2:
+        monkeypatch.setattr(write_module, "_renameat2_noreplace", lambda source, target: False)
+    out = save_checkpoint({"w": torch.ones(3)}, tmp_path / "out.pt")
+    assert torch.equal(load_checkpoint(out).state_dict["w"], torch.ones(3))
+    assert [p.name for p in tmp_path.iterdir()] == ["out.pt"] and out.stat().st_nlink == 1
+    racer = tmp_path / "raced.pt"
+    with pytest.raises(InputError, match="raced.pt: another file appeared"):
+        save_checkpoint({"w": torch.ones(3)}, racer, before_replace=lambda tmp: racer.write_bytes(b"theirs"))
+    assert racer.read_bytes() == b"theirs" and sorted(p.name for p in tmp_path.iterdir()) == ["out.pt", "raced.pt"]

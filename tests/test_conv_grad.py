@@ -156,3 +156,14 @@ def test_library_rejects_inconsistent_nets() -> None:
         check_conv_grad(ConvNet(net.x, net.filters, net.biases[:1]), "tanh")
     with pytest.raises(InputError, match="not one of"):
         check_conv_grad(net, "relu")
+
+
+def test_cli_prints_the_drawn_x_w_b_in_table_and_json() -> None:
+    from bnstrip.homework.derivations.conv_grad import random_conv_net
+
+    net = random_conv_net([3, 2], 7)
+    payload = json.loads(CliRunner().invoke(main, ["conv-grad", "--filters", "3,2", "--seed", "7", "--json"]).stdout)
+    assert payload["drawn"] == {"x": net.x.tolist(), "w": [w.tolist() for w in net.filters],
+                                "b": [float(b) for b in net.biases]}
+    table = CliRunner().invoke(main, ["conv-grad", "--filters", "3,2", "--seed", "7"]).stdout
+    assert f"{net.x.tolist()[3]:.10g}" in table and f"{float(net.biases[1]):.10g}" in table

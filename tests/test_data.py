@@ -125,3 +125,36 @@ def test_offline_failure_says_where_it_looked(isolated: Path, monkeypatch) -> No
         data.load_split("test")
     message = str(info.value)
     assert "\n" not in message and "BNSTRIP_DATA_DIR" in message and "cache" in message and "data" in message
+    assert message.count("not found") == 1 and message.count("failed") == 1
+    assert data.ARCHIVE_URL in message and "163 MB" in message and "curl -LO" in message and "tar xzf" in message
+    assert not (isolated / "cache").exists(), "a failed download left an empty cache folder behind"
+
+
+def test_failed_download_keeps_an_existing_cache_folder(isolated: Path, monkeypatch) -> None:
+    cache = isolated / "cache" / "bnstrip"
+    cache.mkdir(parents=True)
+    (cache / "mine.txt").write_text("keep")
+    monkeypatch.setattr("urllib.request.urlopen", lambda url, timeout=None: (_ for _ in ()).throw(OSError("offline")))
+    with pytest.raises(InputError):
+        data.load_split("test")
+    assert (cache / "mine.txt").read_text() == "keep"
+
+
+def test_explicit_data_dir_without_data_is_an_error_not_a_fallback(isolated: Path, fake_cifar_dir: Path,
+                                                                   monkeypatch) -> None:
+    monkeypatch.setenv("BNSTRIP_DATA_DIR", str(fake_cifar_dir))  # a good copy that must NOT be used
+    monkeypatch.setattr("urllib.request.urlopen", lambda url, timeout=None: pytest.fail("must not download"))
+    empty = isolated / "empty"
+    empty.mkdir()
+    with pytest.raises(InputError, match="no cifar-10-batches-py/test_batch here") as info:
+        data.load_split("test", empty)
+    assert str(empty) in str(info.value) and "data_dir=" in str(info.value)
+    assert len(data.load_split("test")) == 200  # without data_dir, the environment's copy is found
+
+
+def test_local_data_never_reports_download_progress_and_gives_md5(fake_cifar_dir: Path) -> None:
+    calls = []
+    split = data.load_split("test", fake_cifar_dir, progress=lambda done, total: calls.append(done))
+    assert calls == []
+    batch = fake_cifar_dir / "cifar-10-batches-py" / "test_batch"
+    assert split.md5 == hashlib.md5(batch.read_bytes()).hexdigest()

@@ -131,3 +131,13 @@ def test_cli_bad_input_exits_2_with_one_line(args: list[str], message: str) -> N
 def test_library_rejects_a_singular_matrix() -> None:
     with pytest.raises(InputError, match="singular"):
         check_density([[1.0, 1.0], [1.0, 1.0]], [0.0, 0.0], 10)
+
+
+def test_cli_prints_the_drawn_a_and_b_in_table_and_json() -> None:
+    from bnstrip.homework.derivations.density import random_affine
+
+    a, b = random_affine(3, 4)
+    payload = json.loads(CliRunner().invoke(main, ["density", "--seed", "4", "--points", "20", "--json"]).stdout)
+    assert payload["drawn"] == {"A": a.tolist(), "b": b.tolist()}
+    table = CliRunner().invoke(main, ["density", "--seed", "4", "--points", "20"]).stdout
+    assert f"{a.tolist()[1][2]:.10g}" in table and f"{b.tolist()[0]:.10g}" in table

@@ -183,3 +183,18 @@ def test_library_rejects_bad_widths() -> None:
         init_stats([4, 0, 1], 10)
     with pytest.raises(InputError, match="fan_in"):
         read_init_law(0)
+
+
+def test_budget_picks_fewer_samples_for_a_cifar_sized_mlp_and_says_so() -> None:
+    from bnstrip.homework.derivations.init_stats import MIN_BUDGET_SAMPLES, samples_for_budget
+
+    assert samples_for_budget([16, 8, 4, 1], seconds=10) == 100_000  # small nets keep the full default
+    wide = samples_for_budget([3072, 1024, 256, 10, 1], seconds=1)
+    assert MIN_BUDGET_SAMPLES <= wide < 100_000
+    result = run_cli("init-stats", "--layers", "3072,1024,256,10,1", "--budget", "1", "--json")
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout)
+    assert payload["mc"]["samples"] < 100_000 and "time budget" in payload["samples_chosen_by"]
+    assert payload["command"] == "init-stats" and payload["passed"] is True
+    table = run_cli("init-stats", "--layers", "64,32,1", "--samples", "300")
+    assert "Monte Carlo samples: --samples" in table.stdout and "Monte Carlo over 300" in table.stdout

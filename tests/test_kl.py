@@ -190,3 +190,15 @@ def test_library_rejects_bad_covariances() -> None:
         make_gaussian([0.0], [[-1.0]])
     with pytest.raises(InputError, match="not symmetric"):
         make_gaussian([0.0, 0.0], [[1.0, 1e-3], [0.0, 1.0]])
+
+
+def test_cli_prints_the_drawn_gaussians_in_table_and_json() -> None:
+    from bnstrip.homework.derivations.kl import random_gaussian_pair
+
+    p, q = random_gaussian_pair(3, False, 5)
+    payload = json.loads(CliRunner().invoke(main, ["kl", "--dim", "3", "--seed", "5", "--samples", "2000",
+                                                   "--json"]).stdout)
+    assert payload["drawn"] == {"mu0": p.mean.tolist(), "cov0": p.covariance.tolist(), "mu1": q.mean.tolist(),
+                                "cov1": q.covariance.tolist()}
+    table = CliRunner().invoke(main, ["kl", "--dim", "3", "--seed", "5", "--samples", "2000"]).stdout
+    assert f"{p.mean.tolist()[0]:.10g}" in table and f"{q.covariance.tolist()[2][2]:.10g}" in table

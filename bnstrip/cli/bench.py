@@ -1,15 +1,17 @@
-"""Commands of the bench group; registered on the main group by bnstrip.cli.
+"""`bnstrip bench`: time the BatchNorm model against the folded one.
 
 Only click is imported at module level, so `bnstrip --help` stays fast.
 """
 from __future__ import annotations
 
 import os
+import time
 
 import click
 
-from bnstrip.cli.common import (DEFAULT_CHECKPOINT, Progress, emit_json, fmt, handle_errors, make_table, parse_int_list,
-                            stdout_console, warn)
+from bnstrip.cli.common import (DEFAULT_CHECKPOINT, Progress, core_json, emit_json, fmt, handle_errors, make_table,
+                                parse_int_list, stdout_console, warn)
+
 
 def _positive_int_list(text: str, name: str) -> list[int]:
     values = parse_int_list(text, name)
@@ -28,8 +30,9 @@ def _ms(seconds: float) -> str:
                    "without --checkpoint it gets random weights and randomised BatchNorm statistics.")
 @click.option("--checkpoint", default=None, type=click.Path(dir_okay=False, path_type=str),
               help="Weights to load (smallNet: a smallNetTrain checkpoint; default smallNetSaved).")
-@click.option("--input-shape", default=None, metavar="C,H,W",
-              help="Shape of one input sample, without the batch dimension (default 3,32,32).")
+@click.option("--input-shape", default=None, metavar="N,C,H,W",
+              help="Input shape, batch dimension first as for `fuse` (default 1,3,32,32); N is replaced by each "
+                   "--batch-size.")
 @click.option("--batch-size", "batch_sizes", default="1,32,100", show_default=True, metavar="N[,N...]",
               help="Batch sizes to time, comma-separated.")
 @click.option("--threads", default=None, type=click.IntRange(min=1),
@@ -47,15 +50,22 @@ def bench(arch: str, checkpoint: str | None, input_shape: str | None, batch_size
     rounds' paired ratios, with min-max spread); "within noise" where the two timings' interquartile
     ranges overlap or the ratios' interquartile range contains 1.
     """
+    started = time.perf_counter()
     sizes = _positive_int_list(batch_sizes, "--batch-size")
-    shape = tuple(_positive_int_list(input_shape, "--input-shape")) if input_shape else None
+    shape = None
+    if input_shape:
+        full = tuple(_positive_int_list(input_shape, "--input-shape"))
+        if len(full) < 2:
+            raise click.BadParameter(f"{input_shape!r} has no batch dimension; write N,C,H,W (e.g. 1,3,224,224), "
+                                     "batch first as for `bnstrip fuse`", param_hint="--input-shape")
+        shape = full[1:]
 
     from bnstrip.bench import DEFAULT_SAMPLE_SHAPE, SMALLNET_ARCH, arch_pair, bench_pair, smallnet_pair
     from bnstrip.errors import InputError
 
     if arch.strip().lower() == SMALLNET_ARCH:
         if shape is not None and shape != DEFAULT_SAMPLE_SHAPE:
-            raise click.BadParameter(f"smallNet takes 3,32,32 images, not {input_shape}", param_hint="--input-shape")
+            raise click.BadParameter(f"smallNet takes N,3,32,32 inputs, not {input_shape}", param_hint="--input-shape")
         path = checkpoint or DEFAULT_CHECKPOINT
         if not os.path.exists(path):
             raise InputError(f"{path}: no smallNet checkpoint here; pass --checkpoint FILE (a smallNetTrain state_dict) "
@@ -75,7 +85,8 @@ def bench(arch: str, checkpoint: str | None, input_shape: str | None, batch_size
         report = bench_pair(pair.bn_model, pair.folded_model, pair.sample_shape, sizes, repeat=repeat, warmup=warmup,
                             threads=threads, progress=progress)
     if as_json:
-        emit_json({"arch": arch, "checkpoint": used_checkpoint, "folded": pair.folded, **report.to_dict()})
+        emit_json({**core_json("bench", True, time.perf_counter() - started), "arch": arch,
+                   "checkpoint": used_checkpoint, "folded": pair.folded, **report.to_dict()})
         return
     rows = []
     for result in report.results:
@@ -89,7 +100,3 @@ def bench(arch: str, checkpoint: str | None, input_shape: str | None, batch_size
     console.print("ms per call: median (min) over the rounds; speed-up: BN time / folded time, median (min-max) of "
                   "the rounds' paired ratios; 'within noise': the two timings' interquartile ranges overlap, or the ratios' contains 1.")
 
-
-def register(group: click.Group) -> None:
-    """Add this module's commands to the main `bnstrip` group."""
-    group.add_command(bench)

@@ -1,4 +1,4 @@
-"""What every command shares: one-line errors with the right exit code, JSON/Rich output, progress.
+"""What every command shares: the one exception-to-exit-code mapping, API-to-flag rewriting, JSON/Rich output, progress.
 
 Only click is imported here (rich lazily), so `bnstrip --help` stays fast.
 """
@@ -9,56 +9,122 @@ import json
 import math
 import os
 import sys
+import time
 from typing import Any, Callable, TypeVar
 
 import click
 
-from bnstrip.errors import BnstripError
+from bnstrip.errors import EXIT_BAD_INPUT, EXIT_CHECK_FAILED, EXIT_INTERRUPTED, EXIT_OK, BnstripError, CheckFailed, first_line
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-EXIT_OK, EXIT_CHECK_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+__all__ = ["EXIT_OK", "EXIT_CHECK_FAILED", "EXIT_BAD_INPUT", "API_TO_FLAG", "to_flags", "handle_errors", "core_json",
+           "emit_json", "stdout_console", "stderr_console", "warn", "make_table", "fmt", "parse_int_list", "Progress"]
 
 DEFAULT_CHECKPOINT = "smallNetSaved"
 """The trained smallNetTrain checkpoint shipped at the top of the repository (the course's file name)."""
+
+API_TO_FLAG: dict[str, str] = {
+    # Library messages speak the Python API; the CLI user has flags.  Longest keys are applied first.
+    "allow_overflow=True": "--allow-overflow",
+    "keep_structure=True": "--keep-structure",
+    "reparameterize=True": "--reparameterize",
+    "allow_download=False": "--no-download",
+    "example_inputs": "--input-shape",
+    "force=True": "--force",
+    "data_dir=": "--data-dir ",
+    "dtype='float32'": "--dtype float32",
+    "fuse_file": "`bnstrip fuse --arch`",
+}
+
+
+def to_flags(message: str) -> str:
+    """`message` with every API name of API_TO_FLAG replaced by its CLI flag (one pass, longest names first)."""
+    import re
+
+    keys = sorted(API_TO_FLAG, key=len, reverse=True)
+    pattern = re.compile("|".join(r"(?<![\w-])" + re.escape(k) for k in keys))
+    return pattern.sub(lambda m: API_TO_FLAG[m.group(0)], message)
 
 
 def debug_enabled() -> bool:
     return os.environ.get("BNSTRIP_DEBUG", "") not in ("", "0")
 
 
-def fail(message: str, code: int = EXIT_BAD_INPUT) -> None:
-    """Print one line to stderr and exit with `code`."""
-    click.echo(f"bnstrip: error: {message}", err=True)
-    sys.exit(code)
+def _exit(message: str, code: int, label: str = "error") -> None:
+    click.echo(f"bnstrip: {label}: {message}", err=True)
+    raise click.exceptions.Exit(code)
+
+
+EXIT_BROKEN_PIPE = 141
+"""128 + SIGPIPE: what a shell reports for a writer whose reader went away (`bnstrip fuse ... | head -1`)."""
+
+
+def _stdout_closed() -> None:
+    """stdout was closed after the work was done (OUT is written): exit 141 quietly, as other CLIs do, not 2 with a
+    traceback; stdout is pointed at /dev/null so the interpreter's final flush cannot complain either."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):
+        pass
+    raise click.exceptions.Exit(EXIT_BROKEN_PIPE)
 
 
 def handle_errors(func: F) -> F:
-    """Map library exceptions to one stderr line and an exit code; tracebacks only with BNSTRIP_DEBUG=1."""
+    """THE mapping from exceptions to exit codes: every BnstripError becomes one stderr line and its `exit_code`.
+
+    Tracebacks only with BNSTRIP_DEBUG=1.  Nothing else in bnstrip exits: commands raise CheckFailed for a failed
+    check and click.UsageError for flag misuse.
+    """
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return func(*args, **kwargs)
-        except (click.exceptions.Exit, click.ClickException, click.Abort, SystemExit):
+        except (click.exceptions.Exit, click.ClickException, click.Abort):
             raise
         except BnstripError as exc:
             if debug_enabled():
                 raise
-            fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__, exc.exit_code)
+            _exit(to_flags(first_line(exc, limit=1000)), exc.exit_code,
+                  "check failed" if isinstance(exc, CheckFailed) else "error")
         except KeyboardInterrupt:
-            fail("interrupted", 130)
+            _exit("interrupted", EXIT_INTERRUPTED)
+        except BrokenPipeError:
+            _stdout_closed()
         except MemoryError:
             if debug_enabled():
                 raise
-            fail("out of memory; use a smaller --batch-size or a machine with more memory")
+            _exit("out of memory; use a smaller --batch-size or a machine with more memory", EXIT_BAD_INPUT)
         except Exception as exc:  # noqa: BLE001 - last line of defence: one line, not a traceback
             if debug_enabled():
                 raise
-            text = str(exc).strip().splitlines()
-            fail(f"{type(exc).__name__}: {text[0] if text else ''} (set BNSTRIP_DEBUG=1 for a traceback)")
+            _exit(f"{type(exc).__name__}: {to_flags(first_line(exc, default=''))} (set BNSTRIP_DEBUG=1 for a traceback)",
+                  EXIT_BAD_INPUT)
 
     return wrapper  # type: ignore[return-value]
+
+
+def torch_version() -> str:
+    """The installed torch's version, without importing torch when no command needed it."""
+    module = sys.modules.get("torch")
+    if module is not None:
+        return str(module.__version__)
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("torch")
+    except PackageNotFoundError:
+        return "not installed"
+
+
+def core_json(command: str, passed: bool, seconds: float, **extra: Any) -> dict[str, Any]:
+    """The keys every command's --json object starts with, so a figure can be cited with what made it."""
+    from bnstrip import __version__
+
+    return {"command": command, "passed": bool(passed), "seconds": seconds, "bnstrip_version": __version__,
+            "torch_version": torch_version(), **extra}
 
 
 def _json_safe(value: Any) -> Any:
@@ -76,32 +142,49 @@ def emit_json(payload: dict[str, Any]) -> None:
     click.echo(json.dumps(_json_safe(payload), indent=2, sort_keys=False))
 
 
-def stdout_console():
-    from rich.console import Console
+PIPE_WIDTH = 100_000
+"""Console width when stdout is not a terminal: lines are never wrapped, so a pipe or a file gets whole lines."""
 
-    return Console(highlight=False)
+
+def _console(stderr: bool = False):
+    from rich.console import Console as RichConsole
+
+    class Console(RichConsole):
+        def on_broken_pipe(self) -> None:  # rich would exit 1, bnstrip's "check failed": exit 141 (see _stdout_closed)
+            _stdout_closed()
+
+    stream = sys.stderr if stderr else sys.stdout
+    if stream.isatty():
+        return Console(stderr=stderr, highlight=False)
+    return Console(file=stream, highlight=False, width=PIPE_WIDTH, soft_wrap=True)
+
+
+def stdout_console():
+    """Rich on stdout: wraps to the terminal, never when piped or redirected."""
+    return _console()
 
 
 def stderr_console():
-    from rich.console import Console
-
-    return Console(stderr=True, highlight=False)
+    return _console(stderr=True)
 
 
 def warn(message: str) -> None:
-    click.echo(f"bnstrip: warning: {message}", err=True)
+    click.echo(f"bnstrip: warning: {to_flags(message)}", err=True)
 
 
 def make_table(title: str, columns: list[str], rows: list[list[Any]]):
-    """A Rich table with the given columns; cells are str()-ed."""
+    """A Rich table with the given columns (cells str()-ed); the title is a line of its own above it, so a long
+    title is never wrapped to the table's width."""
+    from rich.console import Group
     from rich.table import Table
+    from rich.text import Text
 
-    table = Table(title=title, title_justify="left")
+    table = Table()
     for column in columns:
         table.add_column(column)
     for row in rows:
         table.add_row(*[str(cell) for cell in row])
-    return table
+    return Group(Text.from_markup(title, style="italic"), table) if title else table
 
 
 def fmt(value: float, digits: int = 3) -> str:
@@ -123,27 +206,55 @@ def parse_int_list(text: str, name: str) -> list[int]:
 
 
 class Progress:
-    """A Rich progress bar on stderr, usable as a (done, total) callback; silent when not a terminal and quiet."""
+    """Progress on stderr, usable as a (done, total) callback.
 
-    def __init__(self, description: str, enabled: bool = True) -> None:
+    On a terminal: a Rich bar with time remaining, shown only once the first call arrives (so nothing appears for
+    work that never starts, e.g. a download that is not needed).  Not on a terminal: a plain line every
+    `every` seconds once the work has run `after` seconds, so a long piped run is not silent.
+    """
+
+    def __init__(self, description: str, enabled: bool = True, after: float = 5.0, every: float = 10.0) -> None:
         self.description = description
         self.enabled = enabled
+        self.after, self.every = after, every
         self._progress = None
         self._task = None
+        self._started = 0.0
+        self._last_line = 0.0
 
     def __enter__(self) -> "Progress":
-        if self.enabled:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn, TimeElapsedColumn
-
-            self._progress = RichProgress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                          TimeElapsedColumn(), console=stderr_console(), transient=True)
-            self._progress.__enter__()
-            self._task = self._progress.add_task(self.description, total=None)
+        self._started = time.perf_counter()
         return self
 
+    def _start_bar(self) -> None:
+        from rich.progress import (BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn,
+                                   TimeElapsedColumn, TimeRemainingColumn)
+
+        self._progress = RichProgress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                      TimeElapsedColumn(), TextColumn("left"), TimeRemainingColumn(),
+                                      console=stderr_console(), transient=True)
+        self._progress.__enter__()
+        self._task = self._progress.add_task(self.description, total=None)
+
     def __call__(self, done: int, total: int) -> None:
-        if self._progress is not None:
+        if not self.enabled:
+            return
+        if sys.stderr.isatty():
+            if self._progress is None:
+                self._start_bar()
             self._progress.update(self._task, completed=done, total=total or None)
+            return
+        now = time.perf_counter()
+        elapsed = now - self._started
+        if elapsed < self.after or now - self._last_line < self.every or not total or done >= total:
+            return
+        self._last_line = now
+        left = elapsed / max(done, 1) * (total - done)
+        click.echo(f"bnstrip: {self.description}: {done}/{total} ({done / total:.0%}), about {left:.0f} s left", err=True)
+
+    @property
+    def shown(self) -> bool:
+        return self._progress is not None
 
     def __exit__(self, *exc: Any) -> None:
         if self._progress is not None:

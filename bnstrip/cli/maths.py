@@ -6,14 +6,14 @@ here; torch and bnstrip.homework.derivations are imported inside the command bod
 from __future__ import annotations
 
 import json
-import sys
+import time
 from typing import Any
 
 import click
 
 from bnstrip.cli.common import (
-    EXIT_CHECK_FAILED,
     Progress,
+    core_json,
     emit_json,
     fmt,
     handle_errors,
@@ -21,7 +21,7 @@ from bnstrip.cli.common import (
     parse_int_list,
     stdout_console,
 )
-from bnstrip.errors import InputError
+from bnstrip.errors import CheckFailed, InputError
 
 SEED_HELP = "Seed of every random draw, for reproducible figures."
 JSON_HELP = "Print one JSON object on stdout."
@@ -61,13 +61,23 @@ def _say(text: str) -> None:
 
 
 def _finish(passed: bool, failures: list[str], as_json: bool) -> None:
-    """PASS/FAIL for people, the reasons on stderr, exit 1 when a check missed its tolerance."""
+    """PASS/FAIL for people; a failed check raises CheckFailed (one stderr line, exit 1) with its reasons."""
     if not as_json:
         stdout_console().print("[bold green]PASS[/]" if passed else "[bold red]FAIL[/]")
-    for failure in failures:
-        click.echo(f"bnstrip: check failed: {failure}", err=True)
     if not passed:
-        raise SystemExit(EXIT_CHECK_FAILED)
+        raise CheckFailed("; ".join(failures) or "a check missed its tolerance")
+
+
+def _matrix_rows(name: str, value: Any, digits: int = 10) -> list[list[str]]:
+    """Rows [name, row text] for a drawn vector or matrix, so a student can check a figure by hand."""
+    rows = value if value and isinstance(value[0], list) else [value]
+    return [[name if i == 0 else "", "[" + ", ".join(f"{v:.{digits}g}" for v in row) + "]"] for i, row in enumerate(rows)]
+
+
+def _drawn_table(title: str, named: list[tuple[str, Any]]):
+    """The random (or given) inputs of a maths command as a table: every entry, 10 significant digits."""
+    rows = [row for name, value in named for row in _matrix_rows(name, value)]
+    return _table(f"{title} (--json has them at full precision)", ["input", "value"], rows)
 
 
 # --------------------------------------------------------------------------- init-stats (Problem 2)
@@ -76,12 +86,15 @@ def _finish(passed: bool, failures: list[str], as_json: bool) -> None:
 @click.command("init-stats")
 @click.option("--layers", default="16,8,4,1", show_default=True, metavar="n0,n1,...,nL",
               help="Widths of the identity-activation MLP, input first.")
-@click.option("--samples", default=100_000, show_default=True, type=int,
-              help="Monte Carlo samples (fresh default-initialised layers and a fresh x each).")
+@click.option("--samples", default=None, type=int,
+              help="Monte Carlo samples (fresh default-initialised layers and a fresh x each). Default: as many as "
+                   "fit --budget, at most 100000.")
+@click.option("--budget", default=10.0, show_default=True, type=click.FloatRange(min=0.1), metavar="SECONDS",
+              help="Time budget of the Monte Carlo check when --samples is not given.")
 @click.option("--seed", default=0, show_default=True, type=int, help=SEED_HELP)
 @click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
 @handle_errors
-def init_stats_command(layers: str, samples: int, seed: int, as_json: bool) -> None:
+def init_stats_command(layers: str, samples: int | None, budget: float, seed: int, as_json: bool) -> None:
     """Problem 2: mean and variance of y_L under PyTorch's default nn.Linear init, exact and by Monte Carlo.
 
     The init law is read off the installed torch; the variances are exact fractions.  Exit 1 when the
@@ -89,21 +102,31 @@ def init_stats_command(layers: str, samples: int, seed: int, as_json: bool) -> N
     """
     import torch
 
-    from bnstrip.homework.derivations.init_stats import MC_STDERR_BAR, init_stats
+    from bnstrip.homework.derivations.init_stats import (DEFAULT_SAMPLES, MC_STDERR_BAR, init_stats,
+                                                         samples_for_budget, validate_layers)
 
-    widths = parse_int_list(layers, "--layers")
-    with Progress("Monte Carlo", enabled=sys.stderr.isatty()) as progress:
+    started = time.perf_counter()
+    widths = validate_layers(parse_int_list(layers, "--layers"))
+    if samples is None:
+        samples = samples_for_budget(widths, budget, seed)
+        how = (f"{samples} samples fit the {budget:g} s time budget" if samples < DEFAULT_SAMPLES
+               else f"the default {samples} samples fit the {budget:g} s time budget")
+        how += "; --samples N sets the count (the std. error shrinks as 1/sqrt(N))"
+    else:
+        how = "--samples"
+    with Progress("Monte Carlo", after=2.0) as progress:
         result = init_stats(widths, samples, seed, progress=progress)
     mc = result.mc
     per_layer = [{"layer": m.layer, "width": m.width, "mean": float(m.mean), "variance": float(m.variance),
                   "variance_fraction": str(m.variance)} for m in result.per_layer]
     if as_json:
         emit_json({
+            **core_json("init-stats", result.passed, time.perf_counter() - started),
             "layers": result.layers, "mean": float(result.mean), "variance": float(result.variance),
             "variance_fraction": str(result.variance), "per_layer": per_layer,
             "mc": {"samples": mc.samples, "mean": mc.mean, "variance": mc.variance, "mean_stderr": mc.mean_stderr,
                    "variance_stderr": mc.variance_stderr},
-            "passed": result.passed,
+            "samples_chosen_by": how,
             "init_law": [{"fan_in": law.fan_in, "weight_bound": law.weight_bound, "bias_bound": law.bias_bound,
                           "weight_variance_fraction": str(law.weight_variance),
                           "bias_variance_fraction": str(law.bias_variance)} for law in result.laws],
@@ -132,6 +155,7 @@ def init_stats_command(layers: str, samples: int, seed: int, as_json: bool) -> N
               f"<= {MC_STDERR_BAR:g}"],
              ["variance", f"{exact:.6g}", f"{mc.variance:.6g}", fmt(mc.variance_stderr),
               f"{abs(mc.variance - exact) / mc.variance_stderr:.2f}", f"<= {MC_STDERR_BAR:g}"]]))
+        _say(f"Monte Carlo samples: {how}")
     _finish(result.passed, result.failures, as_json)
 
 
@@ -159,15 +183,19 @@ def conv_grad_command(filters: str, activation: str, seed: int, as_json: bool) -
     """
     from bnstrip.homework.derivations.conv_grad import RECURSION_LINES, check_conv_grad, random_conv_net
 
+    started = time.perf_counter()
     sizes = parse_int_list(filters, "--filters")
-    result = check_conv_grad(random_conv_net(sizes, seed), activation)
+    net = random_conv_net(sizes, seed)
+    result = check_conv_grad(net, activation)
+    drawn = {"x": net.x.tolist(), "w": [w.tolist() for w in net.filters], "b": [float(b) for b in net.biases]}
     if as_json:
         emit_json({
+            **core_json("conv-grad", result.passed, time.perf_counter() - started), "drawn": drawn,
             "n0": result.n0,
             "layers": [{"layer": g.layer, "filter_size": g.filter_size, "n_out": g.n_out, "grad_w": g.grad_w,
                         "grad_b": g.grad_b, "max_abs_diff_autograd": g.max_abs_diff_autograd,
                         "max_abs_diff_matrix": g.max_abs_diff_matrix} for g in result.layers],
-            "passed": result.passed, "activation": result.activation, "y_L": result.y_L,
+            "activation": result.activation, "y_L": result.y_L,
             "tolerance": result.tolerance, "seed": seed,
         })
     else:
@@ -175,6 +203,9 @@ def conv_grad_command(filters: str, activation: str, seed: int, as_json: bool) -
         _say(f"n0 = 1 + sum(f_l - 1) = {result.n0}, sigma = {result.activation}, y_L = {result.y_L:.10g}")
         for line in RECURSION_LINES:
             _say(line)
+        console.print(_drawn_table(f"Drawn (seed {seed}): x ~ N(0, I), w_l ~ N(0, I/f_l), b_l ~ N(0, 1/4)",
+                                   [("x", drawn["x"])] + [(f"w_{i + 1}", w) for i, w in enumerate(drawn["w"])]
+                                   + [("b_1..b_L", drawn["b"])]))
         console.print(_table(
             f"Gradients of y_L (filters {','.join(map(str, sizes))}, seed {seed}); tolerance {fmt(result.tolerance)}",
             ["l", "f_l", "n_l", "dy_L/db_l", "|diff| autograd", "|diff| matrix", "dy_L/dw_l"],
@@ -206,6 +237,7 @@ def density_command(dim: int | None, points: int, matrix: str | None, shift: str
     """
     from bnstrip.homework.derivations.density import check_density, random_affine, validate_sizes
 
+    started = time.perf_counter()
     if matrix is None:
         if shift is not None:
             raise InputError("--shift needs --matrix (the random A comes with a random b)")
@@ -219,17 +251,21 @@ def density_command(dim: int | None, points: int, matrix: str | None, shift: str
         if dim is not None and dim != len(a):
             raise InputError(f"--dim {dim} does not match --matrix, which has {len(a)} rows; drop --dim")
     result = check_density(a, b, points, seed, "--matrix", "--shift")
+    drawn = {"A": a.tolist() if hasattr(a, "tolist") else a, "b": b.tolist() if hasattr(b, "tolist") else b}
     if as_json:
         emit_json({
+            **core_json("density", result.passed, time.perf_counter() - started), "drawn": drawn,
             "dim": result.dim, "points": result.points,
             "max_abs_diff_formula_vs_closed_form": result.max_abs_diff_formula_vs_closed_form,
-            "max_abs_diff_vs_torch": result.max_abs_diff_vs_torch, "passed": result.passed,
+            "max_abs_diff_vs_torch": result.max_abs_diff_vs_torch,
             "tolerance": result.tolerance, "condition_number": result.condition_number, "seed": seed,
         })
     else:
         console = stdout_console()
         _say("change of variables: log p_X(x) = log p_Y(A^-1 (x - b)) + log|det A^-1|")
         _say("closed form:         log N(x; b, A A^T);   reference: torch MultivariateNormal.log_prob")
+        source = "given" if matrix is not None else f"drawn, seed {seed}"
+        console.print(_drawn_table(f"A and b ({source})", [("A", drawn["A"]), ("b", drawn["b"])]))
         console.print(_table(
             f"log p_X at the first points (n = {result.dim}, cond(A) = {result.condition_number:.3g}, seed {seed})",
             ["x", "change of variables", "closed form", "torch"],
@@ -272,6 +308,7 @@ def kl_command(mu0: str | None, cov0: str | None, mu1: str | None, cov1: str | N
     """
     from bnstrip.homework.derivations.kl import check_kl, make_gaussian, random_gaussian_pair
 
+    started = time.perf_counter()
     given = {name: text for name, text in (("--mu0", mu0), ("--cov0", cov0), ("--mu1", mu1), ("--cov1", cov1))
              if text is not None}
     if given:
@@ -285,9 +322,11 @@ def kl_command(mu0: str | None, cov0: str | None, mu1: str | None, cov1: str | N
     else:
         p, q = random_gaussian_pair(3 if dim is None else dim, independent, seed)
     result = check_kl(p, q, samples, seed, independent)
+    drawn = {"mu0": p.mean.tolist(), "cov0": p.covariance.tolist(), "mu1": q.mean.tolist(), "cov1": q.covariance.tolist()}
     if as_json:
-        payload: dict[str, Any] = {"dim": result.dim, "kl": result.kl, "kl_torch": result.kl_torch,
-                                   "kl_mc": result.kl_mc, "kl_mc_stderr": result.kl_mc_stderr, "passed": result.passed}
+        payload: dict[str, Any] = {**core_json("kl", result.passed, time.perf_counter() - started), "drawn": drawn,
+                                   "dim": result.dim, "kl": result.kl, "kl_torch": result.kl_torch,
+                                   "kl_mc": result.kl_mc, "kl_mc_stderr": result.kl_mc_stderr}
         if independent:
             payload.update({"kl_per_coordinate": result.kl_per_coordinate, "kl_sum": result.kl_sum})
         payload.update({"samples": result.samples, "tolerance": result.tolerance, "seed": seed,
@@ -297,6 +336,9 @@ def kl_command(mu0: str | None, cov0: str | None, mu1: str | None, cov1: str | N
         console = stdout_console()
         _say("KL = 1/2 (tr(S1^-1 S0) + (mu1 - mu0)^T S1^-1 (mu1 - mu0) - d + log(det S1 / det S0))")
         _say("closed form via Cholesky factors; Monte Carlo: mean of log f(X) - log g(X), X ~ f")
+        source = "given" if given else f"drawn, seed {seed}"
+        console.print(_drawn_table(f"f = N(mu0, S0), g = N(mu1, S1) ({source})",
+                                   [(name, drawn[name]) for name in ("mu0", "cov0", "mu1", "cov1")]))
         rows = [["closed form", f"{result.kl:.12g}", ""],
                 ["torch kl_divergence", f"{result.kl_torch:.12g}",
                  f"|diff| {fmt(abs(result.kl - result.kl_torch))} (tolerance {fmt(result.tolerance)})"],
@@ -311,7 +353,3 @@ def kl_command(mu0: str | None, cov0: str | None, mu1: str | None, cov1: str | N
     _finish(result.passed, result.failures, as_json)
 
 
-def register(group: click.Group) -> None:
-    """Add this module's commands to the main `bnstrip` group."""
-    for command in (init_stats_command, conv_grad_command, density_command, kl_command):
-        group.add_command(command)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import pickle
 import tarfile
 import tempfile
 from dataclasses import dataclass
@@ -17,31 +16,16 @@ from typing import Callable, Iterable
 import numpy as np
 
 from bnstrip.errors import InputError
+from bnstrip.homework.cifar_batch import read_batch  # noqa: F401 - the bounded, checked unpickler lives there
 
 BATCHES_DIRNAME = "cifar-10-batches-py"
 ARCHIVE_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 ARCHIVE_MD5 = "c58f30108f718f92721af3b95e74349a"
+ARCHIVE_MB = 163
+"""Size of the official archive (170,498,071 bytes), said in messages so a user knows what a download costs."""
 TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
 TEST_BATCH = "test_batch"
 DATA_DIR_ENV = "BNSTRIP_DATA_DIR"
-
-_ALLOWED_GLOBALS = {
-    ("numpy.core.multiarray", "_reconstruct"),
-    ("numpy._core.multiarray", "_reconstruct"),
-    ("numpy", "ndarray"),
-    ("numpy", "dtype"),
-    ("_codecs", "encode"),  # how Python 3 pickles bytes at protocol 2: str -> bytes, nothing more
-}
-
-
-class _BatchUnpickler(pickle.Unpickler):
-    """Admits numpy array reconstruction and nothing else (no os.system, no eval)."""
-
-    def find_class(self, module: str, name: str):  # noqa: D401 - pickle API
-        if (module, name) in _ALLOWED_GLOBALS:
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"global '{module}.{name}' is not allowed in a CIFAR-10 batch")
-
 
 @dataclass(frozen=True)
 class Split:
@@ -50,6 +34,8 @@ class Split:
     images: np.ndarray
     labels: np.ndarray
     source: Path
+    md5: str = ""
+    """md5 of the batch file(s) read, so a figure can be cited with the exact data it came from."""
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -81,9 +67,18 @@ def _batches_dir(root: Path) -> Path | None:
 
 
 def find_batches_dir(data_dir: str | os.PathLike[str] | None = None) -> Path | None:
-    """The first candidate holding `cifar-10-batches-py/test_batch` (or being that folder)."""
-    if data_dir is not None and not Path(data_dir).is_dir():
-        raise InputError(f"{data_dir}: --data-dir is not a directory; point it at the folder holding {BATCHES_DIRNAME}/")
+    """The first candidate holding `cifar-10-batches-py/test_batch` (or being that folder).
+
+    An explicit `data_dir` is the only place looked: a choice the user made that fails is an error, not a fallback.
+    """
+    if data_dir is not None:
+        if not Path(data_dir).is_dir():
+            raise InputError(f"{data_dir}: not a directory; pass data_dir=DIR, the folder holding {BATCHES_DIRNAME}/")
+        found = _batches_dir(Path(data_dir))
+        if found is None:
+            raise InputError(f"{data_dir}: no {BATCHES_DIRNAME}/{TEST_BATCH} here; pass data_dir=DIR, the folder "
+                             f"holding {BATCHES_DIRNAME}/, or {manual_recipe(data_dir)}")
+        return found
     for root in candidate_dirs(data_dir):
         found = _batches_dir(root)
         if found is not None:
@@ -91,24 +86,39 @@ def find_batches_dir(data_dir: str | os.PathLike[str] | None = None) -> Path | N
     return None
 
 
-def read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """One python-batch file as (uint8 images N x 3 x 32 x 32, int64 labels)."""
-    try:
-        with open(path, "rb") as f:
-            batch = _BatchUnpickler(f, encoding="latin1").load()
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as exc:
-        raise InputError(f"{path}: not a readable CIFAR-10 python batch ({exc}); re-download or point --data-dir at a good copy") from None
-    if not isinstance(batch, dict) or "data" not in batch or "labels" not in batch:
-        raise InputError(f"{path}: CIFAR-10 batch lacks 'data'/'labels'; point --data-dir at an official python-batch copy")
-    data = np.asarray(batch["data"])
-    labels = np.asarray(batch["labels"], dtype=np.int64)
-    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072 or len(labels) != data.shape[0]:
-        raise InputError(f"{path}: CIFAR-10 batch has data {data.dtype} {data.shape} and {len(labels)} labels; expected uint8 (N, 3072) with N labels")
-    return data.reshape(-1, 3, 32, 32), labels
+def manual_recipe(target: str | os.PathLike[str]) -> str:
+    """How to fetch CIFAR-10 by hand into `target`."""
+    return (f"to fetch it by hand: curl -LO {ARCHIVE_URL} && mkdir -p {target} && "
+            f"tar xzf cifar-10-python.tar.gz -C {target}")
+
+
+def _created_dirs(path: Path) -> list[Path]:
+    """The folders `path.mkdir(parents=True)` would create, deepest first (to remove them again on failure)."""
+    missing = []
+    while not path.exists():
+        missing.append(path)
+        path = path.parent
+    return missing
 
 
 def download(target_root: Path, progress: Callable[[int, int], None] | None = None, timeout: float = 30.0) -> Path:
-    """Fetch the official archive, check its published md5, unpack into target_root."""
+    """Fetch the official archive, check its published md5, unpack into target_root.
+
+    A failed download removes the folders it created, so no empty cache is left behind.
+    """
+    created = _created_dirs(target_root)
+    try:
+        return _download(target_root, progress, timeout)
+    except BaseException:
+        for folder in created:
+            try:
+                folder.rmdir()  # only if empty: never removes anything the download did not create
+            except OSError:
+                break
+        raise
+
+
+def _download(target_root: Path, progress: Callable[[int, int], None] | None, timeout: float) -> Path:
     import urllib.request
 
     target_root.mkdir(parents=True, exist_ok=True)
@@ -125,14 +135,12 @@ def download(target_root: Path, progress: Callable[[int, int], None] | None = No
                     if progress:
                         progress(done, total)
                 if digest.hexdigest() != ARCHIVE_MD5:
-                    raise InputError(f"{ARCHIVE_URL}: md5 {digest.hexdigest()} is not the published {ARCHIVE_MD5}; retry, or pass --data-dir to a local copy")
+                    raise InputError(f"{ARCHIVE_URL}: md5 {digest.hexdigest()} is not the published {ARCHIVE_MD5}; retry, or pass data_dir= a local copy")
                 tmp.seek(0)
                 with tarfile.open(fileobj=tmp, mode="r:gz") as tar:
                     tar.extractall(target_root, filter="data")
     except OSError as exc:
-        raise InputError(
-            f"CIFAR-10 not found and download failed ({exc}); pass --data-dir DIR or set {DATA_DIR_ENV} to a folder holding {BATCHES_DIRNAME}/"
-        ) from None
+        raise InputError(f"download of {ARCHIVE_URL} (about {ARCHIVE_MB} MB) failed ({exc})") from None
     found = _batches_dir(target_root)
     if found is None:
         raise InputError(f"{target_root}: downloaded archive did not contain {BATCHES_DIRNAME}/{TEST_BATCH}")
@@ -146,12 +154,15 @@ def locate(data_dir: str | os.PathLike[str] | None = None, allow_download: bool 
     if found is not None:
         return found
     looked = ", ".join(str(p) for p in candidate_dirs(data_dir))
+    env = "" if os.environ.get(DATA_DIR_ENV) else f" (${DATA_DIR_ENV} unset)"
+    missing = f"CIFAR-10 ({BATCHES_DIRNAME}/{TEST_BATCH}) not found in {looked}{env}"
     if not allow_download:
-        raise InputError(f"CIFAR-10 ({BATCHES_DIRNAME}/{TEST_BATCH}) not found in {looked}; pass --data-dir DIR or set {DATA_DIR_ENV}")
+        raise InputError(f"{missing} and allow_download=False; pass data_dir=DIR or set {DATA_DIR_ENV} to the folder "
+                         f"holding {BATCHES_DIRNAME}/, or {manual_recipe(default_cache_dir())}")
     try:
         return download(default_cache_dir(), progress=progress)
     except InputError as exc:
-        raise InputError(f"CIFAR-10 not found in {looked} and download failed: {exc}") from None
+        raise InputError(f"{missing}; {exc}; {manual_recipe(default_cache_dir())}, or pass data_dir=DIR") from None
 
 
 def load_split(split: str = "test", data_dir: str | os.PathLike[str] | None = None, allow_download: bool = True,
@@ -162,7 +173,16 @@ def load_split(split: str = "test", data_dir: str | os.PathLike[str] | None = No
     parts = [read_batch(root / name) for name in names]
     images = np.concatenate([p[0] for p in parts]) if len(parts) > 1 else parts[0][0]
     labels = np.concatenate([p[1] for p in parts]) if len(parts) > 1 else parts[0][1]
-    return Split(images=images, labels=labels, source=root)
+    return Split(images=images, labels=labels, source=root, md5=_md5_files(root / name for name in names))
+
+
+def _md5_files(paths: Iterable[Path]) -> str:
+    digest = hashlib.md5()
+    for path in paths:
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+    return digest.hexdigest()
 
 
 def to_float_tensor(images: np.ndarray):

@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -25,6 +26,7 @@ class VerifyResult:
     batch_size: int
     tolerance: float
     seconds: float
+    threads: int = 0
 
     @property
     def passed(self) -> bool:
@@ -32,6 +34,28 @@ class VerifyResult:
 
     def to_dict(self) -> dict:
         return {**asdict(self), "passed": self.passed}
+
+
+DEFAULT_THREADS = 1
+"""torch threads for the comparison.  oneDNN and the BLAS may split a convolution's or a GEMM's sums by thread
+count, and float32 sums then round differently; one thread never splits them, so the figures are the same on
+every run of one machine whatever its core count.  Measured on this project's 2-core EPYC (AVX2 kernels, torch 2.13.0
+CPU, shipped smallNetSaved, 10,000 images): 1.157e-09 and max |diff| 9.537e-06 bit for bit at 1, 2, 3, 4, 8 and
+16 threads.  Another machine reported 9.937e-10 and 6.676e-06: the kernels oneDNN picks for the CPU's instruction
+set (torch.backends.cpu.get_cpu_capability()) and the torch build change the digits after the first; the figures
+stay an order of magnitude below the 1e-8 bar.  `threads=` trades the fixed count for speed."""
+
+
+@contextmanager
+def torch_threads(threads: int | None) -> Iterator[int]:
+    """torch's intra-op thread count set to `threads` for the block (None: leave it), restored afterwards."""
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
 
 
 CHUNK_IMAGES = 200
@@ -42,7 +66,7 @@ activations (64 KB an image per tensor) no longer fit the last-level cache."""
 
 def verify_models(bn_model: nn.Module, folded_model: nn.Module, images: np.ndarray, labels: np.ndarray, *,
                   batch_size: int = 100, tolerance: float = 1e-8, chunk_batches: int | None = None,
-                  channels_last: bool = False,
+                  channels_last: bool = False, threads: int | None = DEFAULT_THREADS,
                   progress: Callable[[int, int], None] | None = None) -> VerifyResult:
     """Both models in eval mode on uint8 CHW images; the figure is per batch of `batch_size`.
 
@@ -51,10 +75,20 @@ def verify_models(bn_model: nn.Module, folded_model: nn.Module, images: np.ndarr
     as the course's loop does, and with the default layout every output is bit-identical
     to the course's loop.  `channels_last` lays image chunks out NHWC, which oneDNN's
     convolutions may run faster, at the price of float32 rounding that differs from the
-    plain loop's in the last bits; the models themselves are not modified.
+    plain loop's in the last bits; the models themselves are not modified.  `threads` (see DEFAULT_THREADS)
+    fixes torch's thread count for the run, so the figures do not vary with the machine's core count.
     """
     if batch_size <= 0:
         raise ValueError("batch_size must be positive")
+    with torch_threads(threads) as used:
+        result = _verify(bn_model, folded_model, images, labels, batch_size, tolerance, chunk_batches, channels_last,
+                         progress)
+    return VerifyResult(**{**asdict(result), "threads": used})
+
+
+def _verify(bn_model: nn.Module, folded_model: nn.Module, images: np.ndarray, labels: np.ndarray, batch_size: int,
+            tolerance: float, chunk_batches: int | None, channels_last: bool,
+            progress: Callable[[int, int], None] | None) -> VerifyResult:
     started = time.perf_counter()
     bn_model.eval()
     folded_model.eval()

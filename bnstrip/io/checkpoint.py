@@ -1,50 +1,56 @@
-"""Read and write checkpoints safely: `.pt` via weights_only torch.load, `.safetensors` via safetensors.
+"""Read and write checkpoints safely: `.pt` via weights_only torch.load, `.safetensors` by plain reads.
 
 Reading: the file is opened once (only if it is a regular file), its format is
-taken from its first bytes (never the extension), its structure is validated by
-bnstrip.io.safety, every global its pickle names is checked against torch's
-weights-only set *before* torch.load runs, and torch.load then runs with
-weights_only=True (explicitly, so TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD cannot
-override it; the variable is also hidden for the call).  Nothing is ever retried
-with weights_only=False.
+taken from its first bytes (never the extension) and its structure validated
+statically (bnstrip.io.torchzip, torchlegacy, pickle_scan, safetensors_check):
+every global the pickle names is checked against torch's weights-only set, every
+storage must be backed by bytes from the file, and nothing may allocate more than
+the file holds, all *before* torch.load runs.  torch.load then runs with
+weights_only=True (explicitly, so TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD cannot override
+it; the variable is also hidden for the call).  Nothing is ever retried with
+weights_only=False.  The sha256 is computed last, after the checks, so a huge
+bogus file is refused without being read.
 
-Writing: a temp file in the target directory, fsync, os.replace, fsync of the
-directory; on any failure the temp file is removed and the old output (if any)
-is left as it was.  The input is never written.
+Writing: bnstrip.io.write.write_atomically.  The input is never written.
 """
 from __future__ import annotations
 
 import contextlib
-from collections import Counter
 import hashlib
+import io
 import os
 import re
-import signal
-import tempfile
-import threading
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterable, Iterator, Mapping
 
-from bnstrip.errors import InputError, first_line
-from bnstrip.io.safety import (
-    ZIP_MAGIC,
-    describe_non_checkpoint,
-    looks_like_pickle,
-    looks_like_safetensors,
-    open_regular_file,
-    parses_as_pickle,
-    pickle_globals,
+from bnstrip.errors import InputError, first_line, printable
+from bnstrip.io.pickle_scan import (
+    refuse_allocation,
     refuse_globals,
-    scan_legacy_pickles,
-    scan_zip_pickle,
-    validate_safetensors,
-    validate_torch_zip,
+    scan_legacy,
+    scan_pickle,
+    unsafe_globals,
+)
+from bnstrip.io.safetensors_check import read_tensors, validate_safetensors
+from bnstrip.io.sniff import detect, open_regular_file
+from bnstrip.io.torchlegacy import check_legacy_storages, is_torch_legacy
+from bnstrip.io.torchzip import ZipLayout, check_zip_storages, read_record, scan_zip_pickle, validate_torch_zip
+from bnstrip.io.write import (  # noqa: F401 - re-exported: callers import the writer's API from here
+    RecordingWriter,
+    check_output_path,
+    check_output_paths,
+    output_format,
+    write_atomically,
 )
 
 WRAPPER_KEYS = ("state_dict", "model_state_dict", "model")
 STRIP_PREFIXES = ("module.", "_orig_mod.")
+MAX_WRAPPER_DEPTH = 8
+"""Training checkpoints nest the state_dict one or two levels deep; deeper is crafted."""
+LOGICAL_SLACK = 1 << 30
+"""Tensors may view their storages (broadcast rows, tied weights), but not claim more than twice the file plus 1 GiB."""
 
 UNSAFE_LOAD_ENV = "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"
 """torch turns weights_only off when this is set and the caller did not pass weights_only; bnstrip hides it anyway."""
@@ -83,57 +89,57 @@ def detect_format(path: str | os.PathLike[str]) -> str:
     """'torch-zip', 'torch-legacy' (any pickle) or 'safetensors' from the first bytes; InputError otherwise."""
     path = Path(path)
     with open_regular_file(path) as f:
-        return _detect(f, os.fstat(f.fileno()).st_size, path)
+        return detect(f, os.fstat(f.fileno()).st_size, path)
 
 
-def _detect(f: BinaryIO, size: int, path: Path) -> str:
-    if size == 0:
-        raise InputError(f"{path}: file is empty; re-export or re-download the checkpoint")
-    f.seek(0)
-    head = f.read(64)
-    if head.startswith(ZIP_MAGIC):
-        return "torch-zip"
-    if looks_like_pickle(head):
-        return "torch-legacy"
-    if looks_like_safetensors(head):
-        return "safetensors"
-    if parses_as_pickle(f, size):  # protocol 0/1 pickles have no PROTO opcode; they are still scanned, never run
-        return "torch-legacy"
-    raise describe_non_checkpoint(head, path)
+def _items(obj: Mapping[str, Any]) -> list[tuple[Any, Any]]:
+    """The mapping's items through its class, so an `items`/`keys` attribute planted on the instance is ignored."""
+    return list(type(obj).items(obj)) if isinstance(obj, dict) else list(obj.items())
 
 
 def _is_tensor_dict(obj: Any) -> bool:
     import torch
 
     return isinstance(obj, Mapping) and len(obj) > 0 and all(
-        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
-    )
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in _items(obj))
 
 
 def unwrap_state_dict(obj: Any, path: Path) -> tuple[dict[str, Any], list[str]]:
-    """Find the state_dict inside a training checkpoint and strip DataParallel/compile prefixes."""
+    """Find the state_dict inside a training checkpoint and strip DataParallel/compile prefixes.
+
+    Wrappers are followed at most MAX_WRAPPER_DEPTH deep and never twice (a wrapper can contain itself).
+    """
     import torch
 
+    shown = printable(path)
     notes: list[str] = []
+    seen: set[int] = set()
     while not _is_tensor_dict(obj):
-        if isinstance(obj, Mapping):
-            inner = next((k for k in WRAPPER_KEYS if k in obj and isinstance(obj[k], Mapping)), None)
-            if inner is not None:
-                notes.append(f"unwrapped '{inner}'")
-                obj = obj[inner]
-                continue
-            if not obj:
-                raise InputError(f"{path}: checkpoint holds an empty dict; pass a file with a state_dict")
-            bad_key = next((k for k in obj if not isinstance(k, str)), None)
-            if bad_key is not None:
-                raise InputError(f"{path}: key {bad_key!r} is a {type(bad_key).__name__}, not a parameter name; save model.state_dict() instead")
-            key, value = next((k, v) for k, v in obj.items() if not isinstance(v, torch.Tensor))
-            raise InputError(
-                f"{path}: entry {key!r} is not a tensor ({type(value).__name__}) and no 'state_dict'/'model'/'model_state_dict' "
-                "key was found; save model.state_dict() instead"
-            )
-        raise InputError(f"{path}: top-level object is a {type(obj).__name__}, not a state_dict; save model.state_dict() instead")
-    state = dict(obj)
+        if id(obj) in seen:
+            raise InputError(f"{shown}: the checkpoint's wrapper contains itself (a cycle, crafted); save model.state_dict() instead")
+        if len(seen) >= MAX_WRAPPER_DEPTH:
+            raise InputError(f"{shown}: state_dict is wrapped more than {MAX_WRAPPER_DEPTH} levels deep; save model.state_dict() instead")
+        seen.add(id(obj))
+        if not isinstance(obj, Mapping):
+            raise InputError(f"{shown}: top-level object is a {type(obj).__name__}, not a state_dict; save model.state_dict() instead")
+        items = _items(obj)
+        inner = next((k for k in WRAPPER_KEYS for key, v in items if key == k and isinstance(v, Mapping)), None)
+        if inner is not None:
+            notes.append(f"unwrapped '{inner}'")
+            obj = next(v for key, v in items if key == inner)
+            continue
+        if not items:
+            raise InputError(f"{shown}: checkpoint holds an empty dict; pass a file with a state_dict")
+        bad_key = next((k for k, _ in items if not isinstance(k, str)), None)
+        if bad_key is not None:
+            raise InputError(f"{shown}: key {printable(repr(bad_key))[:80]} is a {type(bad_key).__name__}, not a parameter name; "
+                             "save model.state_dict() instead")
+        key, value = next((k, v) for k, v in items if not isinstance(v, torch.Tensor))
+        raise InputError(
+            f"{shown}: entry {printable(repr(key))} is not a tensor ({type(value).__name__}) and no 'state_dict'/'model'/"
+            "'model_state_dict' key was found; save model.state_dict() instead"
+        )
+    state = dict(_items(obj))
     for prefix in STRIP_PREFIXES:
         if state and all(k.startswith(prefix) for k in state):
             state = {k[len(prefix):]: v for k, v in state.items()}
@@ -141,84 +147,141 @@ def unwrap_state_dict(obj: Any, path: Path) -> tuple[dict[str, Any], list[str]]:
     return state, notes
 
 
-def check_tensors(state: Mapping[str, Any], path: Path) -> None:
-    """Only dense, CPU, non-quantized tensors with values can be folded; name the first that is not."""
+def check_tensors(state: Mapping[str, Any], path: Path, file_size: int | None = None) -> None:
+    """Only dense, CPU, non-quantized plain tensors with values can be folded; name the first that is not.
+
+    With `file_size`, the tensors together may not claim more than 2 * file_size + LOGICAL_SLACK bytes (a
+    stride-0 view of one stored element can claim terabytes that later work would allocate).
+    """
     import torch
 
+    shown = printable(path)
+    claimed = 0
     for key, tensor in state.items():
+        name = printable(key)
+        if type(tensor) not in (torch.Tensor, torch.nn.Parameter):
+            raise InputError(f"{shown}: tensor {name} is a {type(tensor).__name__} (a tensor subclass); save plain tensors")
         if tensor.is_meta:
-            raise InputError(f"{path}: tensor {key} is on the meta device (a shape without values); save the real weights")
+            raise InputError(f"{shown}: tensor {name} is on the meta device (a shape without values); save the real weights")
         if getattr(tensor, "is_nested", False):
-            raise InputError(f"{path}: tensor {key} is a nested tensor; save dense tensors")
+            raise InputError(f"{shown}: tensor {name} is a nested tensor; save dense tensors")
         if tensor.layout != torch.strided:
-            raise InputError(f"{path}: tensor {key} is {str(tensor.layout).replace('torch.', '')}, not dense; "
+            raise InputError(f"{shown}: tensor {name} is {str(tensor.layout).replace('torch.', '')}, not dense; "
                              "save dense tensors (tensor.to_dense())")
         if tensor.is_quantized:
-            raise InputError(f"{path}: tensor {key} is quantized ({tensor.dtype}); fold the float model before quantizing")
+            raise InputError(f"{shown}: tensor {name} is quantized ({tensor.dtype}); fold the float model before quantizing")
         if tensor.device.type != "cpu":
-            raise InputError(f"{path}: tensor {key} is on {tensor.device}; bnstrip loads onto the CPU only")
+            raise InputError(f"{shown}: tensor {name} is on {tensor.device}; bnstrip loads onto the CPU only")
+        claimed += tensor.numel() * tensor.element_size()
+        if file_size is not None and claimed > 2 * file_size + LOGICAL_SLACK:
+            raise InputError(f"{shown}: tensors up to {name} claim {claimed:,} bytes from a {file_size:,}-byte file (views "
+                             "that repeat a few stored values); save real tensors with torch.save(model.state_dict(), PATH)")
 
 
 def load_checkpoint(path: str | os.PathLike[str]) -> LoadedCheckpoint:
     """Load a state_dict on the CPU without running code from the file.
 
-    The file is validated and scanned through a single open descriptor; torch or
-    safetensors only see it after every check passed.
+    The file is validated and scanned through a single open descriptor; torch only
+    sees it after every check passed; it is hashed last.
     """
     path = Path(path)
     with open_regular_file(path) as f:
         size = os.fstat(f.fileno()).st_size
-        fmt = _detect(f, size, path)
-        digest = _sha256_stream(f)
+        fmt = detect(f, size, path)
         metadata: dict[str, str] = {}
         if fmt == "safetensors":
             layout = validate_safetensors(f, size, path)
             metadata = layout.metadata
-            raw: Any = _read_safetensors(path, f, list(layout.tensors))
+            raw: Any = read_tensors(f, layout, path)
         else:
-            if fmt == "torch-zip":
-                zip_layout = validate_torch_zip(f, size, path)
-                if zip_layout.is_torchscript:
-                    raise _torchscript_refusal(f, zip_layout, path)
-                forbidden = scan_zip_pickle(f, zip_layout, path)
-            else:
-                forbidden = scan_legacy_pickles(f, size, path)
-            if forbidden:
-                raise refuse_globals(path, forbidden)
+            validate_pickled(f, fmt, size, path)
             raw = _torch_load(f, path)
-    state, notes = unwrap_state_dict(raw, path)
-    check_tensors(state, path)
+        state, notes = unwrap_state_dict(raw, path)
+        check_tensors(state, path, size)
+        digest = _sha256_stream(f)
     return LoadedCheckpoint(state_dict=state, path=path, format=fmt, sha256=digest, unwrapped=notes, metadata=metadata)
 
 
-def _read_safetensors(path: Path, f: BinaryIO, names: list[str]) -> dict[str, Any]:
-    """Read the tensors with the safetensors library, after checking the path still names the validated file."""
-    from safetensors import safe_open
-
-    opened, now = os.fstat(f.fileno()), os.stat(path)
-    if (opened.st_dev, opened.st_ino, opened.st_size) != (now.st_dev, now.st_ino, now.st_size):
-        raise InputError(f"{path}: the file changed while it was being read; try again when nothing is writing it")
+def validate_pickled(f: BinaryIO, fmt: str, size: int, path: Path) -> None:
+    """All static checks of a torch zip or pickle: layout, globals, allocating calls, storages backed by the file."""
+    if fmt == "torch-zip":
+        layout = validate_torch_zip(f, size, path)
+        if layout.is_torchscript:
+            raise _torchscript_refusal(f, layout, path)
+        scan = scan_zip_pickle(f, layout, size, path)
+        forbidden = unsafe_globals(scan.globals + _torch_scanner_globals(f))
+        if forbidden:
+            raise refuse_globals(path, forbidden)
+        if scan.problems:
+            raise refuse_allocation(path, scan.problems[0])
+        check_zip_storages(scan, layout, path)
+        return
     try:
-        with safe_open(str(path), framework="pt", device="cpu") as st:
-            return {name: st.get_tensor(name) for name in names}
-    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
-        raise InputError(f"{path}: unreadable safetensors file ({first_line(exc)}); re-export it") from None
+        scans, raw_start = scan_legacy(f, size)
+    except ValueError as exc:
+        raise InputError(f"{printable(path)}: corrupt pickle ({first_line(exc, 200)}); re-export the checkpoint with torch.save") from None
+    forbidden = unsafe_globals(name for scan in scans for name in scan.globals)
+    if forbidden:
+        raise refuse_globals(path, forbidden)
+    problems = [p for scan in scans for p in scan.problems]
+    if problems:
+        raise refuse_allocation(path, problems[0])
+    if not is_torch_legacy(scans):
+        raise InputError(f"{printable(path)}: a pickle, but not one written by torch.save; save the state_dict with "
+                         "torch.save(model.state_dict(), PATH)")
+    check_legacy_storages(f, scans, raw_start, size, path)
 
 
-def _torchscript_refusal(f: BinaryIO, layout: Any, path: Path) -> InputError:
+def _torch_scanner_globals(f: BinaryIO) -> list[str]:
+    """torch's own static scan, as a second opinion (it knows only protocol-2 opcodes; ours covers the rest)."""
+    import torch
+
+    f.seek(0)
+    try:
+        return list(torch.serialization.get_unsafe_globals_in_checkpoint(_NoFileno(f)))
+    except Exception:  # noqa: BLE001 - the archive already passed our stricter checks
+        return []
+
+
+def _torchscript_refusal(f: BinaryIO, layout: ZipLayout, path: Path) -> InputError:
     code = ""
     record = layout.records.get(layout.pickle_name)
     if record is not None:
-        import io
-
-        f.seek(record.data_start)
         try:
-            names = [n for n in pickle_globals(io.BytesIO(f.read(record.size))) if n.startswith("__torch__")]
+            names = [n for n in scan_pickle(io.BytesIO(read_record(f, record)), record.size).globals if n.startswith("__torch__")]
         except ValueError:
             names = []
-        code = f", compiled code such as {names[0]}" if names else ""
-    return InputError(f"{path}: is a TorchScript archive (a program{code}), which bnstrip will not run; "
-                      "pass the model's state_dict saved with torch.save(model.state_dict(), ...)")
+        code = f", compiled code such as {printable(names[0])}" if names else ""
+    return InputError(f"{printable(path)}: is a TorchScript archive (a program{code}), which bnstrip will not run; "
+                      "pass the model's state_dict saved with torch.save(model.state_dict(), PATH)")
+
+
+class _NoFileno:
+    """The validated descriptor without fileno(): torch then reads it through read() only (no legacy tar path, no mmap)."""
+
+    def __init__(self, f: BinaryIO) -> None:
+        self._f = f
+
+    def read(self, n: int = -1) -> bytes:
+        return self._f.read(n)
+
+    def readinto(self, buffer: Any) -> int:
+        return self._f.readinto(buffer)
+
+    def readline(self, limit: int = -1) -> bytes:
+        return self._f.readline(limit)
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self._f.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._f.tell()
+
+    def seekable(self) -> bool:
+        return True
+
+    def readable(self) -> bool:
+        return True
 
 
 @contextlib.contextmanager
@@ -242,11 +305,11 @@ def _torch_load(f: BinaryIO, path: Path) -> Any:
     with _without_unsafe_load_env(), warnings.catch_warnings(), torch.sparse.check_sparse_tensor_invariants(enable=True):
         warnings.simplefilter("ignore")
         try:
-            return torch.load(f, map_location="cpu", weights_only=True, mmap=False)
+            return torch.load(_NoFileno(f), map_location="cpu", weights_only=True, mmap=False)
         except pickle.UnpicklingError as exc:
             raise _weights_only_refusal(path, exc) from None
         except MemoryError:
-            raise InputError(f"{path}: not enough memory to load the checkpoint; use a machine with more memory") from None
+            raise InputError(f"{printable(path)}: not enough memory to load the checkpoint; use a machine with more memory") from None
         except Exception as exc:  # noqa: BLE001 - torch raises RuntimeError/EOFError/ValueError/... for broken files
             raise _load_failure(path, exc) from None
 
@@ -264,29 +327,28 @@ def _weights_only_refusal(path: Path, exc: BaseException) -> InputError:
             return refuse_globals(path, [match.group(1).rstrip(".,")])
     operand = re.search(r"Unsupported operand (\d+)", text)
     what = f"pickle opcode {operand.group(1)}" if operand else "something other than tensors"
-    return InputError(f"{path}: refused: the pickle uses {what}, which a weights-only load does not allow (nothing was run); "
-                      "ask for a plain state_dict (torch.save(model.state_dict())) or a .safetensors file")
+    return InputError(f"{printable(path)}: refused: the pickle uses {what}, which a weights-only load does not allow (nothing "
+                      "was run); ask for a plain state_dict (torch.save(model.state_dict())) or a .safetensors file")
 
 
 def _load_failure(path: Path, exc: BaseException) -> InputError:
     """One line for a file torch cannot read, translated from torch's multi-line messages where they are known."""
+    shown = printable(path)
     text = str(exc)
     missing = re.search(r"failed locating file (\S+): file not found", text)
     if missing:
-        return InputError(f"{path}: archive lacks record {missing.group(1)}, which its pickle refers to "
+        return InputError(f"{shown}: archive lacks record {printable(missing.group(1))}, which its pickle refers to "
                           "(the file is incomplete or corrupt); re-download or re-export it")
     size = re.search(r"record size \((\d+) bytes\) does not match expected size \((\d+) bytes", text)
     if size:
-        return InputError(f"{path}: a tensor record holds {size.group(1)} bytes but its tensor needs {size.group(2)}; "
+        return InputError(f"{shown}: a tensor record holds {size.group(1)} bytes but its tensor needs {size.group(2)}; "
                           "the file is corrupt, re-export it")
     if "Invalid magic number" in text or "Invalid load key" in text:
-        return InputError(f"{path}: a pickle, but not one written by torch.save; save the state_dict with torch.save")
+        return InputError(f"{shown}: a pickle, but not one written by torch.save; save the state_dict with torch.save")
     detail = first_line(exc)
     if "weights_only" in detail or "safe_globals" in detail:
         detail = type(exc).__name__
-    return InputError(f"{path}: cannot load as a PyTorch checkpoint ({detail}); re-export it with torch.save")
-
-
+    return InputError(f"{shown}: cannot load as a PyTorch checkpoint ({detail}); re-export it with torch.save")
 
 
 # --------------------------------------------------------------------------- writing
@@ -298,170 +360,48 @@ def key_mismatch(expected: Iterable[str], actual: Iterable[str], shown: int = 4)
     parts = []
     for label, keys in (("missing", sorted(expected - actual)), ("unexpected", sorted(actual - expected))):
         if keys:
-            parts.append(f"{label} {', '.join(keys[:shown])}{' ...' if len(keys) > shown else ''}")
+            parts.append(f"{label} {', '.join(printable(k) for k in keys[:shown])}{' ...' if len(keys) > shown else ''}")
     return "; ".join(parts) or None
 
 
-def check_output_path(output: str | os.PathLike[str], inputs: list[str | os.PathLike[str]], force: bool) -> Path:
-    """Refuse to write over an input (by inode, so links count) or an existing file without force."""
-    output = Path(output)
-    for src in inputs:
-        src = Path(src)
-        same = output.resolve() == src.resolve()
-        if not same and output.exists() and src.exists():
-            with contextlib.suppress(OSError):
-                same = os.path.samefile(output, src)
-        if same:
-            raise InputError(f"{output}: output is the input file {src}; choose another output path")
-    if output.exists() and not output.is_file():
-        raise InputError(f"{output}: output exists and is not a regular file; choose another output path")
-    if output.exists() and not force:
-        raise InputError(f"{output}: output exists; pass --force to replace it")
-    parent = output.parent if str(output.parent) else Path(".")
-    if not parent.is_dir():
-        raise InputError(f"{output}: directory {parent} does not exist; create it first")
-    if not os.access(parent, os.W_OK):
-        raise InputError(f"{output}: directory {parent} is not writable; choose another output path")
-    try:  # os.access says yes to root and knows nothing of read-only mounts: try it, before any long work
-        with tempfile.TemporaryFile(dir=parent):
-            pass
-    except OSError as exc:
-        raise InputError(f"{output}: directory {parent} is not writable ({exc.strerror or exc}); choose another output path") from None
-    return output
+def _unshared(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+    """Contiguous tensors for safetensors, each shared one (as safetensors itself finds them) given its own copy."""
+    from safetensors.torch import _find_shared_tensors
 
-
-def output_format(path: str | os.PathLike[str]) -> str:
-    """'safetensors' for a .safetensors name, 'torch' otherwise."""
-    return "safetensors" if str(path).lower().endswith(".safetensors") else "torch"
-
-
-class _RecordingWriter:
-    """A file wrapper that keeps the OSError a write raised: torch.save turns it into an unrelated RuntimeError."""
-
-    def __init__(self, f: BinaryIO | None) -> None:
-        self._f = f
-        self.error: OSError | None = None
-
-    def attach(self, f: BinaryIO) -> None:
-        self._f = f
-
-    def write(self, data: Any) -> int:
-        try:
-            return self._f.write(data)
-        except OSError as exc:
-            self.error = self.error or exc
-            raise
-
-    def flush(self) -> None:
-        self._f.flush()
-
-    def tell(self) -> int:
-        return self._f.tell()
-
-    def seek(self, *args: Any) -> int:
-        return self._f.seek(*args)
-
-
-@contextlib.contextmanager
-def _file_size_limit_as_error() -> Iterator[None]:
-    """Ignore SIGXFSZ during the write, so hitting `ulimit -f` is an EFBIG error we can clean up after, not a kill."""
-    sigxfsz = getattr(signal, "SIGXFSZ", None)
-    if sigxfsz is None or threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(sigxfsz, signal.SIG_IGN)
-    try:
-        yield
-    finally:
-        signal.signal(sigxfsz, previous)
-
-
-def write_atomically(path: Path, write: Callable[[str], None], writer: "_RecordingWriter | None" = None) -> None:
-    """Call write(temp_name) on a temp file beside `path`, fsync it, then os.replace it over `path`.
-
-    Readers of `path` see either the old file or the complete new one, even if the
-    process is killed mid-write; after an ordinary failure no temp file remains and
-    the error is one InputError line. Pass the _RecordingWriter that `write` uses, if
-    any, so the real OSError behind a library's wrapped error can be named.
-    """
-    parent = path.parent if str(path.parent) else Path(".")
-    try:
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
-        os.close(fd)
-    except OSError as exc:
-        raise InputError(f"{path}: cannot create a file in {parent} ({exc.strerror or exc}); choose another output path") from None
-    try:
-        with _file_size_limit_as_error():
-            write(tmp_name)
-            with open(tmp_name, "rb+") as f:
-                os.fsync(f.fileno())
-        os.chmod(tmp_name, 0o644)
-        os.replace(tmp_name, path)
-        _fsync_dir(parent)
-    except BaseException as exc:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp_name)
-        if isinstance(exc, (KeyboardInterrupt, SystemExit)):
-            raise
-        reason = _write_failure_reason(exc, writer)
-        if reason is None:
-            raise
-        raise InputError(f"{path}: write failed ({reason}); nothing was written, free space or choose another output path") from None
+    tensors = {k: v.detach().contiguous() for k, v in state_dict.items()}
+    for group in _find_shared_tensors(tensors):
+        for name in sorted(group)[1:]:
+            tensors[name] = tensors[name].clone()
+    return tensors
 
 
 def save_checkpoint(state_dict: Mapping[str, Any], path: str | os.PathLike[str], *, force: bool = False,
-                    inputs: list[str | os.PathLike[str]] | None = None, metadata: Mapping[str, str] | None = None) -> Path:
-    """Write a state_dict atomically (see write_atomically); format chosen by the output's extension."""
+                    inputs: list[str | os.PathLike[str]] | None = None, metadata: Mapping[str, str] | None = None,
+                    before_replace: Callable[[str], None] | None = None) -> Path:
+    """Write a state_dict atomically (see write_atomically); format chosen by the output's suffix.
+
+    Without force an existing output, or one that appears during the write, is never replaced.
+    `before_replace(temp_name)` runs on the complete temp file before it is put in place.
+    """
     path = check_output_path(path, list(inputs or []), force)
     if output_format(path) == "safetensors":
         from safetensors.torch import save_file
 
-        def write(tmp_name: str) -> None:
-            # safetensors refuses tensors that share memory: give each shared one its own copy
-            users = Counter(v.untyped_storage().data_ptr() for v in state_dict.values())
-            tensors = {k: v.detach().contiguous().clone() if users[v.untyped_storage().data_ptr()] > 1 else v.detach().contiguous()
-                       for k, v in state_dict.items()}
-            save_file(tensors, tmp_name, metadata=dict(metadata or {}))
+        def write_safetensors(tmp_name: str) -> None:
+            save_file(_unshared(state_dict), tmp_name, metadata=dict(metadata or {}))
 
-        write_atomically(path, write)
+        write_atomically(path, write_safetensors, replace=force, before_replace=before_replace)
         return path
 
     import torch
 
-    recorder = _RecordingWriter(None)
+    recorder = RecordingWriter(None)
 
-    def write(tmp_name: str) -> None:
+    def write_torch(tmp_name: str) -> None:
         with open(tmp_name, "wb") as f:
             recorder.attach(f)
             torch.save(dict(state_dict), recorder)
             f.flush()
 
-    write_atomically(path, write, recorder)
+    write_atomically(path, write_torch, recorder, replace=force, before_replace=before_replace)
     return path
-
-
-def _write_failure_reason(exc: BaseException, writer: _RecordingWriter | None) -> str | None:
-    """A readable reason for an I/O failure, or None for a failure that is not about I/O (re-raised as is)."""
-    if writer is not None and writer.error is not None:
-        return writer.error.strerror or str(writer.error)
-    if isinstance(exc, OSError):
-        return exc.strerror or str(exc)
-    match = re.search(r"os error (\d+)", str(exc))
-    if match:
-        return os.strerror(int(match.group(1)))
-    if type(exc).__name__ == "SafetensorError" or "inline_container" in str(exc):
-        return first_line(exc)
-    return None
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        dir_fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dir_fd)
-    except OSError:
-        pass
-    finally:
-        os.close(dir_fd)

@@ -224,6 +224,37 @@ def monte_carlo_moments(layers: Sequence[int], samples: int, seed: int,
                              math.sqrt(max(fourth - variance**2, 0.0) / samples))
 
 
+DEFAULT_SAMPLES = 100_000
+"""Monte Carlo samples when the time budget allows them (small networks)."""
+DEFAULT_BUDGET_SECONDS = 10.0
+"""Time budget of the Monte Carlo check: with `import torch` and the exact part a run stays within about 15 s."""
+MIN_BUDGET_SAMPLES = 100
+"""Fewest samples a budget picks: below this the standard error says little."""
+
+
+def samples_for_budget(layers: Sequence[int], seconds: float = DEFAULT_BUDGET_SECONDS, seed: int = 0,
+                       cap: int = DEFAULT_SAMPLES) -> int:
+    """How many Monte Carlo samples fit `seconds` on this machine, at most `cap`, at least MIN_BUDGET_SAMPLES.
+
+    A pilot run (growing x4 until it takes 0.2 s) measures the cost of one sample; its draws are not reused,
+    so the pilot costs at most about 1 s.  The standard error grows as 1/sqrt(samples) accordingly.
+    """
+    import time
+
+    widths = validate_layers(layers)
+    pilot = 2
+    while True:
+        started = time.perf_counter()
+        monte_carlo_moments(widths, pilot, seed)
+        elapsed = time.perf_counter() - started
+        if elapsed >= 0.2 or pilot >= cap:
+            break
+        pilot *= 4
+    per_sample = elapsed / pilot
+    fitting = int(max(seconds - elapsed, 0.0) / per_sample) if per_sample > 0 else cap
+    return max(min(fitting, cap), min(MIN_BUDGET_SAMPLES, cap))
+
+
 def init_stats(layers: Sequence[int], samples: int, seed: int = 0,
                progress: Callable[[int, int], None] | None = None) -> InitStatsResult:
     """Exact moments of y_1..y_L under torch's default init, checked by Monte Carlo (fail beyond 4 standard errors)."""

@@ -1,6 +1,6 @@
-"""A zoo of small networks covering every pattern the fold engine must fold or refuse.
+"""Small replica networks covering every pattern the fold engine must fold or refuse.
 
-Each class builds with no arguments (so `--arch tests.zoo:ResNet18Style` works) and is
+Each class builds with no arguments (so `--arch bnstrip.zoo:ResNet18Style` works; scripts import it too) and is
 kept tiny so tests stay fast. `INPUT_SHAPES` gives a batch shape each model accepts;
 `randomize_bn` gives BatchNorms statistics that make a wrong fold visible.
 """
@@ -371,3 +371,43 @@ def build(name: str, seed: int = 0) -> tuple[nn.Module, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed + 1)
     return model, torch.randn(*shape, generator=gen)
 
+
+
+class _Bottleneck(nn.Module):
+    def __init__(self, cin: int, width: int, stride: int) -> None:
+        super().__init__()
+        cout = width * 4
+        self.conv1, self.bn1 = nn.Conv2d(cin, width, 1, bias=False), nn.BatchNorm2d(width)
+        self.conv2, self.bn2 = nn.Conv2d(width, width, 3, stride, 1, bias=False), nn.BatchNorm2d(width)
+        self.conv3, self.bn3 = nn.Conv2d(width, cout, 1, bias=False), nn.BatchNorm2d(cout)
+        self.down = None
+        if stride != 1 or cin != cout:
+            self.down = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = F.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return F.relu(out + (x if self.down is None else self.down(x)))
+
+
+class ResNet152Style(nn.Module):
+    """ResNet-152's layout (bottlenecks 3, 8, 36, 3; 60M parameters, 230 MiB in float32), for memory benchmarks.
+
+    Not in ZOO: too large for the tests. Build it on the meta device when only its shapes are needed.
+    """
+
+    def __init__(self, classes: int = 1000) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64), nn.ReLU(),
+                                  nn.MaxPool2d(3, 2, 1))
+        blocks, cin = [], 64
+        for width, count, stride in ((64, 3, 1), (128, 8, 2), (256, 36, 2), (512, 3, 2)):
+            for index in range(count):
+                blocks.append(_Bottleneck(cin, width, stride if index == 0 else 1))
+                cin = width * 4
+        self.blocks = nn.Sequential(*blocks)
+        self.fc = nn.Linear(cin, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(self.blocks(self.stem(x)), 1), 1))

@@ -1,0 +1,100 @@
+"""Rebuilding a folded module from OUT and its manifest, and strict loading with one-line errors."""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from bnstrip.errors import InputError
+from bnstrip.fold.rewrite import FoldedBatchNorm, add_bias, set_unfolded_eps, strip_graph
+from bnstrip.io.checkpoint import key_mismatch
+from bnstrip.trace.fx_tracer import fx_trace
+from bnstrip.trace.opgraph import ops_from_fx
+
+def folded_skeleton(model: nn.Module, manifest: dict[str, Any], source: str = "manifest") -> nn.Module:
+    """A copy of `model` with the manifest's structure (BNs removed, biases added) so OUT loads strictly."""
+    work = copy.deepcopy(model).eval()
+    form = manifest["form"]
+    bn_names = [entry["bn"] for entry in manifest["folded"]]
+    eps = manifest.get("eps")
+    if form == "keep-structure":
+        return work
+    if form == "modules":
+        for name in bn_names:
+            try:
+                module = work.get_submodule(name)
+            except AttributeError:
+                module = None
+            if not isinstance(module, _BatchNorm):
+                raise InputError(f"{source}: folded BatchNorm {name!r} is not a BatchNorm of {type(model).__name__}; "
+                                 "pass the model the checkpoint was folded from")
+            work.set_submodule(name, FoldedBatchNorm(module))
+        result: nn.Module = work
+    else:
+        gm, _, error = fx_trace(work)
+        if gm is None:
+            raise InputError(f"{source}: {type(model).__name__} no longer traces with torch.fx ({error}); "
+                             "pass the model the checkpoint was folded from")
+        ops = {op.name: op for op in ops_from_fx(gm) if op.kind == "bn"}
+        missing = [name for name in bn_names if name not in ops]
+        if missing:
+            raise InputError(f"{source}: folded BatchNorm {missing[0]!r} is not in {type(model).__name__}'s graph; "
+                             "pass the model the checkpoint was folded from")
+        strip_graph(gm, [ops[name] for name in bn_names])
+        result = gm
+    for name in manifest["gained_bias"]:
+        try:
+            layer = result.get_submodule(name)
+        except AttributeError:
+            layer = None
+        if layer is None or getattr(layer, "weight", None) is None or "bias" not in layer._parameters:
+            raise InputError(f"{source}: layer {name!r} that gained a bias is not in {type(model).__name__}; "
+                             "pass the model the checkpoint was folded from")
+        if layer.bias is None:
+            out_features = layer.weight.shape[1] * layer.groups if isinstance(layer, nn.modules.conv._ConvTransposeNd) \
+                else layer.weight.shape[0]
+            add_bias(layer, torch.zeros(out_features, dtype=layer.weight.dtype, device=layer.weight.device))
+    set_unfolded_eps(result, set(bn_names), eps)
+    if manifest.get("merged"):  # reparameterize=True: re-apply the branch merges by name
+        from bnstrip.fold.reparam import rebuild_merges
+
+        result = rebuild_merges(result, manifest["merged"], source)
+    return result.eval()
+
+
+def load_state_strict(model: nn.Module, state: dict[str, torch.Tensor], source: str, assign: bool = False) -> None:
+    """load_state_dict(strict=True) with a one-line InputError that names what does not match."""
+    expected = model.state_dict()
+    mismatch = key_mismatch(expected, state)
+    if mismatch:
+        raise InputError(f"{source}: does not load strictly into {type(model).__name__} ({mismatch}); "
+                         "pass the matching model / checkpoint")
+    for key, tensor in expected.items():
+        if tuple(state[key].shape) != tuple(tensor.shape):
+            raise InputError(f"{source}: {key} has shape {tuple(state[key].shape)} but {type(model).__name__} expects "
+                             f"{tuple(tensor.shape)}; pass the matching model / checkpoint")
+    try:
+        model.load_state_dict(state, strict=True, assign=assign)
+    except (RuntimeError, TypeError) as exc:
+        text = str(exc).strip().splitlines()
+        raise InputError(f"{source}: does not load into {type(model).__name__} ({text[0] if text else exc})") from None
+
+
+def load_folded(model: nn.Module, path: str | Path) -> nn.Module:
+    """Rebuild the folded module written by `bnstrip fuse --arch`: `model` is a fresh instance of the original class."""
+    from bnstrip.io.checkpoint import load_checkpoint
+    from bnstrip.io.manifest import manifest_path, read_manifest
+
+    manifest = read_manifest(path)
+    loaded = load_checkpoint(path)
+    expected_sha = manifest.get("output_sha256")
+    if expected_sha and expected_sha != loaded.sha256:
+        raise InputError(f"{path}: file changed since {manifest_path(path)} was written (sha256 differs); "
+                         "fold it again with fuse_file")
+    skeleton = folded_skeleton(model, manifest, source=str(path))
+    load_state_strict(skeleton, loaded.state_dict, str(path))
+    return skeleton.eval()

@@ -1,0 +1,325 @@
+"""fuse_file: IN -> load -> model -> fold -> one check -> write OUT (and its manifest). The only code that writes outputs.
+
+Two jobs share it. The generic one (`model_factory` is any nn.Module factory, as `--arch`
+gives) loads IN strictly into the factory's model, folds it with `fold_model`, whose check on
+the example inputs is the one check, and writes the folded state_dict plus OUT.bnstrip.json.
+The smallNet job (`model_factory` is SmallNetTrain) folds the state_dict with the course's
+pairs, checks it with the same comparator, and converts it to a smallNetTest state_dict.
+
+Order, so that nothing is lost: IN is validated and loaded first (a swapped IN/OUT is named as
+such), then every path that will be written is checked (names, temp names, existing files),
+then the long work runs, and only then the manifest is written and OUT put in place.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+from torch import nn
+
+from bnstrip.core.compare import SelfCheck, model_dtype
+from bnstrip.errors import CheckFailed, InputError
+from bnstrip.fold.model import FoldResult
+
+DTYPES = {"keep": None, "float32": torch.float32, "float64": torch.float64}
+
+
+@dataclass
+class FuseReport:
+    """What fuse_file did, for the table and the JSON of `bnstrip fuse`."""
+
+    input: str
+    output: str
+    arch: str
+    dtype: str
+    source_format: str
+    self_check: SelfCheck
+    pairs: list[tuple[str, str]]
+    eps: float | None
+    manifest: str | None = None
+    input_shape: list[int] = field(default_factory=list)
+    result: FoldResult | None = None
+    unwrapped: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """The generic (--arch) report as one JSON object."""
+        assert self.result is not None
+        entries = self.result.manifest_entries()
+        return {
+            "input": self.input, "output": self.output, "manifest": self.manifest, "arch": self.arch,
+            "input_shape": self.input_shape, "form": entries["form"], "tracer": entries["tracer"],
+            "eps": entries["eps"], "dtype": self.dtype, "format": self.source_format,
+            "folded": entries["folded"], "skipped": entries["skipped"], "gained_bias": entries["gained_bias"],
+            "merged": entries["merged"],
+            "merge_refused": [{"where": where, "reason": reason} for where, reason in self.result.merge_refused],
+            "self_check_max_abs_diff": self.self_check.max_abs_diff,
+            "self_check_output_scale": self.self_check.output_scale,
+            "self_check_rounding": self.self_check.rounding,
+            "self_check_tolerance": self.self_check.tolerance, "self_check_samples": self.self_check.samples,
+            "unwrapped": self.unwrapped, "warnings": self.warnings, "seconds": self.seconds,
+        }
+
+
+@dataclass
+class _Folded:
+    """What a job hands to the writer: the state_dict for OUT, the check, and the manifest entries (generic job)."""
+
+    state: dict[str, torch.Tensor]
+    check: SelfCheck
+    pairs: list[tuple[str, str]]
+    warnings: list[str]
+    result: FoldResult | None = None
+
+
+def check_outputs(output_path: str, input_path: str, force: bool, with_manifest: bool) -> None:
+    """Every path fuse_file will write is checked (name length, input, existing file, directory) before any is."""
+    from bnstrip.io.manifest import manifest_path
+    from bnstrip.io.write import check_output_path
+
+    check_output_path(output_path, [input_path], force)
+    if with_manifest:
+        check_output_path(manifest_path(output_path), [input_path], force, what="manifest", checkpoint=False)
+
+
+def _state_dtype(state: Mapping[str, torch.Tensor]) -> torch.dtype | None:
+    dtypes = {t.dtype for t in state.values() if isinstance(t, torch.Tensor) and t.is_floating_point()}
+    return dtypes.pop() if len(dtypes) == 1 else None
+
+
+def _converted(state: dict[str, Any], dtype: str) -> dict[str, Any]:
+    """The state_dict in `dtype` ('keep' leaves it as it is); integer tensors (num_batches_tracked) stay."""
+    if dtype not in DTYPES:
+        raise InputError(f"dtype={dtype!r}: expected one of {', '.join(DTYPES)}")
+    target = DTYPES[dtype]
+    if target is None:
+        return state
+    return {k: v.to(target) if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in state.items()}
+
+
+def build_loaded(model_factory: Callable[[], nn.Module], state: dict[str, torch.Tensor], source: str) -> nn.Module:
+    """The factory's model holding IN's tensors (strict load with assign=True: no second copy of the weights).
+
+    The model is built on the meta device when that leaves no meta tensor behind after the load
+    (no random initialisation of weights that are replaced anyway); otherwise it is built normally.
+    """
+    from bnstrip.fold.load import load_state_strict
+
+    with torch.device("meta"):
+        model = model_factory()
+    load_state_strict(model, state, source, assign=True)
+    if any(t.is_meta for t in list(model.parameters()) + list(model.buffers())):
+        model = model_factory()
+        dtype = _state_dtype(state)
+        if dtype is not None:
+            model = model.to(dtype)
+        load_state_strict(model, state, source, assign=True)
+    return model.eval()
+
+
+def _as_model_dtype(example_inputs: Any, dtype: torch.dtype) -> tuple[Any, ...]:
+    """The example inputs as a tuple, floating-point tensors in the model's dtype."""
+    items = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+    return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in items)
+
+
+def _fold_generic(model: nn.Module, example_inputs: tuple[Any, ...], source: str, output: str, name: str, *,
+                  eps: float | None,
+                  keep_structure: bool, allow_overflow: bool, reparameterize: bool = False) -> _Folded:
+    from bnstrip.fold.model import fold_model
+
+    result = fold_model(model, example_inputs, eps=eps, keep_structure=keep_structure, allow_overflow=allow_overflow,
+                        reparameterize=reparameterize)
+    check = result.check
+    if check is None or not check.passed:
+        hint = ""
+        if keep_structure and eps is not None and result.skipped:
+            hint = (f"; {len(result.skipped)} BatchNorms were not folded and keep the model's own eps, not "
+                    f"eps={eps}")
+        figures = check.describe() if check is not None else "the folded model's outputs do not match"
+        raise CheckFailed(f"{source}: folded {name} differs from the original: {figures}{hint}; not writing {output}")
+    return _Folded(state=result.model.state_dict(), check=check, pairs=list(result.folded),
+                   warnings=list(result.warnings), result=result)
+
+
+def _write(folded: _Folded, output_path: str, input_path: str, force: bool, metadata: dict[str, str],
+           manifest: dict[str, Any] | None) -> None:
+    """Manifest first (it holds OUT's sha256, taken from OUT's complete temp file), then OUT is put in place."""
+    from bnstrip.io.checkpoint import save_checkpoint, sha256_file
+    from bnstrip.io.manifest import write_manifest
+
+    def write_manifest_first(tmp_name: str) -> None:
+        write_manifest(output_path, {**manifest, "output_sha256": sha256_file(tmp_name)})
+
+    save_checkpoint(folded.state, output_path, force=force, inputs=[input_path], metadata=metadata,
+                    before_replace=write_manifest_first if manifest is not None else None)
+
+
+def _manifest(folded: _Folded, name: str, shape: list[int], input_path: str, output_path: str, source_sha256: str,
+              entries: dict[str, Any]) -> dict[str, Any]:
+    """What load_folded needs, and the evidence (the check's figures); OUT's sha256 is added when it is known."""
+    from bnstrip import __version__
+
+    check = folded.check
+    return {
+        "bnstrip_version": __version__, "architecture": name, "input_shape": shape, "source": str(input_path),
+        "source_sha256": source_sha256, "output": Path(output_path).name, **entries,
+        "self_check": {"max_abs_diff": check.max_abs_diff, "output_scale": check.output_scale,
+                       "rounding": check.rounding, "tolerance": check.tolerance, "samples": check.samples},
+    }
+
+
+def fuse_file(input_path: str, output_path: str, model_factory: Callable[[], nn.Module],
+              example_inputs: Any = None, *, eps: float | None = None, keep_structure: bool = False,
+              allow_overflow: bool = False, force: bool = False, dtype: str = "keep",
+              arch: str | None = None, reparameterize: bool = False) -> FuseReport:
+    """Load IN, fold it into `model_factory`'s model, check once, write OUT (see the module docstring).
+
+    `example_inputs` (a tensor or tuple) trace and check the generic job; `arch` names the model
+    in messages and metadata. `dtype` ('keep', 'float32', 'float64') converts IN before folding.
+    `reparameterize` also merges parallel branches (fold_model's option; generic job only).
+    """
+    from bnstrip import __version__
+    from bnstrip.homework.models import SmallNetTrain
+    from bnstrip.io.checkpoint import load_checkpoint
+    from bnstrip.io.manifest import manifest_path
+
+    started = time.perf_counter()
+    smallnet = model_factory is SmallNetTrain
+    loaded = load_checkpoint(input_path)
+    state = _converted(loaded.state_dict, dtype)
+    name = "smallNetTest" if smallnet else (arch or getattr(model_factory, "__name__", "model"))
+    if smallnet:
+        from bnstrip.homework.smallnet import refuse_swapped_arguments
+
+        refuse_swapped_arguments(state, input_path)
+        if reparameterize:
+            raise InputError("smallNet has no parallel branches to merge: reparameterize=True goes with an arch model")
+    elif example_inputs is None:
+        raise InputError(f"{name}: example_inputs are required to trace and check the model")
+    check_outputs(output_path, input_path, force, with_manifest=not smallnet)
+    metadata = {"source_sha256": loaded.sha256, "bnstrip_version": __version__, "architecture": name}
+    if smallnet:
+        from bnstrip.homework.models import SMALLNET_EPS
+        from bnstrip.homework.smallnet import fuse_smallnet, half_precision_warning
+
+        eps_used = SMALLNET_EPS if eps is None else eps
+        done = fuse_smallnet(state, eps=eps_used, source=input_path, allow_overflow=allow_overflow)
+        folded = _Folded(state=done.state_dict, check=done.self_check, pairs=list(done.pairs),
+                         warnings=done.warnings + half_precision_warning(done.state_dict))
+        written_dtype = None
+        del state
+    else:
+        model = build_loaded(model_factory, state, input_path)
+        del state
+        loaded.state_dict.clear()  # the model holds IN's tensors now: keep no second reference
+        inputs = _as_model_dtype(example_inputs, model_dtype(model))
+        folded = _fold_generic(model, inputs, input_path, output_path, name, eps=eps, keep_structure=keep_structure,
+                               allow_overflow=allow_overflow, reparameterize=reparameterize)
+        written_dtype, eps_used = model_dtype(model), eps
+        del model
+    written_dtype = written_dtype or _state_dtype(folded.state) or torch.float32
+    entries = folded.result.manifest_entries() if folded.result is not None else {}
+    metadata.update({"folded_pairs": ",".join(f"{p}+{b}" for p, b in folded.pairs), "eps": repr(eps_used)})
+    if entries:
+        metadata["form"] = entries["form"]
+    shape = list(map(int, inputs[0].shape)) if not smallnet and isinstance(inputs[0], torch.Tensor) else []
+    manifest = None if smallnet else _manifest(folded, name, shape, input_path, output_path, loaded.sha256, entries)
+    _write(folded, output_path, input_path, force, metadata, manifest)
+    return FuseReport(input=str(input_path), output=str(output_path), arch=name,
+                      dtype=str(written_dtype).replace("torch.", ""), source_format=loaded.format,
+                      self_check=folded.check, pairs=folded.pairs, eps=eps_used,
+                      manifest=None if smallnet else str(manifest_path(output_path)), input_shape=shape,
+                      result=folded.result, unwrapped=list(loaded.unwrapped), warnings=folded.warnings,
+                      seconds=time.perf_counter() - started)
+
+
+# --------------------------------------------------------------------------- exported programs (.pt2, issue 13)
+
+
+@dataclass
+class ProgramReport:
+    """What `bnstrip fuse` did with a program: IN.pt2 -> OUT.pt2, or --arch IN -> OUT.pt2."""
+
+    input: str
+    output: str
+    arch: str
+    self_check: SelfCheck
+    result: FoldResult
+    dynamic_dims: list[str] = field(default_factory=list)
+    input_shape: list[int] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        entries = self.result.manifest_entries()
+        return {
+            "input": self.input, "output": self.output, "arch": self.arch, "form": "program",
+            "folded": entries["folded"], "skipped": entries["skipped"], "gained_bias": entries["gained_bias"],
+            "dynamic_dims": self.dynamic_dims, "input_shape": self.input_shape,
+            "self_check_max_abs_diff": self.self_check.max_abs_diff,
+            "self_check_output_scale": self.self_check.output_scale,
+            "self_check_rounding": self.self_check.rounding, "self_check_tolerance": self.self_check.tolerance,
+            "self_check_samples": self.self_check.samples, "warnings": list(self.result.warnings),
+            "seconds": self.seconds,
+        }
+
+
+def is_program_path(path: str) -> bool:
+    """An OUT that is a program: by suffix (OUT does not exist yet); an IN: by content (bnstrip.io.pt2.is_pt2)."""
+    return Path(path).suffix.lower() == ".pt2"
+
+
+def write_program(program: Any, output_path: str, input_path: str, force: bool) -> None:
+    """torch.export.save into a temp file beside OUT, then the one atomic placement (bnstrip.io.write)."""
+    from bnstrip.io.write import write_atomically
+
+    def save(tmp_name: str) -> None:
+        with open(tmp_name, "wb") as f:
+            torch.export.save(program, f)
+
+    write_atomically(Path(output_path), save, replace=force)
+
+
+def fuse_program_file(input_path: str, output_path: str, *, eps: float | None = None, allow_overflow: bool = False,
+                      force: bool = False) -> ProgramReport:
+    """IN.pt2 -> fold_program (its own check) -> OUT.pt2; IN is validated before anything else runs."""
+    from bnstrip.fold.program import fold_program
+    from bnstrip.io.pt2 import load_program
+    from bnstrip.io.write import check_output_path
+
+    started = time.perf_counter()
+    program = load_program(input_path)
+    check_output_path(output_path, [input_path], force, what="program", checkpoint=False)
+    result = fold_program(program, eps=eps, allow_overflow=allow_overflow, name=str(input_path))
+    assert result.self_check is not None
+    write_program(result.program, output_path, input_path, force)
+    return ProgramReport(input=str(input_path), output=str(output_path), arch="program", self_check=result.self_check,
+                         result=result, dynamic_dims=result.dynamic_dims, seconds=time.perf_counter() - started)
+
+
+def fuse_arch_to_program(input_path: str, output_path: str, model_factory: Callable[[], nn.Module],
+                         example_inputs: Any, *, arch: str, eps: float | None = None, allow_overflow: bool = False,
+                         force: bool = False, dtype: str = "keep") -> ProgramReport:
+    """--arch IN -> fold_model (its check) -> export the folded module -> check the program -> OUT.pt2."""
+    from bnstrip.fold.model import fold_model
+    from bnstrip.fold.program import export_folded
+    from bnstrip.io.checkpoint import load_checkpoint
+    from bnstrip.io.write import check_output_path
+
+    started = time.perf_counter()
+    loaded = load_checkpoint(input_path)
+    state = _converted(loaded.state_dict, dtype)
+    check_output_path(output_path, [input_path], force, what="program", checkpoint=False)
+    model = build_loaded(model_factory, state, input_path)
+    del state
+    inputs = _as_model_dtype(example_inputs, model_dtype(model))
+    result = fold_model(model, inputs, eps=eps, allow_overflow=allow_overflow)
+    program, check = export_folded(model, result.model, inputs, name=f"{input_path} ({arch})")
+    write_program(program, output_path, input_path, force)
+    shape = list(map(int, inputs[0].shape)) if isinstance(inputs[0], torch.Tensor) else []
+    return ProgramReport(input=str(input_path), output=str(output_path), arch=arch, self_check=check, result=result,
+                         input_shape=shape, seconds=time.perf_counter() - started)

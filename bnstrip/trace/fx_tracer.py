@@ -1,0 +1,113 @@
+"""torch.fx on the whole model: the complete graph, and the only one that can delete functional F.batch_norm calls.
+
+With example inputs the graph is checked against one real run (observe_run): a graph whose
+outputs differ from the forward's is not used.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+import torch.fx as fx
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from bnstrip.core.compare import fresh_inputs, outputs_match
+from bnstrip.errors import InputError
+from bnstrip.trace.alias import attribute_read_refusals, module_refusals
+from bnstrip.trace.classify import bn_refusal, foldable_module_names, layer_kind, layer_refusal
+from bnstrip.trace.observe import observe_run, runtime_refusals
+from bnstrip.trace.opgraph import OpGraph, error_summary, module_calls, ops_from_fx, shapes_text
+
+class BehaviourTracer(fx.Tracer):
+    """fx tracer that keeps plain Conv/Linear/BatchNorm (subclasses too) as leaves, plus any opaque modules."""
+
+    def __init__(self, opaque: frozenset[int] = frozenset()) -> None:
+        super().__init__()
+        self.opaque = opaque
+        # Buffers read as attributes become get_attr nodes instead of constants baked in at trace time,
+        # so code that reads a BatchNorm's running_var outside its call shows up in the graph.
+        self.proxy_buffer_attributes = True
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if id(m) in self.opaque:
+            return True
+        if layer_kind(m) is not None and layer_refusal(m) is None:
+            return True
+        if isinstance(m, _BatchNorm) and bn_refusal(m) is None:
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+
+def fx_trace(model: nn.Module, opaque: frozenset[int] = frozenset()) -> tuple[fx.GraphModule | None, BehaviourTracer, BaseException | None]:
+    """(GraphModule, tracer, None) or (None, tracer, error); the tracer's module_stack says where it failed."""
+    tracer = BehaviourTracer(opaque)
+    try:
+        graph = tracer.trace(model)
+    except Exception as exc:  # fx raises TraceError, TypeError, ... from user code
+        return None, tracer, exc
+    return fx.GraphModule(tracer.root, graph, type(model).__name__), tracer, None
+
+
+class _RankProp(fx.Interpreter):
+    """Run the graph once on the example inputs, recording each node's output rank in node.meta['val_rank']."""
+
+    def __init__(self, gm: fx.GraphModule, model_name: str) -> None:
+        super().__init__(gm)
+        self.model_name = model_name
+
+    def run_node(self, n: fx.Node) -> Any:
+        try:
+            result = super().run_node(n)
+        except Exception as exc:
+            raise InputError(f"example inputs of shape {self._shapes} do not run through {self.model_name} "
+                             f"(at {n.name}: {error_summary(exc)}); pass the shape the model expects") from None
+        if isinstance(result, torch.Tensor):
+            n.meta["val_rank"] = result.dim()
+        return result
+
+    def propagate(self, example_inputs: Sequence[torch.Tensor]) -> Any:
+        self._shapes = shapes_text(example_inputs)
+        with torch.no_grad(), torch.random.fork_rng():
+            torch.manual_seed(0)  # the same seed as observe_run, so random ops agree
+            return self.run(*fresh_inputs(example_inputs))
+
+
+class UnfaithfulTrace(Exception):
+    """fx's graph computes something else than the model's forward (e.g. isinstance(x, torch.Tensor) is False for
+    fx's proxies, so a traced branch differs from the one that really runs)."""
+
+
+def graph_fx(model: nn.Module, example_inputs: Sequence[torch.Tensor] | None) -> tuple[OpGraph | None, BaseException | None]:
+    """Whole-model fx graph, or the tracing error.
+
+    With example inputs the graph is run once (output ranks) and checked against one real run of the
+    model: a graph that computes something else is rejected (UnfaithfulTrace), and modules whose tensors
+    the real run reads from outside their own forward are refused.
+    """
+    gm, _, error = fx_trace(model)
+    if gm is None:
+        return None, error
+    record = None
+    if example_inputs is not None:
+        record = observe_run(model, example_inputs, foldable_module_names(model), capture={""})
+        args, kwargs, forward_output = record.captured.get("", (tuple(example_inputs), {}, record.output))
+        if kwargs:
+            return None, UnfaithfulTrace("a forward pre-hook passes keyword arguments to the model's forward")
+        traced_output = _RankProp(gm, type(model).__name__).propagate(args)
+        if not outputs_match(forward_output, traced_output):
+            return None, UnfaithfulTrace("the traced graph's outputs differ from the model's own on the example "
+                                         "inputs (Python code that fx follows differently, e.g. isinstance on a tensor)")
+    ops = ops_from_fx(gm)
+    calls = module_calls(ops)
+    refusals = module_refusals(model)
+    for name, reason in attribute_read_refusals(ops, gm).items():
+        refusals.setdefault(name, reason)
+    if record is not None:
+        for name, reason in runtime_refusals(ops, record, calls).items():
+            refusals.setdefault(name, reason)
+    graph = OpGraph(ops=ops, tracer="torch.fx", calls=calls, refusals=refusals, gm=gm,
+                    model_output=None if record is None else record.output,
+                    input_written={} if record is None else record.input_written, sees_inplace=record is not None)
+    graph.traced = {""}
+    return graph, None

@@ -1,0 +1,171 @@
+"""One real run of the model on the example inputs, watched: what a traced graph can hide.
+
+Counts module calls and BatchNorm input ranks, catches reads of a foldable module's tensors
+from outside its own forward and in-place writes into a BatchNorm's input after it ran
+(fx records `x += y` as an out-of-place add), and keeps what chosen submodules really got
+and returned so their traced graphs can be checked against it.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+import torch.utils._pytree as pytree
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from bnstrip.core.compare import fresh_inputs
+from bnstrip.errors import InputError
+from bnstrip.trace.alias import byte_range, own_tensors
+from bnstrip.trace.opgraph import Op, error_summary, shapes_text
+
+@dataclass
+class RunRecord:
+    """What one real run of the model on the example inputs showed (see observe_run)."""
+
+    output: Any
+    calls: Counter
+    ranks: dict[str, set[int]]
+    foreign_reads: dict[str, str]
+    captured: dict[str, tuple[tuple[Any, ...], dict[str, Any], Any]] = field(default_factory=dict)
+    input_written: dict[str, str] = field(default_factory=dict)
+    """BatchNorm name -> the op that wrote into its input in place after it ran."""
+
+
+class _RunWatcher(TorchDispatchMode):
+    """Watches every op of a real run for two things a traced graph can hide.
+
+    * Reads of a foldable module's parameter/buffer while that module is not the one running
+      (a parent calling F.conv2d(x, self.conv.weight), untraceable code reading bn.running_var,
+      a hook): that code would see the changed tensors after folding.
+    * In-place writes into a BatchNorm's input after the BatchNorm ran (`x += 1`, which fx records
+      as an out-of-place add): once the BatchNorm is an identity, its output is that same tensor.
+    """
+
+    def __init__(self, watched: dict[int, list[tuple[int, int, str, str]]], stack: list[str]) -> None:
+        super().__init__()
+        self.watched = watched
+        self.stack = stack
+        self.found: dict[str, str] = {}
+        self.bn_inputs: dict[int, list[tuple[int, int, str]]] = {}
+        self.kept_alive: list[torch.Tensor] = []  # so their memory is not reused by later tensors
+        self.written: dict[str, str] = {}
+
+    def watch_bn_input(self, tensor: torch.Tensor, name: str) -> None:
+        where = byte_range(tensor)
+        if where is not None:
+            self.bn_inputs.setdefault(where[0], []).append((where[1], where[2], name))
+            self.kept_alive.append(tensor)
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        running = self.stack[-1] if self.stack else ""
+        for leaf in pytree.tree_leaves((args, kwargs)):
+            if not isinstance(leaf, torch.Tensor):
+                continue
+            where = byte_range(leaf)
+            if where is None or where[0] not in self.watched:
+                continue
+            for start, end, owner, attr in self.watched[where[0]]:
+                if owner != running and start < where[2] and where[1] < end and owner not in self.found:
+                    reader = f"{running}'s forward" if running else "the model's forward"
+                    self.found[owner] = (f"its {attr} is also read by {reader} (op {func}) at run time, so folding "
+                                         "would change what that code computes")
+        schema = getattr(func, "_schema", None)
+        if self.bn_inputs and schema is not None and schema.is_mutable:
+            self._note_writes(func, schema, args, kwargs)
+        return func(*args, **kwargs)
+
+    def _note_writes(self, func: Any, schema: Any, args: Any, kwargs: dict[str, Any]) -> None:
+        for index, argument in enumerate(schema.arguments):
+            info = argument.alias_info
+            if info is None or not info.is_write:
+                continue
+            value = args[index] if index < len(args) else kwargs.get(argument.name)
+            for leaf in pytree.tree_leaves(value):
+                where = byte_range(leaf) if isinstance(leaf, torch.Tensor) else None
+                if where is None:
+                    continue
+                for start, end, name in self.bn_inputs.get(where[0], ()):
+                    if start < where[2] and where[1] < end:
+                        self.written.setdefault(name, str(func))
+
+
+def observe_run(model: nn.Module, example_inputs: Sequence[Any], watched: Sequence[str],
+                capture: set[str] = frozenset()) -> RunRecord:
+    """Run `model` once on the example inputs, counting module calls, BatchNorm input ranks, and reads of the
+    tensors of the `watched` modules from anywhere but their own forward; keeps a copy of the first call's
+    (args, kwargs, output) of each module named in `capture`, as its forward saw and returned them
+    (after the module's forward pre-hooks, before its forward hooks): what its fx graph must reproduce."""
+    names = {id(m): n for n, m in model.named_modules()}
+    captured: dict[str, tuple[tuple[Any, ...], dict[str, Any], Any]] = {}
+    calls: Counter = Counter()
+    ranks: dict[str, set[int]] = {}
+    stack: list[str] = []
+    memory: dict[int, list[tuple[int, int, str, str]]] = {}
+    for name in watched:
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            continue
+        for attr, tensor in own_tensors(module):
+            where = byte_range(tensor)
+            if where is not None:
+                memory.setdefault(where[0], []).append((where[1], where[2], name, attr))
+
+    def enter(module: nn.Module, args: tuple[Any, ...]) -> None:
+        name = names[id(module)]
+        calls[name] += 1
+        stack.append(name)
+        if isinstance(module, _BatchNorm) and args and isinstance(args[0], torch.Tensor):
+            ranks.setdefault(name, set()).add(args[0].dim())
+
+    def leave(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        if stack:
+            stack.pop()
+        if isinstance(module, _BatchNorm) and args and isinstance(args[0], torch.Tensor):
+            mode.watch_bn_input(args[0], names[id(module)])
+
+    def keep(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+        name = names[id(module)]
+        if name not in captured:  # clones: later in-place ops must not change what we compare against
+            captured[name] = pytree.tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t,
+                                             (args, kwargs, output))
+
+    mode = _RunWatcher(memory, stack)
+    handles = []
+    try:
+        for module in model.modules():
+            if isinstance(module, torch.jit.ScriptModule):
+                continue  # TorchScript modules take no hooks (and are never folded)
+            handles.append(module.register_forward_pre_hook(enter))
+            handles.append(module.register_forward_hook(leave, always_call=True))
+            if names.get(id(module)) in capture:  # first in line: the raw forward output, before user hooks
+                handles.append(module.register_forward_hook(keep, with_kwargs=True, prepend=True))
+        with torch.no_grad(), torch.random.fork_rng():
+            torch.manual_seed(0)
+            with mode:
+                output = model(*fresh_inputs(example_inputs))
+    except Exception as exc:
+        raise InputError(f"example inputs of shape {shapes_text(example_inputs)} do not run through "
+                         f"{type(model).__name__}: {error_summary(exc)}; pass the shape the model expects") from None
+    finally:
+        for handle in handles:
+            handle.remove()
+    return RunRecord(output=output, calls=calls, ranks=ranks, foreign_reads=mode.found, captured=captured,
+                     input_written=mode.written)
+
+
+def runtime_refusals(ops: Sequence[Op], record: RunRecord, graph_calls: Counter) -> dict[str, str]:
+    """Reasons found by the real run: a module read from elsewhere, or called another number of times than traced."""
+    refusals = dict(record.foreign_reads)
+    for op in ops:
+        if op.module is None or op.kind not in ("layer", "bn") or op.name in refusals:
+            continue
+        if record.calls[op.name] != graph_calls[op.name]:
+            refusals[op.name] = (f"it runs {record.calls[op.name]} times on the example inputs but the traced graph "
+                                 f"calls it {graph_calls[op.name]} times, so code the tracer cannot see also calls it")
+    return refusals

@@ -1,0 +1,68 @@
+"""The one comparator: exactness against a float64 evaluation of the original, relative to its own rounding."""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from bnstrip.core.compare import (ROUNDING_FACTOR, compare_models, float64_outputs, outputs_match, seeded_inputs,
+                                  tolerance_for)
+
+
+def _net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(64, 600), nn.ReLU(), nn.Linear(600, 10)).eval()
+
+
+def test_float64_evaluation_matches_a_float64_copy_without_copying_the_model() -> None:
+    model = _net()
+    x = seeded_inputs((4, 64), dtype=torch.float32)
+    wide = copy.deepcopy(model).double()
+    with torch.no_grad():
+        expected = wide(x.double())
+    got = float64_outputs(model, [x])
+    assert got.dtype == torch.float64 and torch.allclose(got, expected, rtol=0, atol=1e-12)
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # the model itself is untouched
+
+
+def test_float64_evaluation_of_a_large_linear_goes_block_by_block_and_stays_exact() -> None:
+    torch.manual_seed(1)
+    model = nn.Linear(700, 800).eval()  # 560k weights: above the 2 MB block, so widened in column blocks
+    x = seeded_inputs((3, 700), dtype=torch.float32)
+    with torch.no_grad():
+        expected = nn.functional.linear(x.double(), model.weight.double(), model.bias.double())
+    assert torch.allclose(float64_outputs(model, [x]), expected, rtol=0, atol=1e-12)
+
+
+def test_an_identical_model_passes_and_reports_the_original_rounding() -> None:
+    model = _net()
+    report = compare_models(model, copy.deepcopy(model), [seeded_inputs((8, 64), dtype=torch.float32)])
+    assert report is not None and report.passed and report.rounding is not None
+    assert report.tolerance >= ROUNDING_FACTOR * report.rounding
+
+
+def test_a_wrong_fold_fails_and_the_message_gives_both_figures() -> None:
+    model = _net()
+    wrong = copy.deepcopy(model)
+    with torch.no_grad():
+        wrong[2].bias[0] += 1e-3
+    report = compare_models(model, wrong, [seeded_inputs((8, 64), dtype=torch.float32)])
+    assert report is not None and not report.passed
+    text = report.describe()
+    assert f"{report.max_abs_diff:.3g}" in text and f"{report.rounding:.3g}" in text
+
+
+def test_the_tolerance_rule() -> None:
+    eps = torch.finfo(torch.float32).eps
+    assert tolerance_for(torch.float32, 10.0, 1e-3) == ROUNDING_FACTOR * 1e-3
+    assert tolerance_for(torch.float32, 10.0, 0.0) > 0 and tolerance_for(torch.float32, 10.0, 0.0) < 1e3 * eps * 10
+    assert tolerance_for(torch.float16, 1.0, None) == 2e-2  # no float64 evaluation: the dtype's own rule
+
+
+def test_outputs_match_compares_structure_and_values() -> None:
+    a = {"x": torch.ones(3), "n": 2}
+    assert outputs_match(a, {"x": torch.ones(3), "n": 2})
+    assert not outputs_match(a, {"x": torch.ones(3) * 1.01, "n": 2})
+    assert not outputs_match(a, {"x": torch.ones(3), "n": 3})
+    assert not outputs_match(a, [torch.ones(3), 2])

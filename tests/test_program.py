@@ -1,0 +1,158 @@
+"""bnstrip.fold_program: exported programs fold with fold_model's rules, load back, match, stay dynamic."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import bnstrip
+from bnstrip import zoo
+from bnstrip.errors import CheckFailed, InputError
+
+PROGRAM_ZOO = ["Conv1dNet", "Conv3dNet", "ConvTransposeDecoder", "MLPBothSides", "LinearBNSequence", "ReusedConv",
+               "BNBeforePaddedConv", "SubclassNet"]
+"""The zoo minus the two big replicas (MobileNetV2Style is checked with a dynamic batch below; time)."""
+
+
+def _names(pairs):
+    return sorted(b for b, _ in pairs)
+
+
+def _roundtrip(program, tmp_path, name="out.pt2"):
+    path = tmp_path / name
+    torch.export.save(program, path)
+    return torch.export.load(path)
+
+
+@pytest.mark.parametrize("name", PROGRAM_ZOO)
+def test_zoo_programs_fold_like_their_modules(name, tmp_path):
+    model, x = zoo.build(name)
+    expected = bnstrip.fold_model(model, (x,))
+    program = torch.export.export(model, (x,))
+    before = {k: v.clone() for k, v in program.state_dict.items()}
+    result = bnstrip.fold_program(program)
+    assert sorted(result.folded) == sorted(expected.folded)
+    assert _names(result.skipped) == _names(expected.skipped)
+    assert result.self_check is not None and result.self_check.passed
+    # the input program is untouched
+    assert all(torch.equal(before[k], v) for k, v in program.state_dict.items())
+    # the folded program has no folded BatchNorm tensors left, loads back, and matches the BN model
+    state = result.program.state_dict
+    for _, bn in expected.folded:
+        assert not any(k.startswith(bn + ".") for k in state), bn
+    loaded = _roundtrip(result.program, tmp_path).module()
+    with torch.no_grad():
+        ref = model(x)
+        got = loaded(x)
+    assert torch.allclose(got, ref, rtol=1e-4, atol=1e-4 * max(1.0, float(ref.abs().max())))
+
+
+def test_folded_ops_are_gone_and_conv_gains_bias():
+    model, x = zoo.build("Conv3dNet")
+    result = bnstrip.fold_program(torch.export.export(model, (x,)))
+    targets = [str(n.target) for n in result.program.graph.nodes if n.op == "call_function"]
+    assert not any("batch_norm" in t for t in targets)
+    assert "conv2" in result.gained_bias
+    assert result.program.state_dict["conv2.bias"].shape == (8,)
+
+
+def test_dynamic_batch_stays_dynamic(tmp_path):
+    model, x = zoo.build("MobileNetV2Style")
+    batch = torch.export.Dim("batch", min=1, max=64)
+    program = _roundtrip(torch.export.export(model, (x,), dynamic_shapes=({0: batch},)), tmp_path, "in.pt2")
+    result = bnstrip.fold_program(program)
+    assert sorted(result.folded) == sorted(bnstrip.fold_model(model, (x,)).folded)  # depthwise convs included
+    assert result.dynamic_dims
+    (symbol, bounds), = result.program.range_constraints.items()
+    assert (int(bounds.lower), int(bounds.upper)) == (1, 64)
+    loaded = _roundtrip(result.program, tmp_path).module()
+    for n in (1, 5):
+        xs = torch.randn(n, 3, 16, 16)
+        with torch.no_grad():
+            assert torch.allclose(loaded(xs), model(xs), atol=1e-4)
+
+
+def test_smallnet_program_folds_like_the_module():
+    from bnstrip.homework.models import SmallNetTrain
+
+    torch.manual_seed(0)
+    model = zoo.randomize_bn(SmallNetTrain()).eval()
+    x = torch.randn(2, 3, 32, 32)
+    expected = bnstrip.fold_model(model, (x,))
+    result = bnstrip.fold_program(torch.export.export(model, (x,)))
+    assert sorted(result.folded) == sorted(expected.folded) and len(result.folded) == 3
+
+
+def test_kwargs_and_training_bn_are_reported():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+            self.bn = nn.BatchNorm2d(4)
+            self.conv_t = nn.Conv2d(4, 4, 1)
+            self.bn_t = nn.BatchNorm2d(4, track_running_stats=False)
+
+        def forward(self, x, *, scale):
+            return self.bn_t(self.conv_t(self.bn(self.conv(x)))) * scale
+
+    model = zoo.randomize_bn(Net()).eval()
+    args, kwargs = (torch.randn(2, 3, 8, 8),), {"scale": torch.tensor(2.0)}
+    result = bnstrip.fold_program(torch.export.export(model, args, kwargs))
+    assert result.folded == [("conv", "bn")]
+    assert "batch statistics" in dict(result.skipped)["bn_t"]
+    assert torch.allclose(result.program.module()(*args, **kwargs), model(*args, **kwargs), atol=1e-5)
+
+
+def test_refuses_what_is_not_a_program():
+    with pytest.raises(InputError, match="not an ExportedProgram"):
+        bnstrip.fold_program(nn.Linear(2, 2))
+
+
+def test_moved_outputs_are_refused(monkeypatch):
+    """A fold that changes the outputs (here: a sabotaged re-export) is never returned."""
+    import bnstrip.fold.program as program_mod
+
+    model, x = zoo.build("MLPBothSides")
+    real_export = program_mod._export
+
+    def sabotaged(module, args, kwargs, dynamic):
+        out = real_export(module, args, kwargs, dynamic)
+        with torch.no_grad():
+            out.state_dict["fc1.bias"].add_(1.0)
+        return out
+
+    monkeypatch.setattr(program_mod, "_export", sabotaged)
+    with pytest.raises(CheckFailed, match="not writing the folded program"):
+        bnstrip.fold_program(torch.export.export(model, (x,)))
+
+
+def test_cli_fuse_and_verify_programs(tmp_path):
+    from click.testing import CliRunner
+
+    from bnstrip.cli import main
+
+    model, x = zoo.build("MLPBothSides")
+    src, out, inputs = tmp_path / "m.pt2", tmp_path / "folded.pt2", tmp_path / "x.pt"
+    torch.export.save(torch.export.export(model, (x,)), src)
+    torch.save(x * 3, inputs)
+    runner = CliRunner()
+    fused = runner.invoke(main, ["fuse", str(src), str(out), "--json"])
+    assert fused.exit_code == 0, fused.output
+    loaded = torch.export.load(out).module()
+    assert torch.allclose(loaded(x), model(x), atol=1e-4)
+    checked = runner.invoke(main, ["verify", str(src), str(out), "--inputs", str(inputs), "--json"])
+    assert checked.exit_code == 0, checked.output
+    again = runner.invoke(main, ["fuse", str(src), str(out)])  # exists, no --force
+    assert again.exit_code == 2
+
+
+def test_cli_refuses_hostile_program_in_one_line(tmp_path):
+    from click.testing import CliRunner
+
+    from bnstrip.cli import main
+
+    bad = tmp_path / "bad.pt2"
+    bad.write_bytes(b"PK\x03\x04" + b"\0" * 100)
+    result = CliRunner().invoke(main, ["fuse", str(bad), str(tmp_path / "out.pt2")])
+    assert result.exit_code == 2
+    assert not (tmp_path / "out.pt2").exists()
