@@ -14,6 +14,7 @@ _LAZY = {
     "fold_program": ("bnstrip.fold.program", "fold_program"),
     "load_program": ("bnstrip.io.pt2", "load_program"),
     "fuse_file": ("bnstrip.pipeline", "fuse_file"),
+    "register_batchnorm": ("bnstrip.trace.bn_registry", "register_batchnorm"),
     "SmallNetTrain": ("bnstrip.homework.models", "SmallNetTrain"),
     "SmallNetTest": ("bnstrip.homework.models", "SmallNetTest"),
 }

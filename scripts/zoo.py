@@ -31,6 +31,7 @@ import subprocess
 import sys
 import time
 from collections import Counter, defaultdict
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
@@ -170,7 +171,7 @@ def _fx_fuse(model: Any) -> tuple[float | None, int | None, str | None]:
     return seconds, before - after, None
 
 
-def worker(spec: str, seed: int) -> dict[str, Any]:
+def worker(spec: str, seed: int, reparameterize: bool = False) -> dict[str, Any]:
     """Measure one model; returns the JSON-able row."""
     _register_torchvision_ops()
     import torch
@@ -192,8 +193,10 @@ def worker(spec: str, seed: int) -> dict[str, Any]:
         out32 = model(x)
         row["forward_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        result = bnstrip.fold_model(model, example_inputs=(x,))
+        result = bnstrip.fold_model(model, example_inputs=(x,), reparameterize=reparameterize)
         row["fold_s"] = time.perf_counter() - t0
+        # BNs removed by merging parallel branches (issue 14) are counted apart from the folded pairs.
+        row["merged_bns"] = sorted({bn for merge in getattr(result, "merged", []) for bn in merge.bns})
         row["tracer"] = result.tracer
         row["folded"] = [list(p) for p in result.folded]
         row["skipped"] = [list(p) for p in result.skipped]
@@ -282,8 +285,10 @@ def feeds_add(reason: str) -> bool:
 # --------------------------------------------------------------------------- driver and report
 
 
-def run_one(spec: str, seed: int, timeout: int) -> dict[str, Any]:
+def run_one(spec: str, seed: int, timeout: int, reparameterize: bool = False) -> dict[str, Any]:
     cmd = ["nice", "-n", "10", sys.executable, __file__, "--worker", spec, "--seed", str(seed)]
+    if reparameterize:
+        cmd.append("--reparameterize")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     t0 = time.perf_counter()
     try:
@@ -358,6 +363,7 @@ def report(rows: list[dict[str, Any]], seconds: float | None) -> str:
         tot["models"] += 1
         tot["bn"] += r["bn"]
         tot["folded"] += len(r["folded"])
+        tot["merged_bns"] += len(r.get("merged_bns", []))
         tot["refused"] += len(refused)
         tot["folded64"] += len(r["folded64"])
         tot["fx"] += r["fx_folded"] or 0
@@ -373,6 +379,7 @@ def report(rows: list[dict[str, Any]], seconds: float | None) -> str:
               f"out: {tot['crash']}; **wrong** (fold64 err > 1e-9): {tot['wrong']}",
               f"- BatchNorms: {tot['bn']}; folded by bnstrip: {tot['folded']} ({pct:.1f}%); refused: {tot['refused']}; "
               f"torch.fx fuse: {tot['fx']} (traced {tot['fx_traced']} models)",
+              f"- BatchNorms removed by merging parallel branches (`--reparameterize`): {tot['merged_bns']}",
               f"- folded in the float64 fold but not in the float32 one: {tot['undone32']}",
               f"- models where bnstrip folded nothing: {tot['none_folded']}; extra entries in folded+skipped "
               f"(a BN listed twice): {tot['double_listed']}",
@@ -393,26 +400,35 @@ def main() -> None:
     parser.add_argument("--report-from", help="rebuild --out from an earlier --json file, running nothing")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--timeout", type=int, default=TIMEOUT_S, help="seconds per model")
+    parser.add_argument("--jobs", type=int, default=1, help="models measured at once (each in one thread)")
+    parser.add_argument("--reparameterize", action="store_true",
+                        help="fold with reparameterize=True and count BNs removed by merging branches")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         import torch
 
         torch.set_num_threads(1)
-        print(json.dumps(worker(args.worker, args.seed)))
+        print(json.dumps(worker(args.worker, args.seed, args.reparameterize)))
         return
     if args.report_from:
         Path(args.out).write_text(report(json.loads(Path(args.report_from).read_text()), None))
         return
     specs = args.models.split(",") if args.models else DEFAULT_MODELS
     rows, t0 = [], time.perf_counter()
-    for i, spec in enumerate(specs, 1):
-        row = run_one(spec, args.seed, args.timeout)
-        rows.append(row)
-        summary = row.get("crash") or f"{len(row.get('folded', []))}/{row.get('bn')} folded, {row.get('fold_s', 0):.1f} s"
-        print(f"[{i}/{len(specs)}] {spec}: {summary}", file=sys.stderr, flush=True)
-        if args.json_path:
-            Path(args.json_path).write_text(json.dumps(rows, indent=1))
+    # Each model runs in its own single-threaded process; --jobs of them at once (fold-time ratios are
+    # then measured under that load, which scales fold and fx fuse alike).
+    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        futures = {pool.submit(run_one, spec, args.seed, args.timeout, args.reparameterize): spec for spec in specs}
+        for i, future in enumerate(as_completed(futures), 1):
+            spec, row = futures[future], future.result()
+            rows.append(row)
+            summary = row.get("crash") or f"{len(row.get('folded', []))}/{row.get('bn')} folded, {row.get('fold_s', 0):.1f} s"
+            print(f"[{i}/{len(specs)}] {spec}: {summary}", file=sys.stderr, flush=True)
+            if args.json_path:
+                Path(args.json_path).write_text(json.dumps(rows, indent=1))
+    order = {spec.split("@")[0]: n for n, spec in enumerate(specs)}
+    rows.sort(key=lambda r: order.get(r["model"], len(order)))
     Path(args.out).write_text(report(rows, time.perf_counter() - t0))
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 from torch import nn
 
@@ -66,3 +67,44 @@ def test_outputs_match_compares_structure_and_values() -> None:
     assert not outputs_match(a, {"x": torch.ones(3) * 1.01, "n": 2})
     assert not outputs_match(a, {"x": torch.ones(3), "n": 3})
     assert not outputs_match(a, [torch.ones(3), 2])
+
+
+def test_seeded_inputs_refuse_a_huge_or_empty_shape_before_allocating() -> None:
+    from bnstrip.core.compare import seeded_inputs
+    from bnstrip.errors import InputError
+
+    with pytest.raises(InputError, match="elements"):
+        seeded_inputs([100000, 3, 1000, 1000])
+    with pytest.raises(InputError, match="positive"):
+        seeded_inputs([1, 0, 4])
+    assert seeded_inputs([2, 3], seed=1).shape == (2, 3)
+
+
+def test_cli_names_the_flag_for_a_huge_input_shape(tmp_path) -> None:
+    import subprocess
+    import sys
+
+    from bnstrip.zoo import ResNet18Style
+
+    checkpoint = tmp_path / "r18.pt"
+    torch.save(ResNet18Style().state_dict(), checkpoint)
+    proc = subprocess.run([sys.executable, "-m", "bnstrip", "fuse", "--arch", "bnstrip.zoo:ResNet18Style",
+                           str(checkpoint), str(tmp_path / "out.pt"), "--input-shape", "100000,3,1000,1000"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--input-shape" in lines[0] and "elements" in lines[0]
+    assert not (tmp_path / "out.pt").exists()
+
+
+def test_float64_evaluation_reaches_ops_that_check_dtypes_before_dispatch() -> None:
+    # conv2d on a 1x1 input (a squeeze-excite block) checks input/weight/bias dtypes before any aten op
+    # reaches a dispatch mode; the evaluation must still run in float64, not fall back to float32.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.AdaptiveAvgPool2d(1), nn.Conv2d(8, 4, 1), nn.Flatten()).eval()
+    x = torch.randn(2, 3, 9, 9)
+    got = float64_outputs(model, [x])
+    assert got is not None and got.dtype == torch.float64
+    expected = copy.deepcopy(model).double()(x.double())
+    assert torch.allclose(got, expected, rtol=0, atol=1e-14)
+    assert all(p.dtype == torch.float32 for p in model.parameters())

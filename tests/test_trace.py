@@ -31,6 +31,8 @@ def test_classification_goes_by_behaviour_not_by_class() -> None:
     assert layer_refusal(_PlainConv(2, 2, 1)) is None
     assert "overrides forward" in layer_refusal(_OwnForwardConv(2, 2, 1))
     bn = nn.BatchNorm2d(2)
+    assert "training mode" in bn_refusal(bn) and bn_refusal(bn, ignore_training=True) is None
+    bn.eval()
     assert bn_refusal(bn) is None
     handle = bn.register_forward_hook(lambda *args: None)
     assert "hooks" in bn_refusal(bn)

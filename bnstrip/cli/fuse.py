@@ -22,10 +22,11 @@ from bnstrip.cli.common import core_json, emit_json, fmt, handle_errors, make_ta
 @click.option("--allow-overflow", is_flag=True, help="Write even if a folded half-precision value overflows (warns instead of refusing).")
 @click.option("--dtype", type=click.Choice(["keep", "float32", "float64"]), default="keep", show_default=True, help="Convert IN to this dtype before folding; OUT is written in it.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+@click.option("--strict", is_flag=True, help="Exit 1 if any BatchNorm was not folded (OUT is still written): a CI gate.")
 @handle_errors
 def fuse(input_path: str, output_path: str, eps: float | None, arch: str | None, input_shape: str | None,
          keep_structure: bool, reparameterize: bool, force: bool, allow_overflow: bool, dtype: str,
-         as_json: bool) -> None:
+         as_json: bool, strict: bool = False) -> None:
     """Fold every BatchNorm of the checkpoint IN and write the folded state_dict to OUT (.pt or .safetensors).
 
     Without --arch, IN is a smallNetTrain checkpoint and OUT a smallNetTest state_dict.
@@ -39,7 +40,7 @@ def fuse(input_path: str, output_path: str, eps: float | None, arch: str | None,
         return
     if arch is not None:
         _fuse_arch(input_path, output_path, arch, input_shape, keep_structure, eps, force, allow_overflow, dtype,
-                   as_json, reparameterize)
+                   as_json, reparameterize, strict)
         return
     if keep_structure or input_shape or reparameterize:
         raise click.UsageError("--keep-structure, --reparameterize and --input-shape go with --arch")
@@ -77,7 +78,7 @@ def _fuse_smallnet(input_path: str, output_path: str, eps: float | None, force: 
 
 def _fuse_arch(input_path: str, output_path: str, arch: str, input_shape: str | None, keep_structure: bool,
                eps: float | None, force: bool, allow_overflow: bool, dtype: str, as_json: bool,
-               reparameterize: bool = False) -> None:
+               reparameterize: bool = False, strict: bool = False) -> None:
     import functools
 
     from bnstrip.arch import import_arch, import_callable
@@ -100,9 +101,27 @@ def _fuse_arch(input_path: str, output_path: str, arch: str, input_shape: str | 
         warn(f"{input_path}: {note}")
     for note in report.warnings:
         warn(note)
+    _warn_unfolded(input_path, report.result)
     if as_json:
-        emit_json({**core_json("fuse", True, report.seconds), **report.to_dict()})
-        return
+        emit_json({**core_json("fuse", not (strict and report.result.skipped), report.seconds), **report.to_dict()})
+    else:
+        _print_arch(input_path, output_path, arch, report)
+    if strict and report.result.skipped:
+        from bnstrip.errors import CheckFailed
+
+        bn, reason = report.result.skipped[0]
+        raise CheckFailed(f"{input_path}: --strict: {len(report.result.skipped)} BatchNorm(s) not folded ({output_path} "
+                          f"was written), first {bn}: {reason}")
+
+
+def _warn_unfolded(input_path: str, result) -> None:  # noqa: ANN001 - a FoldResult (torch-free module)
+    """A model with BatchNorms of which none folded would otherwise exit 0 in silence."""
+    if result.skipped and not result.folded:
+        warn(f"{input_path}: none of its {len(result.skipped)} BatchNorm(s) could be folded; the reasons are listed "
+             "(use --strict to make this an error)")
+
+
+def _print_arch(input_path: str, output_path: str, arch: str, report) -> None:  # noqa: ANN001 - a FuseReport
     result, check = report.result, report.self_check
     into = {"producer": "layer before (weight, bias)", "consumer": "layer after (weight, bias)"}
     console = stdout_console()

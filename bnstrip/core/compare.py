@@ -19,6 +19,7 @@ copy of the whole model is ever held.
 """
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -26,7 +27,10 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.utils._pytree as pytree
 from torch import nn
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
+
+from bnstrip.errors import InputError
 
 ROUNDING_FACTOR = 4.0
 """How many times the original's own rounding error the fold's error may be (see the module docstring)."""
@@ -76,8 +80,24 @@ def tolerance_for(dtype: torch.dtype, scale: float, rounding: float | None) -> f
     return max(ROUNDING_FACTOR * rounding, FLOOR_ULPS * eps * max(scale, 1.0))
 
 
+MAX_EXAMPLE_ELEMENTS = 1 << 26
+"""Largest seeded example input (64 Mi elements: 512 MiB in float64); far above any model's single input."""
+
+
 def seeded_inputs(shape: Sequence[int], seed: int = 0, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """Uniform [0, 1) inputs (image-like) from a private generator, so checks are reproducible."""
+    """Uniform [0, 1) inputs (image-like) from a private generator, so checks are reproducible.
+
+    The shape usually comes from a user (`--input-shape`), so its size is bounded before anything is
+    allocated: the checks run the model several times, in float64 too, on this one tensor.
+    """
+    shape = [int(d) for d in shape]
+    if not shape or any(d <= 0 for d in shape):
+        raise InputError(f"example_inputs {tuple(shape)}: every dimension must be positive")
+    elements = math.prod(shape)
+    if elements > MAX_EXAMPLE_ELEMENTS:
+        raise InputError(f"example_inputs {tuple(shape)} has {elements:,} elements (more than "
+                         f"{MAX_EXAMPLE_ELEMENTS:,}); a batch of 1 at the model's usual input size is enough to trace "
+                         "and check it")
     gen = torch.Generator().manual_seed(seed)
     return torch.rand(*shape, generator=gen, dtype=dtype)
 
@@ -242,11 +262,31 @@ def float64_outputs(model: nn.Module, inputs: Sequence[Any]) -> Any | None:
     No float64 copy of the model is made: `_Float64Mode` widens each op's operands as it runs.
     """
     wide = [pytree.tree_map(_widen, item) for item in inputs]
-    try:
-        with _Float64Mode():
-            return seeded_outputs(model, wide)
-    except Exception:  # noqa: BLE001 - hard-coded dtypes, dtype checks in forward, ...: compare in the own dtype
-        return None
+    for mode in (_Float64Mode, _Float64FunctionMode):
+        try:
+            with mode():
+                return seeded_outputs(model, wide)
+        except Exception:  # noqa: BLE001, PERF203 - a check in a composite op, hard-coded dtypes: next way
+            continue
+    return None
+
+
+class _Float64FunctionMode(TorchFunctionMode):
+    """The same widening one level up, at torch's Python API (F.conv2d, torch.cat, Tensor.add, ...).
+
+    Some composite ops (conv2d on a 1x1 input, for one) check that input, weight and bias share a
+    dtype before any aten op reaches a dispatch mode; here the operands are widened before those
+    checks. An in-place method keeps its own first operand (widening it would write into a copy).
+    """
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        if name.endswith("_") and not name.endswith("__") and args:
+            first, rest = args[0], pytree.tree_map(_widen, tuple(args[1:]))
+            return func(first, *rest, **pytree.tree_map(_widen, kwargs))
+        args, kwargs = pytree.tree_map(_widen, (tuple(args), kwargs))
+        return func(*args, **kwargs)
 
 
 def compare_outputs(original: Any, folded: Any, original64: Any | None, dtype: torch.dtype,

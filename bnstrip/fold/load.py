@@ -7,11 +7,11 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from bnstrip.errors import InputError
-from bnstrip.fold.rewrite import FoldedBatchNorm, add_bias, set_unfolded_eps, strip_graph
+from bnstrip.fold.rewrite import add_bias, set_unfolded_eps, strip_graph
 from bnstrip.io.checkpoint import key_mismatch
+from bnstrip.trace.bn_registry import folded_replacement, is_batchnorm_like
 from bnstrip.trace.fx_tracer import fx_trace
 from bnstrip.trace.opgraph import ops_from_fx
 
@@ -29,10 +29,10 @@ def folded_skeleton(model: nn.Module, manifest: dict[str, Any], source: str = "m
                 module = work.get_submodule(name)
             except AttributeError:
                 module = None
-            if not isinstance(module, _BatchNorm):
+            if not is_batchnorm_like(module):
                 raise InputError(f"{source}: folded BatchNorm {name!r} is not a BatchNorm of {type(model).__name__}; "
                                  "pass the model the checkpoint was folded from")
-            work.set_submodule(name, FoldedBatchNorm(module))
+            work.set_submodule(name, folded_replacement(module))
         result: nn.Module = work
     else:
         gm, _, error = fx_trace(work)

@@ -14,15 +14,15 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from bnstrip.core.compare import (SelfCheck, compare_outputs, float64_outputs, fresh_inputs, model_dtype,
                                   seeded_outputs)
 from bnstrip.errors import InputError, first_line
-from bnstrip.fold.plan import plan_folds
+from bnstrip.fold.plan import plan_folds, replay_graph
 from bnstrip.fold.rewrite import apply_folds
 from bnstrip.fold.rules import INTO_PRODUCER
 from bnstrip.trace import OpGraph, build_graph
+from bnstrip.trace.bn_registry import is_batchnorm_like
 
 @dataclass
 class FoldResult:
@@ -97,7 +97,7 @@ def _refuse_unfoldable_model(model: nn.Module) -> None:
 @contextlib.contextmanager
 def _eps_override(model: nn.Module, eps: float | None) -> Iterator[None]:
     """Every BatchNorm of `model` uses `eps` inside the block (the original as the user asked for it)."""
-    saved = [(m, m.eps) for m in model.modules() if isinstance(m, _BatchNorm)] if eps is not None else []
+    saved = [(m, m.eps) for m in model.modules() if is_batchnorm_like(m) and hasattr(m, "eps")] if eps is not None else []
     for module, _ in saved:
         module.eps = eps
     try:
@@ -132,27 +132,66 @@ def _check(reference: _Reference, candidate: nn.Module, inputs: Sequence[Any]) -
     return report, None
 
 
+def training_batchnorms(model: nn.Module) -> list[str]:
+    """BatchNorms left in training mode inside a model in eval mode: they stay so (and are skipped), since
+    they normalise with batch statistics in the model as given. A model in training mode is folded as eval."""
+    if model.training:
+        return []
+    return [name for name, module in model.named_modules() if is_batchnorm_like(module) and module.training]
+
+
 def _copy_model(model: nn.Module) -> nn.Module:
     try:
-        return copy.deepcopy(model).eval()
+        work = copy.deepcopy(model).eval()
     except Exception as exc:
         hint = ("; a torch.nn.utils.weight_norm module cannot be copied: use "
                 "torch.nn.utils.parametrizations.weight_norm" if "deepcopy protocol" in str(exc) else "")
         raise InputError(f"{type(model).__name__}: cannot copy the model ({type(exc).__name__}: "
                          f"{first_line(exc, 200, '').split('. ')[0][:160]})"
                          f"{hint}; the input model must stay untouched, so fold a copyable model") from None
+    return _modes_as_given(model, work.eval())
+
+
+def _modes_as_given(model: nn.Module, work: nn.Module) -> nn.Module:
+    """`work` (in eval mode) with the BatchNorms that `model` left in training mode back in it, alone."""
+    for name in training_batchnorms(model):
+        try:
+            work.get_submodule(name).training = True
+        except AttributeError:
+            continue
+    return work
+
+
+def _restore_statistics(model: nn.Module, result: FoldResult) -> None:
+    """The runs of the check updated the running statistics of BatchNorms left in training mode: put back the
+    model's own, so the output holds what the input held."""
+    for name in training_batchnorms(model):
+        try:
+            target = result.model.get_submodule(name)
+        except AttributeError:
+            continue
+        for key, value in model.get_submodule(name)._buffers.items():
+            if value is not None and isinstance(target._buffers.get(key), torch.Tensor):
+                with torch.no_grad():
+                    target._buffers[key].copy_(value)
 
 
 def _fold_copy(model: nn.Module, inputs: tuple[Any, ...] | None, eps: float | None, keep_structure: bool,
-               allow_overflow: bool, excluded: dict[str, str],
-               want_reference: bool = False) -> tuple[FoldResult, _Reference | None]:
+               allow_overflow: bool, excluded: dict[str, str], want_reference: bool = False,
+               traced: dict[str, OpGraph | None] | None = None) -> tuple[FoldResult, _Reference | None]:
     """Fold a copy of `model`, refusing the BatchNorms in `excluded` (name -> reason); no check.
 
     With want_reference, the copy's outputs (own dtype and float64) are taken before it is
-    folded: the reference costs no second copy of the model.
+    folded: the reference costs no second copy of the model. `traced` keeps the first trace
+    (under "graph") so that later calls with it plan again on a copy of that graph (bisection).
     """
     work = _copy_model(model)
-    graph = build_graph(work, inputs)
+    earlier = traced.get("graph") if traced is not None else None
+    graph = replay_graph(earlier, work) if earlier is not None else None
+    if graph is None:
+        graph = build_graph(work, inputs)
+        if traced is not None:
+            traced["graph"] = replay_graph(graph, work)
     for name, reason in excluded.items():
         graph.refusals[name] = reason
     reference = None
@@ -172,14 +211,14 @@ def _fold_copy(model: nn.Module, inputs: tuple[Any, ...] | None, eps: float | No
     for name, module in work.named_modules():
         if name in seen:
             continue
-        if isinstance(module, _BatchNorm):
+        if is_batchnorm_like(module):
             skipped.append((name, _unseen_reason(name, graph)))
             seen.add(name)
         elif isinstance(module, torch.jit.ScriptModule) and "BatchNorm" in str(getattr(module, "original_name", "")):
             skipped.append((name, "it is a TorchScript module (torch.jit.script/trace), which bnstrip cannot rewrite; "
                                   "fold before scripting"))
             seen.add(name)
-    result = FoldResult(model=applied.model.eval(), folded=[(f.layer.name, f.bn.name) for f in folds],
+    result = FoldResult(model=_modes_as_given(model, applied.model.eval()), folded=[(f.layer_name, f.bn.name) for f in folds],
                         skipped=skipped, into={f.bn.name: f.into for f in folds}, gained_bias=applied.gained,
                         tracer=graph.tracer, form=applied.form, eps=eps, warnings=applied.warnings)
     return result, reference
@@ -245,20 +284,27 @@ def fold_model(model: nn.Module, example_inputs: Any = None, *, eps: float | Non
         raise InputError("reparameterize=True needs example_inputs to prove the merged model")
     _refuse_unfoldable_model(model)
     inputs = _as_inputs(example_inputs)
-    result, reference = _fold_copy(model, inputs, eps, keep_structure, allow_overflow, {}, want_reference=True)
+    traced: dict[str, OpGraph | None] = {}
+    result, reference = _fold_copy(model, inputs, eps, keep_structure, allow_overflow, {}, want_reference=True,
+                                   traced=traced)
     if reference is None or inputs is None:
         return result
-    result = _checked(model, inputs, result, reference, eps, keep_structure, allow_overflow)
+    result = _checked(model, inputs, result, reference, eps, keep_structure, allow_overflow, traced)
     if reparameterize:
         from bnstrip.fold.reparam import reparameterize_result  # it imports this module
 
         reparameterize_result(result, inputs, allow_overflow, lambda candidate: _check(reference, candidate, inputs))
+    _restore_statistics(model, result)
     return result
 
 
 def _checked(model: nn.Module, inputs: tuple[Any, ...], result: FoldResult, reference: _Reference,
-             eps: float | None, keep_structure: bool, allow_overflow: bool) -> FoldResult:
-    """`result` with its check against the original; folds that moved the outputs are found and undone."""
+             eps: float | None, keep_structure: bool, allow_overflow: bool,
+             traced: dict[str, OpGraph | None] | None = None) -> FoldResult:
+    """`result` with its check against the original; folds that moved the outputs are found and undone.
+
+    Every retry plans again on a copy of the first trace (`traced`) instead of tracing again.
+    """
     report, problem = _check(reference, result.model, inputs)
     if problem is None:
         result.check = report
@@ -268,15 +314,15 @@ def _checked(model: nn.Module, inputs: tuple[Any, ...], result: FoldResult, refe
     undone = f"every rule allowed folding it, but then {problem}; the fold was undone (please report this model)"
 
     def passes(trial_excluded: dict[str, str]) -> bool:
-        trial, _ = _fold_copy(model, inputs, eps, keep_structure, allow_overflow, trial_excluded)
+        trial, _ = _fold_copy(model, inputs, eps, keep_structure, allow_overflow, trial_excluded, traced=traced)
         return _check(reference, trial.model, inputs)[1] is None
 
     excluded = bisect_folds([bn for _, bn in result.folded], passes, undone)
-    final, _ = _fold_copy(model, inputs, eps, keep_structure, allow_overflow, excluded)
+    final, _ = _fold_copy(model, inputs, eps, keep_structure, allow_overflow, excluded, traced=traced)
     report, problem = _check(reference, final.model, inputs)
     if problem is not None:  # interactions: undo everything
         final, _ = _fold_copy(model, inputs, eps, keep_structure, allow_overflow,
-                              {bn: undone for _, bn in result.folded})
+                              {bn: undone for _, bn in result.folded}, traced=traced)
         report, _ = _check(reference, final.model, inputs)
     final.check = report
     return final

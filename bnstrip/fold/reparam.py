@@ -118,6 +118,9 @@ def _redirect_metadata(group: _Group, conv: fx.Node, base: fx.Node) -> None:
 
 def _drop_unused_modules(gm: fx.GraphModule, paths: set[str]) -> None:
     """Delete the merged branches' modules (and their parents' leftovers) that no node calls or reads any more."""
+    for node in [n for n in gm.graph.nodes if n.op == "get_attr" and not n.users]:  # reads left by the tracer
+        if any(str(node.target).startswith(path + ".") for path in paths):
+            gm.graph.erase_node(node)
     used = [str(n.target) for n in gm.graph.nodes if n.op in ("call_module", "get_attr")]
     for path in sorted(paths):
         if not any(t == path or t.startswith(path + ".") for t in used):
@@ -125,6 +128,16 @@ def _drop_unused_modules(gm: fx.GraphModule, paths: set[str]) -> None:
                 gm.delete_submodule(path)
             except AttributeError:
                 pass
+
+
+def _drop_dead_reads(gm: fx.GraphModule) -> None:
+    """Erase attribute reads nothing uses (the tracer may leave them for a BatchNorm's buffers), and the modules
+    only they kept: a merged model and a skeleton rebuilt from a stripped graph then hold the same modules."""
+    dead = [n for n in gm.graph.nodes if n.op == "get_attr" and not n.users]
+    owners = {str(n.target).rpartition(".")[0] for n in dead} - {""}
+    for node in dead:
+        gm.graph.erase_node(node)
+    _drop_unused_modules(gm, owners)
 
 
 def _rewrite(gm: fx.GraphModule, found: Sum, groups: list[_Group], replaced: dict[fx.Node, fx.Node],
@@ -177,6 +190,7 @@ def _attempt(model: nn.Module, inputs: Sequence[Any] | None, keep: Callable[[Mer
                 ShapeProp(gm).propagate(*fresh_inputs(inputs))
         except Exception:  # noqa: BLE001 - shapes are a courtesy check; the proof still runs the model
             pass
+    _drop_dead_reads(gm)
     order = {node: i for i, node in enumerate(gm.graph.nodes)}
     result = MergeResult(gm)
     replaced: dict[fx.Node, fx.Node] = {}

@@ -19,7 +19,6 @@ from typing import Any
 import torch
 import torch.fx as fx
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
 
 from bnstrip.core.foldmath import BNStats
@@ -170,6 +169,21 @@ def data_users(node: fx.Node) -> list[fx.Node]:
     return [u for u in node.users if not metadata_user(u)]
 
 
+def _module_bn_stats(module: nn.Module) -> BNStats | None:
+    """A BatchNorm(-like) module's statistics when the whole call is affine: a registered look-alike
+    (bnstrip.trace.bn_registry) counts only if what it applies after normalising is the identity."""
+    from bnstrip.trace.bn_registry import batchnorm_entry, module_stats
+
+    entry = batchnorm_entry(module)
+    if entry is None:
+        return None
+    if entry.post is not None:
+        tail = entry.post(module)
+        if any(type(m).forward is not nn.Identity.forward for m in list(tail.modules())[1:]):
+            return None  # an activation (or dropout) after the normalisation: not linear
+    return module_stats(module)
+
+
 def _functional_step(node: fx.Node, gm: fx.GraphModule) -> tuple[Step, Any] | None:
     """An eval F.batch_norm on module tensors (timm's BatchNormAct2d), as a BN step."""
     name, spec = _functional_bn(node, gm, "")
@@ -195,8 +209,8 @@ def linear_step(node: fx.Node, gm: fx.GraphModule) -> tuple[Step, Any] | None:
         module = gm.get_submodule(str(node.target))
         if isinstance(module, _ConvNd) and not isinstance(module, _ConvTransposeNd) and layer_refusal(module) is None:
             return Step("conv", node, module), node.args[0]
-        if isinstance(module, _BatchNorm) and bn_refusal(module) is None and not module.training:
-            return Step("bn", node, module), node.args[0]
+        if bn_refusal(module) is None and not module.training and (stats := _module_bn_stats(module)) is not None:
+            return Step("bn", node, module, stats=stats), node.args[0]
         if type(module).forward is nn.Identity.forward:
             return Step("pass", node, module), node.args[0]
         return None
@@ -284,7 +298,7 @@ def _is_inner(node: fx.Node, gm: fx.GraphModule) -> bool:
 def find_sums(gm: fx.GraphModule) -> list[Sum]:
     """Every top-level sum of the graph with at least one group that holds a conv, in graph order."""
     calls = Counter(str(n.target) for n in gm.graph.nodes if n.op == "call_module")
-    read_attrs = [str(n.target) for n in gm.graph.nodes if n.op == "get_attr"]
+    read_attrs = [str(n.target) for n in gm.graph.nodes if n.op == "get_attr" and n.users]
     sums: list[Sum] = []
     for node in gm.graph.nodes:
         if node.op not in ("call_function", "call_method") or _binary_sum(node) is None or _is_inner(node, gm):

@@ -20,10 +20,11 @@ from typing import Any, Iterable, Iterator, Sequence
 import torch
 import torch.fx as fx
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
-from bnstrip.core.foldmath import all_finite, cast_folded, fold_into_consumer, fold_into_producer, identity_running_var
+from bnstrip.core.foldmath import (BNStats, all_finite, cast_folded, fold_into_consumer, fold_into_producer,
+                                   identity_running_var)
 from bnstrip.fold.rules import INTO_PRODUCER, Fold, bn_stats, tensor_at
+from bnstrip.trace.bn_registry import folded_replacement, is_batchnorm_like
 from bnstrip.trace.opgraph import Op, OpGraph
 
 class FoldedBatchNorm(nn.Identity):
@@ -51,16 +52,20 @@ def _fold_in_float64(folds: list[Fold], root: nn.Module, eps: float | None) -> I
     A generator, so that only one layer's float64 values exist at once (the caller rounds them
     back before asking for the next layer).
     """
-    by_layer: dict[str, list[Fold]] = {}
+    by_layer: dict[str, list[tuple[Fold, Op, slice]]] = {}
     for fold in folds:
-        by_layer.setdefault(fold.layer.name, []).append(fold)
+        for layer, start, stop in fold.parts():  # a concatenation: each layer absorbs its slice of channels
+            by_layer.setdefault(layer.name, []).append((fold, layer, slice(start, stop)))
     for layer_name, layer_folds in by_layer.items():
-        module = layer_folds[0].layer.module
+        module = layer_folds[0][1].module
+        if _single_producer_fold(module, layer_folds):
+            yield layer_name, _fold_rounded(module, layer_folds[0][0], root, eps, layer_name)
+            continue
         entry = [module, module.weight.detach().to(torch.float64),
                  None if module.bias is None else module.bias.detach().to(torch.float64)]
-        for fold in layer_folds:
-            stats = bn_stats(fold.bn, root, eps)
-            name = f"{fold.layer.name} + {fold.bn.name}"
+        for fold, _, channels in layer_folds:
+            stats = _channel_slice(bn_stats(fold.bn, root, eps), channels)
+            name = f"{layer_name} + {fold.bn.name}"
             if fold.into == INTO_PRODUCER:
                 transposed = isinstance(module, nn.modules.conv._ConvTransposeNd)
                 entry[1], entry[2] = fold_into_producer(entry[1], entry[2], stats, out_axis=1 if transposed else 0,
@@ -73,11 +78,61 @@ def _fold_in_float64(folds: list[Fold], root: nn.Module, eps: float | None) -> I
         del entry
 
 
+def _single_producer_fold(module: nn.Module, layer_folds: list[tuple[Fold, Op, slice]]) -> bool:
+    """The usual case: one BatchNorm folded whole into the output channels (axis 0) of a layer."""
+    fold, _, channels = layer_folds[0]
+    return (len(layer_folds) == 1 and fold.into == INTO_PRODUCER and channels == slice(None, None)
+            and not isinstance(module, nn.modules.conv._ConvTransposeNd))
+
+
+def _fold_rounded(module: nn.Module, fold: Fold, root: nn.Module, eps: float | None, layer_name: str) -> list[Any]:
+    """[module, weight already rounded to its dtype, bias64] for a single producer fold.
+
+    fold_into_producer scales the weight in float64 a block of rows at a time and rounds each
+    block once: bit-identical to widening the whole weight, scaling and rounding (the general
+    path), without two float64 copies of the layer. The bias stays float64 (keep-structure moves
+    it into the BatchNorm); a missing bias is float64 zeros, as in the general path.
+    """
+    bias = module.bias.detach().to(torch.float64) if module.bias is not None else \
+        torch.zeros(module.weight.shape[0], dtype=torch.float64, device=module.weight.device)
+    weight, bias64 = fold_into_producer(module.weight.detach(), bias, bn_stats(fold.bn, root, eps), out_axis=0,
+                                        name=f"{layer_name} + {fold.bn.name}", allow_overflow=True)
+    return [module, _Rounded(weight), bias64]
+
+
+class _Rounded:
+    """A folded weight already rounded to the layer's dtype (see _fold_rounded); _write_layers only checks it."""
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self.tensor = tensor
+
+
+def _channel_slice(stats: BNStats, channels: slice) -> BNStats:
+    if channels == slice(None, None):
+        return stats
+    part = [None if t is None else t[channels] for t in (stats.running_mean, stats.running_var, stats.weight, stats.bias)]
+    return BNStats(*part, stats.eps)
+
+
 def _cast(t64: torch.Tensor, dtype: torch.dtype, name: str, what: str, allow_overflow: bool,
           warnings: list[str]) -> torch.Tensor:
     out = cast_folded(t64, dtype, name, what, allow_overflow)
     if not all_finite(out):
         warnings.append(f"{name}: folded {what} overflows {str(dtype).replace('torch.', '')} and was kept as inf "
+                        "(allow_overflow=True)")
+    return out
+
+
+def _checked_rounded(out: torch.Tensor, original: torch.Tensor, name: str, allow_overflow: bool,
+                     warnings: list[str]) -> torch.Tensor:
+    """The checks and warning of _cast on an already rounded weight: only a non-finite result needs the float64
+    values again (once, for cast_folded's message or error)."""
+    if all_finite(out):
+        return out
+    bad = cast_folded(out.to(torch.float64) if not all_finite(original) else original.detach().to(torch.float64),
+                      out.dtype, name, "weight", allow_overflow)
+    if not all_finite(bad):
+        warnings.append(f"{name}: folded weight overflows {str(out.dtype).replace('torch.', '')} and was kept as inf "
                         "(allow_overflow=True)")
     return out
 
@@ -91,16 +146,23 @@ def add_bias(module: nn.Module, value: torch.Tensor) -> None:
     module.bias = nn.Parameter(value, requires_grad=module.weight.requires_grad)
 
 
-def _write_layers(work: Iterable[tuple[str, list[Any]]], held_by_bn: dict[str, Op], allow_overflow: bool,
-                  warnings: list[str], keep_structure: bool) -> tuple[list[str], dict[str, torch.Tensor]]:
+def _write_layers(work: Iterable[tuple[str, list[Any]]], held_by_bn: dict[str, tuple[Op, slice, int | None]],
+                  allow_overflow: bool, warnings: list[str], keep_structure: bool) -> tuple[list[str], dict[str, torch.Tensor]]:
     """Round once to each layer's dtype. Returns layers that gained a bias, and keep-structure biases per BN."""
     gained: list[str] = []
     bn_bias: dict[str, torch.Tensor] = {}
     for name, (module, w64, b64) in work:
         dtype = module.weight.dtype
-        _set_tensor(module.weight, _cast(w64, dtype, name, "weight", allow_overflow, warnings))
+        if isinstance(w64, _Rounded):
+            _set_tensor(module.weight, _checked_rounded(w64.tensor, module.weight, name, allow_overflow, warnings))
+        else:
+            _set_tensor(module.weight, _cast(w64, dtype, name, "weight", allow_overflow, warnings))
         if keep_structure and name in held_by_bn:
-            bn_bias[held_by_bn[name].name] = b64
+            bn, channels, total = held_by_bn[name]  # total: channels of a BN after a concatenation
+            if total is None:
+                bn_bias[bn.name] = b64
+            else:
+                bn_bias.setdefault(bn.name, torch.zeros(total, dtype=torch.float64))[channels] = b64
             if module.bias is not None:
                 _set_tensor(module.bias, torch.zeros_like(module.bias))
             continue
@@ -117,15 +179,8 @@ def _write_layers(work: Iterable[tuple[str, list[Any]]], held_by_bn: dict[str, O
 def _make_identity(bn: Op, root: nn.Module, bias64: torch.Tensor | None, allow_overflow: bool,
                    warnings: list[str]) -> None:
     """Turn a folded BN into x * 1 + bias, exactly (see the module docstring)."""
-    if bn.functional is not None:
-        spec = bn.functional
-        mean, var = tensor_at(root, spec.mean), tensor_at(root, spec.var)
-        weight = tensor_at(root, spec.weight) if spec.weight else None
-        bias = tensor_at(root, spec.bias) if spec.bias else None
-        eps = spec.eps
-    else:
-        m = bn.module
-        mean, var, weight, bias, eps = m.running_mean, m.running_var, m.weight, m.bias, float(m.eps)
+    own = bn_stats(bn, root, None)  # live tensors, the BatchNorm's own eps
+    mean, var, weight, bias, eps = own.running_mean, own.running_var, own.weight, own.bias, own.eps
     _set_tensor(var, identity_running_var(var.numel(), eps, var.dtype))
     _set_tensor(mean, torch.zeros_like(mean))
     if weight is not None:
@@ -173,7 +228,7 @@ def set_unfolded_eps(model: nn.Module, folded: set[str], eps: float | None) -> N
     if eps is None:
         return
     for name, module in model.named_modules():
-        if isinstance(module, _BatchNorm) and name not in folded:
+        if is_batchnorm_like(module) and hasattr(module, "eps") and name not in folded:
             module.eps = eps
 
 
@@ -192,7 +247,8 @@ def apply_folds(folds: list[Fold], graph: OpGraph, work: nn.Module, eps: float |
     """Write the planned folds into `work` (a copy), float64 values of one layer at a time, and pick the form."""
     warnings: list[str] = []
     work_tensors = _fold_in_float64(folds, work, eps)
-    held_by_bn = {f.layer.name: f.bn for f in folds if f.into == INTO_PRODUCER}
+    held_by_bn = {layer.name: (f.bn, slice(start, stop), f.pieces[-1][2] if f.pieces else None)
+                  for f in folds if f.into == INTO_PRODUCER for layer, start, stop in f.parts()}
     gained, bn_bias = _write_layers(work_tensors, held_by_bn, allow_overflow, warnings, keep_structure)
     if keep_structure:
         form = "keep-structure"
@@ -207,7 +263,7 @@ def apply_folds(folds: list[Fold], graph: OpGraph, work: nn.Module, eps: float |
     else:
         form = "modules"
         for fold in folds:
-            work.set_submodule(fold.bn.name, FoldedBatchNorm(work.get_submodule(fold.bn.name)))
+            work.set_submodule(fold.bn.name, folded_replacement(work.get_submodule(fold.bn.name)))
         result = work
     set_unfolded_eps(result, {f.bn.name for f in folds}, eps)
     return Applied(model=result, form=form, gained=gained, warnings=warnings)

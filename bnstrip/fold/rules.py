@@ -8,17 +8,20 @@ Every rule accepts only rewrites that are exact.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Callable
+from dataclasses import dataclass, field
+from typing import Callable, Union
 
 import torch
 from torch import nn
 
 from bnstrip.core.foldmath import BNStats, bn_scale_shift
 from bnstrip.errors import InputError
+from bnstrip.fold.proof import own_forward_issue
 from bnstrip.trace.alias import other_readers, writer_of
+from bnstrip.trace.channels import carry_axis, concatenated, data_input, passes_channels, reading_users, shape_of
+from bnstrip.trace.bn_registry import batchnorm_entry, module_stats
 from bnstrip.trace.classify import bn_fixed_rank
-from bnstrip.trace.opgraph import Op, OpGraph
+from bnstrip.trace.opgraph import Op, OpGraph, identity_in_eval, value_users
 
 INTO_PRODUCER = "producer"
 INTO_CONSUMER = "consumer"
@@ -29,11 +32,21 @@ class Fold:
     layer: Op
     bn: Op
     into: str
+    pieces: list[tuple[Op, int, int]] = field(default_factory=list)
+    """For a BatchNorm after a concatenation: each producer and the channels [start, stop) it absorbs."""
+
+    def parts(self) -> list[tuple[Op, int | None, int | None]]:
+        """(layer, start, stop) for each layer that absorbs the BatchNorm; None: all of its channels."""
+        return list(self.pieces) if self.pieces else [(self.layer, None, None)]
+
+    @property
+    def layer_name(self) -> str:
+        return " + ".join(layer.name for layer, _, _ in self.parts())
 
 
 def _bn_channels(bn: Op, root: nn.Module) -> int:
     if bn.module is not None:
-        return int(bn.module.running_mean.numel())
+        return int(module_stats(bn.module).running_mean.numel())
     return int(tensor_at(root, bn.functional.mean).numel())
 
 
@@ -41,26 +54,47 @@ def _bn_rank(bn: Op) -> int | None:
     return bn.rank if bn.rank is not None else bn_fixed_rank(bn.module)
 
 
-def _layer_issue(layer: Op, graph: OpGraph, role: str) -> str | None:
+def _layer_issue(layer: Op, graph: OpGraph, role: str, calls_ok: int = 1) -> str | None:
+    """Why `layer` cannot absorb a BatchNorm whatever its shapes; `calls_ok`: calls allowed (a pair called together)."""
     calls = graph.calls.get(layer.name, 1)
-    if calls > 1:
+    if calls > calls_ok:
         return f"{role} {layer.name} is called {calls} times, so folding would change every call"
     if layer.name in graph.refusals:
         return f"{role} {layer.name}: {graph.refusals[layer.name]}"
     return None
 
 
-def _try_producer(bn: Op, graph: OpGraph, root: nn.Module) -> Op | str:
+def _through_identities_back(op: Op, user: Op) -> tuple[Op, Op]:
+    """(the op before a chain of identity-in-eval ops that only `user` reads, the chain's first op or `user`)."""
+    while identity_in_eval(op) and value_users(op) == [user]:
+        op, user = op.inputs[0], op
+    return op, user
+
+
+def _through_identities_forward(op: Op) -> tuple[list[Op], Op | None]:
+    """(value users of `op`, or those of the last of a chain of identity-in-eval ops it alone feeds; that last op)."""
+    last = None
+    users = value_users(op)
+    while len(users) == 1 and identity_in_eval(users[0]) and users[0].inputs == [op if last is None else last]:
+        last = users[0]
+        users = value_users(last)
+    return users, last
+
+
+def _try_producer(bn: Op, graph: OpGraph, root: nn.Module, calls_ok: int = 1) -> Op | str:
     if not bn.inputs:
         return "its input is not in the traced graph"
-    producer = bn.inputs[0]
+    producer, reader = _through_identities_back(bn.inputs[0], bn)
+    if producer.own_forward is not None and not graph.example_run:
+        return (f"its input comes from {producer.label}, which {producer.own_forward.split(', so ')[0]}; folding "
+                "into it needs a real run to prove it: pass example inputs (example_inputs)")
     if producer.kind != "layer":
         if producer.note:
             return f"its input comes from {producer.label}, which cannot absorb it ({producer.note})"
         return f"its input comes from {producer.label}, not directly from a Conv, ConvTranspose or Linear"
-    if issue := _layer_issue(producer, graph, "its producer"):
+    if issue := _layer_issue(producer, graph, "its producer", calls_ok):
         return issue
-    others = [u for u in producer.users if u is not bn]
+    others = [u for u in value_users(producer) if u is not reader]
     if others:
         return f"the output of {producer.name} also feeds {others[0].label}, which must keep the unnormalised values"
     module = producer.module
@@ -82,6 +116,14 @@ def _try_producer(bn: Op, graph: OpGraph, root: nn.Module) -> Op | str:
     out_channels = module.out_features if isinstance(module, nn.Linear) else module.out_channels
     if out_channels != _bn_channels(bn, root):
         return f"{producer.name} produces {out_channels} channels but it has {_bn_channels(bn, root)}"
+    if producer.own_forward is not None:  # Conv2dSame-like: prove that scaling its channels scales its output
+        key = (producer.name, bn.name)  # plan_folds asks again on every pass: prove once
+        if key not in graph.proofs:
+            shape = shape_of(producer.inputs[0]) if producer.inputs else None
+            shape = (1, *shape[1:]) if shape else shape  # one sample is enough for a per-channel map
+            graph.proofs[key] = own_forward_issue(module, shape, bn_stats(bn, root, None), f"{producer.name} + {bn.name}")
+        if issue := graph.proofs[key]:
+            return f"its input comes from {producer.label}: {issue}"
     return producer
 
 
@@ -97,11 +139,16 @@ def _zero_padded(conv: nn.Module) -> bool:
 
 
 def _try_consumer(bn: Op, graph: OpGraph, root: nn.Module, keep_structure: bool) -> Op | str:
-    if not bn.users:
+    if (entry := batchnorm_entry(bn.module)) is not None and entry.post is not None:
+        return f"{type(bn.module).__name__} applies more after normalising, so it cannot move into the next layer"
+    users, last = _through_identities_forward(bn)
+    if not users:
         return "its output is unused"
-    if len(bn.users) > 1:
-        return f"its output feeds {len(bn.users)} ops ({', '.join(u.label for u in bn.users[:3])})"
-    consumer = bn.users[0]
+    if len(users) > 1:
+        return f"its output feeds {len(users)} ops ({', '.join(u.label for u in users[:3])})"
+    consumer = users[0]
+    if consumer.own_forward is not None:
+        return f"its output goes to {consumer.label}, which cannot absorb it ({consumer.own_forward})"
     if consumer.kind != "layer":
         if consumer.note:
             return f"its output goes to {consumer.label}, which cannot absorb it ({consumer.note})"
@@ -112,7 +159,7 @@ def _try_consumer(bn: Op, graph: OpGraph, root: nn.Module, keep_structure: bool)
                 "shift, so folding into it is not exact")
     if issue := _layer_issue(consumer, graph, "the next layer"):
         return issue
-    if consumer.inputs != [bn]:
+    if consumer.inputs != [bn if last is None else last]:
         return f"the next layer {consumer.name} takes other inputs too"
     if not keep_structure and (issue := _aliasing_issue(bn, consumer, graph)):
         return issue
@@ -127,10 +174,16 @@ def _try_consumer(bn: Op, graph: OpGraph, root: nn.Module, keep_structure: bool)
     else:
         if rank is None or rank != module.weight.dim():
             return f"its input rank is {'unknown' if rank is None else rank}, not the batched rank {module.weight.dim()} of {consumer.name}"
-        if _zero_padded(module):
-            return (f"the next conv {consumer.name} zero-pads (padding={module.padding}) and padded zeros never get "
-                    "the BatchNorm's shift, so folding into it is not exact")
         in_channels = module.in_channels
+    return _consumer_fits(bn, consumer, in_channels, root, keep_structure)
+
+
+def _consumer_fits(bn: Op, consumer: Op, in_channels: int, root: nn.Module, keep_structure: bool) -> Op | str:
+    """The checks on the layer after a BatchNorm once its channels are known to land on the layer's inputs."""
+    module = consumer.module
+    if not isinstance(module, nn.Linear) and _zero_padded(module):
+        return (f"the next conv {consumer.name} zero-pads (padding={module.padding}) and padded zeros never get "
+                "the BatchNorm's shift, so folding into it is not exact")
     if in_channels != _bn_channels(bn, root):
         return f"{consumer.name} takes {in_channels} channels but it has {_bn_channels(bn, root)}"
     if keep_structure and module.bias is None:
@@ -142,12 +195,13 @@ def _root_hooks(root: nn.Module) -> bool:
     return bool(root._forward_hooks or root._forward_pre_hooks or getattr(root, "_forward_hooks_with_kwargs", None))
 
 
-def bn_issue(bn: Op, graph: OpGraph, root: nn.Module, keep_structure: bool, eps: float | None) -> str | None:
-    """Why this BatchNorm cannot be folded anywhere, whatever its neighbours."""
+def bn_issue(bn: Op, graph: OpGraph, root: nn.Module, keep_structure: bool, eps: float | None,
+             repeated_ok: bool = False) -> str | None:
+    """Why this BatchNorm cannot be folded anywhere, whatever its neighbours (repeated_ok: calls are checked later)."""
     if bn.note:
         return bn.note
     calls = graph.calls.get(bn.name, 1)
-    if calls > 1:
+    if calls > 1 and not repeated_ok:
         return f"it is called {calls} times, so folding would change every call"
     if bn.name in graph.refusals:
         return graph.refusals[bn.name]
@@ -158,7 +212,7 @@ def bn_issue(bn: Op, graph: OpGraph, root: nn.Module, keep_structure: bool, eps:
         bn_scale_shift(bn_stats(bn, root, eps), bn.name)
     except InputError as exc:
         return f"its statistics cannot be folded: {exc}"
-    own_eps = bn.functional.eps if bn.functional is not None else float(bn.module.eps)
+    own_eps = bn.functional.eps if bn.functional is not None else module_stats(bn.module).eps
     if keep_structure and not (math.isfinite(own_eps) and 0 <= own_eps < 1):
         return f"keep_structure=True: its eps={own_eps} is not in [0, 1), so it cannot become an exact identity"
     return None
@@ -185,6 +239,153 @@ def _aliasing_issue(bn: Op, consumer: Op, graph: OpGraph) -> str | None:
     return None
 
 
+Match = Union[Op, list, str, None]
+"""What a matcher returns: the absorbing layer, [(layer, start, stop)] for a concatenation, why not, or None
+when the pattern does not apply at all (it then adds nothing to the reasons)."""
+
+
+def _out_channels(module: nn.Module) -> int:
+    return module.out_features if isinstance(module, nn.Linear) else module.out_channels
+
+
+def _channel_axis(layer: Op, rank: int | None) -> int | None:
+    """The dim of `layer`'s output holding its output channels: last for a Linear, 1 for a batched conv."""
+    if rank is None:
+        return None
+    if isinstance(layer.module, nn.Linear):
+        return rank - 1
+    return {layer.module.weight.dim(): 1, layer.module.weight.dim() - 1: 0}.get(rank)
+
+
+def _feeds_only(op: Op, nxt: Op) -> str | None:
+    readers = reading_users(op)
+    if readers == [nxt]:
+        return None
+    other = next((r for r in readers if r is not nxt), None)
+    return (f"the output of {op.name} also feeds {other.label if other else 'nothing'}, which must keep the "
+            "unnormalised values")
+
+
+def _try_producer_through(bn: Op, graph: OpGraph, root: nn.Module) -> Match:
+    """Layer -> reshapes/permutes/averages that keep each channel whole -> BN (LeViT's bn(x.flatten(0, 1)))."""
+    chain, op = [], bn.inputs[0] if bn.inputs else None
+    while op is not None and passes_channels(op) and len(chain) < 16:
+        chain.insert(0, op)
+        op = data_input(op)
+    if not chain:
+        return None
+    if op is None or op.kind != "layer":
+        return f"its input comes through {chain[-1].label} from {op.label if op else 'outside the graph'}, not from a layer"
+    if issue := _layer_issue(op, graph, "its producer") or getattr(op, "own_forward", None):
+        return issue
+    for source, nxt in zip([op] + chain, chain + [bn]):
+        if issue := _feeds_only(source, nxt):
+            return issue
+    axis: int | str | None = _channel_axis(op, len(shape_of(op) or ()) or op.rank)
+    if axis is None:
+        return f"the layout of {op.name}'s output is unknown; pass example inputs (example_inputs)"
+    for step in chain:
+        if isinstance(axis := carry_axis(step, axis), str):
+            return axis
+    if axis != 1:
+        return f"the channels of {op.name} reach dim {axis} of its input, but it normalises dim 1"
+    if _out_channels(op.module) != _bn_channels(bn, root):
+        return f"{op.name} produces {_out_channels(op.module)} channels but it has {_bn_channels(bn, root)}"
+    return op
+
+
+def _try_concat(bn: Op, graph: OpGraph, root: nn.Module) -> Match:
+    """cat([conv_a(x), conv_b(y)], dim=1) -> BN: each producer absorbs its own slice of the channels (MixNet)."""
+    cat = concatenated(bn.inputs[0]) if bn.inputs else None
+    if cat is None:
+        return None
+    joined, (pieces, dim) = bn.inputs[0], cat
+    if issue := _feeds_only(joined, bn):
+        return issue
+    rank = len(shape_of(joined) or ()) or _bn_rank(bn)
+    if rank is None:
+        return f"the rank of {joined.label}'s output is unknown; pass example inputs (example_inputs)"
+    if dim % rank != 1:
+        return f"it normalises dim 1 but {joined.label} concatenates along dim {dim}"
+    found: list[tuple[Op, int, int]] = []
+    for piece in pieces:
+        if piece is None or piece.kind != "layer":
+            return (f"{joined.label} also concatenates {piece.label if piece else 'a value from outside the graph'}, "
+                    "which cannot absorb its channels")
+        if any(piece is p for p, _, _ in found):
+            return f"{joined.label} concatenates the output of {piece.name} more than once"
+        if issue := (_layer_issue(piece, graph, "the concatenated layer") or getattr(piece, "own_forward", None)
+                     or _feeds_only(piece, joined)):
+            return issue
+        if _channel_axis(piece, rank) != 1:
+            return f"{joined.label} concatenates {piece.name}'s output along dim 1, which is not its channel dim"
+        start = found[-1][2] if found else 0
+        found.append((piece, start, start + _out_channels(piece.module)))
+    if not found or found[-1][2] != _bn_channels(bn, root):
+        return f"the concatenated layers produce {found[-1][2] if found else 0} channels but it has {_bn_channels(bn, root)}"
+    return found
+
+
+def _try_consumer_through(bn: Op, graph: OpGraph, root: nn.Module, keep_structure: bool) -> Match:
+    """BN -> global average / flatten / Dropout / reshapes -> Linear or conv (classifier heads of ConvMixer, LeViT).
+
+    Exact because every op in between moves or averages each channel's values on their own, and
+    averaging commutes with the BatchNorm's x * s + t.
+    """
+    chain, op = [], bn
+    while len(readers := reading_users(op)) == 1 and passes_channels(readers[0]) and data_input(readers[0]) is op:
+        op = readers[0]
+        chain.append(op)
+        if len(chain) >= 16:
+            break
+    if not chain:
+        return None
+    readers = reading_users(op)
+    if len(readers) != 1:
+        return f"the output of {op.label} feeds {len(readers)} ops"
+    consumer = readers[0]
+    if consumer.kind != "layer" or isinstance(consumer.module, nn.modules.conv._ConvTransposeNd):
+        return f"its output goes through {chain[-1].label} to {consumer.label}, not to a Linear or Conv"
+    if issue := _layer_issue(consumer, graph, "the next layer") or getattr(consumer, "own_forward", None):
+        return issue
+    if consumer.inputs != [op]:
+        return f"the next layer {consumer.name} takes other inputs too"
+    if not keep_structure and (issue := _aliasing_issue(bn, chain[0], graph)):
+        return issue
+    axis: int | str = 1
+    for step in chain:
+        if isinstance(axis := carry_axis(step, axis), str):
+            return axis
+    module, rank = consumer.module, len(shape_of(op) or ())
+    if isinstance(module, nn.Linear):
+        if axis != rank - 1:
+            return f"its channels reach dim {axis} of the input of Linear {consumer.name}, which mixes the last dim"
+        channels = module.in_features
+    else:
+        if axis != 1 or rank != module.weight.dim():
+            return f"its channels reach dim {axis} of a {rank}-D input of {consumer.name}, not its channel dim"
+        channels = module.in_channels
+    return _consumer_fits(bn, consumer, channels, root, keep_structure)
+
+
+def _try_repeated_pair(bn: Op, graph: OpGraph, root: nn.Module) -> Op | str:
+    """A (layer, BN) pair called together several times (shared weights): every call of each is the pair's."""
+    calls = graph.calls.get(bn.name, 1)
+    refused = f"it is called {calls} times, so folding would change every call"
+    if bn.functional is not None:
+        return refused
+    layers = []
+    for call in (op for op in graph.ops if op.kind == "bn" and op.name == bn.name):
+        match = _try_producer(call, graph, root, calls_ok=calls)
+        if not isinstance(match, Op):
+            return f"{refused}, and not every call comes right after the same layer ({match})"
+        layers.append(match)
+    if len(layers) != calls or len({layer.name for layer in layers}) != 1 \
+            or graph.calls.get(layers[0].name, 1) != calls:
+        return f"{refused}, and its calls do not all come right after one layer called as often"
+    return layers[0]
+
+
 @dataclass(frozen=True)
 class Pattern:
     """One way to fold a BatchNorm: `matcher` returns the layer that absorbs it, or why that is not possible."""
@@ -192,27 +393,39 @@ class Pattern:
     name: str
     into: str
     where: str
-    matcher: Callable[[Op, OpGraph, nn.Module, bool], "Op | str"]
+    matcher: Callable[[Op, OpGraph, nn.Module, bool], Match]
 
 
 PATTERNS: list[Pattern] = [
     Pattern("conv/linear -> BN", INTO_PRODUCER, "into the layer before",
             lambda bn, graph, root, keep: _try_producer(bn, graph, root)),
+    Pattern("layer -> reshape/permute/average -> BN", INTO_PRODUCER, "through the ops before it",
+            lambda bn, graph, root, keep: _try_producer_through(bn, graph, root)),
+    Pattern("cat(layers) -> BN", INTO_PRODUCER, "into the concatenated layers",
+            lambda bn, graph, root, keep: _try_concat(bn, graph, root)),
     Pattern("BN -> linear/conv", INTO_CONSUMER, "into the layer after", _try_consumer),
+    Pattern("BN -> global average/flatten/reshape -> linear/conv", INTO_CONSUMER, "through the ops after it",
+            _try_consumer_through),
 ]
 """Tried in order; the first match wins. A new fold pattern is a matcher plus a row here."""
 
 
 def decide(bn: Op, graph: OpGraph, root: nn.Module, keep_structure: bool, eps: float | None = None) -> Fold | str:
     """The first pattern of PATTERNS that folds `bn`, or every pattern's reason why not."""
-    if issue := bn_issue(bn, graph, root, keep_structure, eps):
+    if issue := bn_issue(bn, graph, root, keep_structure, eps, repeated_ok=True):
         return issue
+    if graph.calls.get(bn.name, 1) > 1:  # the "(layer, BN) called together" pattern, the only one for repeats
+        match = _try_repeated_pair(bn, graph, root)
+        return Fold(match, bn, INTO_PRODUCER) if isinstance(match, Op) else match
     reasons = []
     for pattern in PATTERNS:
         match = pattern.matcher(bn, graph, root, keep_structure)
         if isinstance(match, Op):
             return Fold(match, bn, pattern.into)
-        reasons.append(f"{pattern.where}: {match}")
+        if isinstance(match, list):
+            return Fold(match[0][0], bn, pattern.into, pieces=match)
+        if match is not None:
+            reasons.append(f"{pattern.where}: {match}")
     return "not folded " + "; nor ".join(reasons)
 
 
@@ -230,5 +443,4 @@ def bn_stats(bn: Op, root: nn.Module, eps: float | None) -> BNStats:
         return BNStats(tensor_at(root, spec.mean), tensor_at(root, spec.var),
                        tensor_at(root, spec.weight) if spec.weight else None,
                        tensor_at(root, spec.bias) if spec.bias else None, spec.eps)
-    m = bn.module
-    return BNStats(m.running_mean, m.running_var, m.weight, m.bias, float(m.eps if eps is None else eps))
+    return module_stats(bn.module, eps)

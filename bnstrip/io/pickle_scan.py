@@ -93,7 +93,8 @@ def is_storage_class(name: str) -> bool:
 
 
 def _is_tensor_class(name: str) -> bool:
-    return name.startswith("torch.") and (name.endswith("Tensor") or name == "torch.nn.parameter.Parameter")
+    """torch.Tensor, torch.FloatTensor, torch.cuda.*Tensor...: called with a size they allocate (Parameter wraps data)."""
+    return name.startswith("torch.") and name.endswith("Tensor")
 
 
 class _Machine:

@@ -13,9 +13,9 @@ from typing import Iterator, Sequence
 import torch
 import torch.fx as fx
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
-from bnstrip.trace.opgraph import Op, join_name
+from bnstrip.trace.bn_registry import is_batchnorm_like
+from bnstrip.trace.opgraph import Op, join_name, metadata_read
 
 _VIEW_NAMES = {
     "view", "view_as", "reshape", "reshape_as", "flatten", "unflatten", "transpose", "swapaxes", "swapdims", "permute",
@@ -191,20 +191,6 @@ def module_refusals(model: nn.Module) -> dict[str, str]:
     return {**shared_memory_refusals(model), **alias_refusals(model)}
 
 
-_METADATA_ATTRIBUTES = {"shape", "dtype", "device", "ndim", "is_cuda", "layout", "requires_grad", "is_sparse"}
-_METADATA_METHODS = {"size", "dim", "numel", "nelement", "element_size", "is_floating_point", "is_complex",
-                     "get_device", "is_contiguous", "ndimension"}
-
-
-def _metadata_only(node: fx.Node | None) -> bool:
-    """A use of a tensor that reads its shape/dtype/device only, which folding does not change."""
-    if node is None:
-        return False
-    if node.op == "call_function" and node.target is getattr and len(node.args) > 1:
-        return node.args[1] in _METADATA_ATTRIBUTES
-    return node.op == "call_method" and node.target in _METADATA_METHODS
-
-
 def attribute_read_refusals(ops: Sequence[Op], gm: fx.GraphModule) -> dict[str, str]:
     """Modules whose parameters/buffers the traced code reads directly (get_attr), besides calling the module.
 
@@ -225,7 +211,7 @@ def attribute_read_refusals(ops: Sequence[Op], gm: fx.GraphModule) -> dict[str, 
             owner_module = gm.get_submodule(owner_path) if owner_path else gm
         except AttributeError:
             owner_module = None
-        if not isinstance(owner_module, _BatchNorm) and all(_metadata_only(user.node) for user in op.users):
+        if not is_batchnorm_like(owner_module) and all(metadata_read(user.node) for user in op.users):
             continue
         owner, _, attr = op.name.rpartition(".")
         reader = op.users[0].label

@@ -18,7 +18,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from bnstrip.core.compare import fresh_inputs
 from bnstrip.trace.alias import module_refusals
-from bnstrip.trace.classify import bn_refusal, layer_kind, layer_refusal
+from bnstrip.trace.bn_registry import PLAIN, batchnorm_entry
+from bnstrip.trace.classify import bn_refusal, layer_kind, layer_refusal, own_forward_note
 from bnstrip.trace.opgraph import Op, OpGraph, call_label, link_users, module_calls, shape_rank
 
 _A = torch.ops.aten
@@ -70,7 +71,9 @@ class _ExportNames:
 
     @staticmethod
     def sole_user(arg: Any, node: fx.Node) -> bool:
-        return not isinstance(arg, fx.Node) or set(arg.users) == {node}
+        """Only calls like `node` inside the same module use `arg` (a module called several times is counted)."""
+        return not isinstance(arg, fx.Node) or all(
+            user.target == node.target and _innermost_module(user) == _innermost_module(node) for user in arg.users)
 
     def layer_op(self, node: fx.Node) -> Op:
         """A conv/convT/linear call: the module's own forward with its own parameters, or 'other' with why not."""
@@ -83,7 +86,7 @@ class _ExportNames:
             note = "its weight is not a module parameter"
         elif layer_kind(module) != family or _innermost_module(node) != name:
             note = f"it is not the forward of {name}"
-        elif (note := layer_refusal(module)) is None:
+        elif (note := layer_refusal(module, own_forward=True)) is None:
             if not self.sole_user(node.args[1], node) or not self.sole_user(bias_arg, node):
                 note = f"the parameters of {name} are also used elsewhere"
             elif (bias_arg is None) != (module.bias is None) or (
@@ -91,7 +94,7 @@ class _ExportNames:
                 note = f"{name} is called with a bias that is not its own"
         label = f"{name} ({type(module).__name__})" if module is not None else f"{node.target}"
         return Op(name=name if module is not None else node.name, kind="other" if note else "layer", label=label,
-                  module=module, note=note)
+                  module=module, note=note, own_forward=None if note or module is None else own_forward_note(module))
 
     def bn_op(self, node: fx.Node) -> Op:
         """A batch_norm call: a BatchNorm module's own eval-mode forward, or a 'bn' op whose note says why not."""
@@ -127,7 +130,15 @@ def graph_export(model: nn.Module, example_inputs: Sequence[torch.Tensor]) -> tu
     names = _ExportNames(model, program)
     ops: list[Op] = []
     by_node: dict[fx.Node, Op] = {}
+    groups = _batchnorm_like_groups(program.graph, names)
     for node in program.graph.nodes:
+        if node in groups:
+            if groups[node] is not None:  # the output of a registered BatchNorm look-alike: one op
+                op, data = groups[node]
+                op.node, op.rank, op.inputs = node, shape_rank(node), [by_node[data]]
+                by_node[node] = op
+                ops.append(op)
+            continue
         if node.op == "placeholder":
             fqn = names.fqn_of.get(node.name)
             op = Op(name=fqn, kind="other", label=f"parameter {fqn}") if fqn is not None \
@@ -154,9 +165,41 @@ def graph_export(model: nn.Module, example_inputs: Sequence[torch.Tensor]) -> tu
         ops.append(op)
     _absorb_conv_padding(ops)
     link_users(ops)
-    graph = OpGraph(ops=ops, tracer="torch.export", calls=module_calls(ops), refusals=module_refusals(model))
+    graph = OpGraph(ops=ops, tracer="torch.export", calls=module_calls(ops), refusals=module_refusals(model),
+                    example_run=True)
     graph.traced = {""}
     return graph, None
+
+
+def _batchnorm_like_groups(graph: fx.Graph, names: _ExportNames) -> dict[fx.Node, tuple[Op, fx.Node] | None]:
+    """The aten ops of each registered BatchNorm look-alike (FrozenBatchNorm2d, BatchNormAct2d: a whole module
+    call, as fx keeps it): its output node -> one 'bn' op, its other nodes -> None.
+
+    torch.export has no leaf modules, so a look-alike's forward arrives as loose ops; they are one op when they
+    read one outside tensor besides the module's own tensors (used by nothing else) and one of them is the
+    only value used outside. Otherwise they stay loose ops, and the module is reported as not seen.
+    """
+    members: dict[str, list[fx.Node]] = {}
+    for node in graph.nodes:
+        stack = node.meta.get("nn_module_stack") or {}
+        path = next((p for p, _ in stack.values() if batchnorm_entry(names.modules.get(p)) not in (None, PLAIN)), None)
+        if path is not None and node.op == "call_function":
+            members.setdefault(path, []).append(node)
+    groups: dict[fx.Node, tuple[Op, fx.Node] | None] = {}
+    for path, nodes in members.items():
+        inside = set(nodes)
+        outputs = [n for n in nodes if any(u not in inside for u in n.users)]
+        outside = {i for n in nodes for i in n.all_input_nodes if i not in inside}
+        own = {i for i in outside if (names.fqn_of.get(i.name) or "").rpartition(".")[0] == path}
+        data = outside - own
+        if len(outputs) != 1 or len(data) != 1 or any(set(i.users) - inside for i in own):
+            continue
+        module = names.modules[path]
+        op = Op(name=path, kind="bn", label=f"{path} ({type(module).__name__})", module=module,
+                note=bn_refusal(module))
+        groups.update({n: None for n in nodes})
+        groups[outputs[0]] = (op, next(iter(data)))
+    return groups
 
 
 def _absorb_conv_padding(ops: Sequence[Op]) -> None:

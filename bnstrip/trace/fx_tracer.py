@@ -10,12 +10,12 @@ from typing import Any, Sequence
 import torch
 import torch.fx as fx
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from bnstrip.core.compare import fresh_inputs, outputs_match
 from bnstrip.errors import InputError
 from bnstrip.trace.alias import attribute_read_refusals, module_refusals
-from bnstrip.trace.classify import bn_refusal, foldable_module_names, layer_kind, layer_refusal
+from bnstrip.trace.bn_registry import is_batchnorm_like
+from bnstrip.trace.classify import bn_refusal, foldable_module_names, layer_kind, layer_refusal, own_forward_note
 from bnstrip.trace.observe import observe_run, runtime_refusals
 from bnstrip.trace.opgraph import OpGraph, error_summary, module_calls, ops_from_fx, shapes_text
 
@@ -29,14 +29,24 @@ class BehaviourTracer(fx.Tracer):
         # so code that reads a BatchNorm's running_var outside its call shows up in the graph.
         self.proxy_buffer_attributes = True
 
+    def trace(self, root: Any, concrete_args: Any = None) -> fx.Graph:
+        # Decided before tracing: while fx traces, module attribute reads return proxies, so a check that
+        # compares a BatchNorm's statistics with its own buffers would fail inside is_leaf_module.
+        self.leaves = {id(m) for m in root.modules() if _keep_whole(m)} if isinstance(root, nn.Module) else set()
+        return super().trace(root, concrete_args)
+
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if id(m) in self.opaque:
-            return True
-        if layer_kind(m) is not None and layer_refusal(m) is None:
-            return True
-        if isinstance(m, _BatchNorm) and bn_refusal(m) is None:
+        if id(m) in self.opaque or id(m) in getattr(self, "leaves", ()):
             return True
         return super().is_leaf_module(m, module_qualified_name)
+
+
+def _keep_whole(m: nn.Module) -> bool:
+    """Modules fx must not trace into: plain layers, Conv2dSame-like layers (only ever a real-run-checked
+    producer), and BatchNorms bnstrip knows (registered look-alikes too; training mode is a reason, not a trace)."""
+    if layer_kind(m) is not None and (layer_refusal(m) is None or own_forward_note(m) is not None):
+        return True
+    return is_batchnorm_like(m) and bn_refusal(m, ignore_training=True) is None
 
 
 def fx_trace(model: nn.Module, opaque: frozenset[int] = frozenset()) -> tuple[fx.GraphModule | None, BehaviourTracer, BaseException | None]:
@@ -50,7 +60,7 @@ def fx_trace(model: nn.Module, opaque: frozenset[int] = frozenset()) -> tuple[fx
 
 
 class _RankProp(fx.Interpreter):
-    """Run the graph once on the example inputs, recording each node's output rank in node.meta['val_rank']."""
+    """Run the graph once on the example inputs, recording each node's output rank and shape in node.meta."""
 
     def __init__(self, gm: fx.GraphModule, model_name: str) -> None:
         super().__init__(gm)
@@ -64,6 +74,7 @@ class _RankProp(fx.Interpreter):
                              f"(at {n.name}: {error_summary(exc)}); pass the shape the model expects") from None
         if isinstance(result, torch.Tensor):
             n.meta["val_rank"] = result.dim()
+            n.meta["val_shape"] = tuple(result.shape)  # bnstrip.trace.channels follows channels through reshapes
         return result
 
     def propagate(self, example_inputs: Sequence[torch.Tensor]) -> Any:
@@ -108,6 +119,7 @@ def graph_fx(model: nn.Module, example_inputs: Sequence[torch.Tensor] | None) ->
             refusals.setdefault(name, reason)
     graph = OpGraph(ops=ops, tracer="torch.fx", calls=calls, refusals=refusals, gm=gm,
                     model_output=None if record is None else record.output,
-                    input_written={} if record is None else record.input_written, sees_inplace=record is not None)
+                    input_written={} if record is None else record.input_written, sees_inplace=record is not None,
+                    example_run=record is not None)
     graph.traced = {""}
     return graph, None

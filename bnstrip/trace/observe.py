@@ -14,12 +14,13 @@ from typing import Any, Sequence
 import torch
 import torch.utils._pytree as pytree
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
+from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from bnstrip.core.compare import fresh_inputs
 from bnstrip.errors import InputError
 from bnstrip.trace.alias import byte_range, own_tensors
+from bnstrip.trace.bn_registry import is_batchnorm_like
 from bnstrip.trace.opgraph import Op, error_summary, shapes_text
 
 @dataclass
@@ -50,21 +51,24 @@ class _RunWatcher(TorchDispatchMode):
         self.watched = watched
         self.stack = stack
         self.found: dict[str, str] = {}
-        self.bn_inputs: dict[int, list[tuple[int, int, str]]] = {}
-        self.kept_alive: list[torch.Tensor] = []  # so their memory is not reused by later tensors
+        # storage address -> (first byte, end, BatchNorm, weak reference to the storage). The inputs are not kept
+        # alive (that held every BatchNorm input of the run at once): once a storage is freed nothing can write
+        # into it, and an entry whose storage expired is skipped, so memory reused by a later tensor never matches.
+        self.bn_inputs: dict[int, list[tuple[int, int, str, StorageWeakRef]]] = {}
         self.written: dict[str, str] = {}
 
     def watch_bn_input(self, tensor: torch.Tensor, name: str) -> None:
         where = byte_range(tensor)
         if where is not None:
-            self.bn_inputs.setdefault(where[0], []).append((where[1], where[2], name))
-            self.kept_alive.append(tensor)
+            entries = [e for e in self.bn_inputs.get(where[0], ()) if not e[3].expired()]
+            entries.append((where[1], where[2], name, StorageWeakRef(tensor.untyped_storage())))
+            self.bn_inputs[where[0]] = entries
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
         running = self.stack[-1] if self.stack else ""
-        for leaf in pytree.tree_leaves((args, kwargs)):
-            if not isinstance(leaf, torch.Tensor):
+        for leaf in _tensor_leaves(args, kwargs):
+            if _storage_address(leaf) not in self.watched:  # cheap test first: most operands are activations
                 continue
             where = byte_range(leaf)
             if where is None or where[0] not in self.watched:
@@ -89,10 +93,35 @@ class _RunWatcher(TorchDispatchMode):
                 where = byte_range(leaf) if isinstance(leaf, torch.Tensor) else None
                 if where is None:
                     continue
-                for start, end, name in self.bn_inputs.get(where[0], ()):
-                    if start < where[2] and where[1] < end:
+                for start, end, name, storage in self.bn_inputs.get(where[0], ()):
+                    if start < where[2] and where[1] < end and not storage.expired():
                         self.written.setdefault(name, str(func))
 
+
+
+def _tensor_leaves(args: Any, kwargs: dict[str, Any]) -> list[torch.Tensor]:
+    """The tensor operands of one op: a flat scan for the usual (tensor, scalar, list of tensors) arguments, pytree
+    for anything nested deeper (it costs about as much as the op itself on a small activation)."""
+    found: list[torch.Tensor] = []
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, torch.Tensor):
+            found.append(value)
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                if isinstance(item, torch.Tensor):
+                    found.append(item)
+                elif isinstance(item, (list, tuple, dict)):
+                    return [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        elif isinstance(value, dict):
+            return [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+    return found
+
+
+def _storage_address(tensor: torch.Tensor) -> int | None:
+    try:
+        return tensor.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError, ValueError, TypeError):  # meta, sparse, exotic tensors: byte_range decides
+        return None
 
 def observe_run(model: nn.Module, example_inputs: Sequence[Any], watched: Sequence[str],
                 capture: set[str] = frozenset()) -> RunRecord:
@@ -120,13 +149,13 @@ def observe_run(model: nn.Module, example_inputs: Sequence[Any], watched: Sequen
         name = names[id(module)]
         calls[name] += 1
         stack.append(name)
-        if isinstance(module, _BatchNorm) and args and isinstance(args[0], torch.Tensor):
+        if is_batchnorm_like(module) and args and isinstance(args[0], torch.Tensor):
             ranks.setdefault(name, set()).add(args[0].dim())
 
     def leave(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
         if stack:
             stack.pop()
-        if isinstance(module, _BatchNorm) and args and isinstance(args[0], torch.Tensor):
+        if is_batchnorm_like(module) and args and isinstance(args[0], torch.Tensor):
             mode.watch_bn_input(args[0], names[id(module)])
 
     def keep(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:

@@ -18,7 +18,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
 from bnstrip.errors import first_line
-from bnstrip.trace.classify import bn_refusal, layer_kind, layer_refusal
+from bnstrip.trace.bn_registry import is_batchnorm_like
+from bnstrip.trace.classify import bn_refusal, layer_kind, layer_refusal, own_forward_note
 
 @dataclass
 class FunctionalBN:
@@ -46,6 +47,9 @@ class Op:
     node: fx.Node | None = None
     functional: FunctionalBN | None = None
     note: str | None = None
+    own_forward: str | None = None
+    """For a 'layer' whose class overrides forward (Conv2dSame): it may only absorb a BatchNorm after it,
+    and only where a real run checks the fold (see OpGraph.example_run)."""
 
     def __repr__(self) -> str:
         return f"Op({self.kind} {self.name})"
@@ -68,6 +72,10 @@ class OpGraph:
     """BatchNorm modules whose input the real run changed in place after they ran (see _RunWatcher)."""
     sees_inplace: bool = True
     """False for an fx graph never checked against a real run: fx records `x += y` as an out-of-place add."""
+    example_run: bool = False
+    """True when the graph was built with example inputs, so fold_model checks the folded model on them."""
+    proofs: dict[tuple[str, str], str | None] = field(default_factory=dict)
+    """(layer, BatchNorm) -> bnstrip.fold.proof's verdict, so that each own-forward fold is proven once."""
 
 
 def join_name(prefix: str, name: str) -> str:
@@ -154,10 +162,12 @@ def ops_from_fx(gm: fx.GraphModule, prefix: str = "", where: str = "the model") 
             module = gm.get_submodule(str(node.target))
             name = join_name(prefix, str(node.target))
             label = f"{name} ({type(module).__name__})"
-            if layer_kind(module) is not None:
+            if layer_kind(module) is not None and (own := own_forward_note(module)) is not None:
+                op = Op(name=name, kind="layer", label=label, module=module, own_forward=own)
+            elif layer_kind(module) is not None:
                 note = layer_refusal(module)
                 op = Op(name=name, kind="other" if note else "layer", label=label, module=module, note=note)
-            elif isinstance(module, _BatchNorm):
+            elif is_batchnorm_like(module):
                 note = bn_refusal(module)
                 op = Op(name=name, kind="bn", label=label, module=module, note=note)
             else:
@@ -205,6 +215,62 @@ def call_label(node: fx.Node, prefix: str) -> str:
             cls_name = cls if isinstance(cls, str) else getattr(cls, "__name__", str(cls))
             return f"{text} inside {join_name(prefix, path)} ({cls_name.rsplit('.', 1)[-1]})"
     return text
+
+
+_METADATA_ATTRIBUTES = {"shape", "dtype", "device", "ndim", "is_cuda", "layout", "requires_grad", "is_sparse"}
+_METADATA_METHODS = {"size", "dim", "numel", "nelement", "element_size", "is_floating_point", "is_complex",
+                     "get_device", "is_contiguous", "ndimension"}
+_METADATA_ATEN = {"sym_size", "sym_numel", "sym_stride", "sym_storage_offset", "_assert_tensor_metadata"}
+
+
+def metadata_read(node: fx.Node | None) -> bool:
+    """A use of a tensor that reads its shape/dtype/device only (x.ndim, x.size(), len(x); aten.sym_size in
+    torch.export graphs), which folding does not change: it is not a consumer of the values."""
+    if node is None:
+        return False
+    if node.op == "call_function" and node.target is getattr and len(node.args) > 1:
+        return node.args[1] in _METADATA_ATTRIBUTES
+    if node.op == "call_function" and node.target is len:
+        return True
+    if node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload):
+        return node.target._schema.name.split("::")[-1] in _METADATA_ATEN
+    return node.op == "call_method" and node.target in _METADATA_METHODS
+
+
+def value_users(op: Op) -> list[Op]:
+    """The users of `op` that read its values (metadata reads left out)."""
+    return [user for user in op.users if not metadata_read(user.node)]
+
+
+_IDENTITY_MODULES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
+                     nn.FeatureAlphaDropout)
+_IDENTITY_IN_EVAL_NAMES = {"timm.layers.drop.DropPath", "torchvision.ops.stochastic_depth.StochasticDepth"}
+_DROPOUT_FUNCTIONS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout}
+
+
+def identity_in_eval(op: Op) -> bool:
+    """An op that returns its input's values unchanged in eval mode (nn.Identity, dropout and DropPath in eval,
+    F.dropout(training=False), aten.dropout(train=False)): a fold may go through it, the op stays."""
+    node = op.node
+    if node is None or len(op.inputs) != 1:
+        return False
+    if node.op == "call_module":
+        module = op.module
+        if module is None or module._forward_hooks or module._forward_pre_hooks:
+            return False
+        if type(module) is nn.Identity:
+            return True
+        cls = type(module)
+        known = isinstance(module, _IDENTITY_MODULES) and cls.forward in {c.forward for c in _IDENTITY_MODULES}
+        return (known or f"{cls.__module__}.{cls.__qualname__}" in _IDENTITY_IN_EVAL_NAMES) and not module.training
+    if node.op != "call_function":
+        return False
+    if node.target in _DROPOUT_FUNCTIONS:
+        training = node.kwargs.get("training", node.args[2] if len(node.args) > 2 else True)
+        return training is False
+    if node.target is torch.ops.aten.dropout.default:
+        return len(node.args) > 2 and node.args[2] is False
+    return False
 
 
 def link_users(ops: list[Op]) -> None:

@@ -12,12 +12,13 @@ from torch.nn.modules.conv import _ConvNd
 
 from bnstrip.core.compare import outputs_match
 from bnstrip.trace.alias import attribute_read_refusals, module_refusals
+from bnstrip.trace.bn_registry import is_batchnorm_like
 from bnstrip.trace.classify import foldable_module_names
 from bnstrip.trace.fx_tracer import fx_trace
 from bnstrip.trace.observe import RunRecord, observe_run
 from bnstrip.trace.opgraph import Op, OpGraph, error_summary, join_name, module_calls, ops_from_fx
 
-_LEAF_LIKE = (_BatchNorm, _ConvNd, nn.Linear)
+_LEAF_LIKE = (_BatchNorm, _ConvNd, nn.Linear)  # and registered BatchNorm look-alikes (is_batchnorm_like)
 
 
 def _visit(module: nn.Module, prefix: str, pieces: list[tuple[str, fx.GraphModule]], untraced: dict[str, str],
@@ -47,7 +48,7 @@ def _visit(module: nn.Module, prefix: str, pieces: list[tuple[str, fx.GraphModul
             opaque.add(id(child))
     untraced[prefix] = unfaithful.get(prefix) or error_summary(error)
     for name, child in module.named_children():
-        if not isinstance(child, _LEAF_LIKE):
+        if not isinstance(child, _LEAF_LIKE) and not is_batchnorm_like(child):
             _visit(child, join_name(prefix, name), pieces, untraced, unfaithful)
 
 
@@ -80,7 +81,7 @@ def graph_partial(model: nn.Module, example_inputs: Sequence[torch.Tensor]) -> O
         for op in piece_ops:
             if op.kind == "bn" and op.functional is not None:
                 op.note = op.note or f"it is a functional batch_norm inside {prefix}, and only fx on the whole model can remove those"
-            if op.module is not None and isinstance(op.module, _BatchNorm):
+            if op.module is not None and is_batchnorm_like(op.module):
                 seen = record.ranks.get(op.name)
                 if seen:
                     op.rank = next(iter(seen)) if len(seen) == 1 else None  # several ranks: not provably one layout
@@ -95,7 +96,7 @@ def graph_partial(model: nn.Module, example_inputs: Sequence[torch.Tensor]) -> O
     for name, reason in record.foreign_reads.items():
         refusals.setdefault(name, reason)
     graph = OpGraph(ops=ops, tracer="torch.fx (per submodule)", calls=calls, refusals=refusals, untraced=untraced,
-                    model_output=record.output, input_written=record.input_written)
+                    model_output=record.output, input_written=record.input_written, example_run=True)
     graph.traced = {prefix for prefix, _ in pieces}
     return graph
 

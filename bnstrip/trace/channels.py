@@ -1,0 +1,180 @@
+"""Where a tensor's channel axis goes through ops that keep the per-channel mapping (reshapes, permutes, averages).
+
+A BatchNorm is a per-channel affine map, so it commutes with any op that moves each channel's
+values without mixing channels: a reshape that merges or splits only the dims around the channel
+axis (LeViT's `bn(x.flatten(0, 1)).reshape_as(x)`), a permute, an identity in eval (Dropout), and
+an average over other dims (global average pooling: averaging commutes with x * s + t). The fold
+rules follow the channel axis through such ops with `carry_axis`; anything else mixes channels or
+is unknown, and stops them.
+"""
+from __future__ import annotations
+
+import inspect
+import math
+from typing import Any
+
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from bnstrip.trace.alias import _call_name
+from bnstrip.trace.opgraph import Op, value_users
+
+_RESHAPES = {"flatten", "unflatten", "view", "reshape", "reshape_as", "view_as", "_unsafe_view", "squeeze",
+             "unsqueeze", "_reshape_alias"}
+"""Row-major reshapes: the channel axis survives when the dims before and after it keep their total sizes."""
+_IDENTITIES = {"contiguous", "clone", "detach", "alias", "lift_fresh_copy"}
+_PERMUTES = {"permute", "transpose", "swapaxes", "swapdims"}
+_DROPOUTS = {"dropout", "feature_dropout", "alpha_dropout", "feature_alpha_dropout", "dropout1d", "dropout2d",
+             "dropout3d"}
+_MEANS = {"mean"}
+_ADAPTIVE = {"adaptive_avg_pool1d": 1, "adaptive_avg_pool2d": 2, "adaptive_avg_pool3d": 3,
+             "_adaptive_avg_pool2d": 2, "_adaptive_avg_pool3d": 3}
+_SHAPE_ONLY_SECOND = {"reshape_as", "view_as", "expand_as", "type_as"}
+"""Calls whose second argument gives only a shape (or dtype): `y.reshape_as(x)` reads no value of x."""
+_MODULES: tuple[type[nn.Module], ...] = (nn.Identity, nn.Flatten, nn.Unflatten, nn.AdaptiveAvgPool1d,
+                                         nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.modules.dropout._DropoutNd)
+
+
+def call_name(node: fx.Node | None) -> str:
+    """'flatten', 'mean', 'cat', ... for fx call_method/call_function and torch.export's aten overloads."""
+    return "" if node is None else _call_name(node)
+
+
+def shape_of(op: Op) -> tuple[int, ...] | None:
+    """The output shape seen on the example inputs (fx: val_shape from the rank pass; export: meta['val'])."""
+    node = op.node
+    if node is None:
+        return None
+    shape = node.meta.get("val_shape")
+    if shape is None:
+        shape = getattr(node.meta.get("val"), "shape", None)
+    try:
+        return tuple(int(s) for s in shape) if shape is not None else None
+    except (TypeError, ValueError):  # symbolic sizes
+        return None
+
+
+def data_input(op: Op) -> Op | None:
+    """The op whose output is this call's first (data) argument."""
+    node = op.node
+    if node is None:
+        return None
+    first = node.args[0] if node.args else next(iter(node.kwargs.values()), None)
+    return next((i for i in op.inputs if i.node is first), None) if isinstance(first, fx.Node) else None
+
+
+def reading_users(op: Op) -> list[Op]:
+    """Users that read `op`'s values: not metadata reads, nor `y.reshape_as(x)` reading only x's shape."""
+    found = []
+    for user in value_users(op):
+        node = user.node
+        if (node is not None and call_name(node) in _SHAPE_ONLY_SECOND and len(node.args) > 1
+                and node.args[1] is op.node and node.args[0] is not op.node):
+            continue
+        found.append(user)
+    return found
+
+
+def _arg(node: fx.Node, index: int, name: str, default: Any) -> Any:
+    if len(node.args) > index:
+        return node.args[index]
+    return node.kwargs.get(name, default)
+
+
+def _dropout_off(op: Op) -> bool:
+    """A functional dropout that does nothing: training=False (F.dropout defaults to True)."""
+    node = op.node
+    if isinstance(node.target, str) or getattr(node.target, "_schema", None) is None:
+        fn = getattr(F, call_name(node), None)
+        if fn is None:
+            return False
+        try:
+            bound = inspect.signature(fn).bind(*node.args, **node.kwargs)
+        except TypeError:
+            return False
+        bound.apply_defaults()
+        return bound.arguments.get("training") is False
+    return _arg(node, 2, "train", True) is False
+
+
+def passes_channels(op: Op) -> bool:
+    """Whether `op` is one of the ops `carry_axis` can follow (not yet whether it keeps this axis)."""
+    if op.kind != "other" or op.node is None or op.note:
+        return False
+    if op.node.op == "call_module":
+        return isinstance(op.module, _MODULES) and not (isinstance(op.module, nn.modules.dropout._DropoutNd)
+                                                         and op.module.training)
+    if op.node.op not in ("call_method", "call_function"):
+        return False
+    name = call_name(op.node)
+    if name in _DROPOUTS:
+        return _dropout_off(op)
+    return name in _RESHAPES | _IDENTITIES | _PERMUTES | _MEANS | set(_ADAPTIVE)
+
+
+def _reshaped_axis(axis: int, before: tuple[int, ...], after: tuple[int, ...]) -> int | None:
+    """The axis of `after` holding channel c at index c, when the sizes before and after it are kept."""
+    outer, size = math.prod(before[:axis]), before[axis]
+    for index, n in enumerate(after):
+        if n == size and math.prod(after[:index]) == outer:
+            return index
+    return None
+
+
+def _dims(value: Any, rank: int) -> list[int] | None:
+    if isinstance(value, int):
+        value = [value]
+    if not isinstance(value, (list, tuple)) or not all(isinstance(d, int) for d in value):
+        return None
+    return [d % rank for d in value] if rank else None
+
+
+def carry_axis(op: Op, axis: int) -> int | str:
+    """Where the channel axis `axis` of `op`'s data input lies in its output, or why it does not survive."""
+    source = data_input(op)
+    before, after = (shape_of(source) if source else None), shape_of(op)
+    if before is None or after is None:
+        return f"the shapes around {op.label} are unknown; pass example inputs (example_inputs)"
+    node, rank = op.node, len(before)
+    kind = type(op.module).__name__ if node.op == "call_module" else call_name(node)
+    lost = f"{op.label} mixes its channel dim {axis} with others"
+    if isinstance(op.module, (nn.Identity, nn.modules.dropout._DropoutNd)) or kind in _IDENTITIES | _DROPOUTS:
+        return axis if before == after else lost
+    if isinstance(op.module, (nn.Flatten, nn.Unflatten)) or kind in _RESHAPES:
+        found = _reshaped_axis(axis, before, after)
+        return lost if found is None else found
+    if kind in _PERMUTES:
+        if kind == "permute":
+            order = node.args[1:] if len(node.args) > 2 else _arg(node, 1, "dims", None)
+            order = _dims(list(order) if isinstance(order, (list, tuple)) else order, rank)
+        else:
+            pair = _dims([_arg(node, 1, "dim0", None), _arg(node, 2, "dim1", None)], rank)
+            order = None if pair is None else list(range(rank))
+            if order is not None:
+                order[pair[0]], order[pair[1]] = pair[1], pair[0]
+        return lost if order is None or axis not in order else order.index(axis)
+    pooled = _ADAPTIVE.get(kind) or next((k for cls, k in ((nn.AdaptiveAvgPool1d, 1), (nn.AdaptiveAvgPool2d, 2),
+                                                             (nn.AdaptiveAvgPool3d, 3)) if isinstance(op.module, cls)), 0)
+    if pooled:
+        return axis if axis < rank - pooled and len(after) == rank else lost
+    if kind in _MEANS:
+        dims = _dims(_arg(node, 1, "dim", None), rank)
+        keep = _arg(node, 2, "keepdim", False)
+        if dims is None or axis in dims or _arg(node, 3, "dtype", None) is not None or not isinstance(keep, bool):
+            return lost
+        return axis if keep else axis - sum(d < axis for d in dims)
+    return lost
+
+
+def concatenated(op: Op) -> tuple[list[Op | None], int] | None:
+    """(the concatenated ops in order, dim) when `op` is a torch.cat of graph values, else None."""
+    node = op.node
+    if node is None or node.op != "call_function" or call_name(node) not in ("cat", "concat", "concatenate"):
+        return None
+    pieces = _arg(node, 0, "tensors", None)
+    dim = _arg(node, 1, "dim", 0)
+    if not isinstance(pieces, (list, tuple)) or not isinstance(dim, int):
+        return None
+    by_node = {i.node: i for i in op.inputs}
+    return [by_node.get(p) if isinstance(p, fx.Node) else None for p in pieces], dim
