@@ -10,8 +10,8 @@ float64 original (an exact fold gives ~1e-15; above 1e-9 relative is a wrong mod
 Setup (a separate venv; never in CI):
 
     python3 -m venv .zoo-venv && . .zoo-venv/bin/activate && pip install torch==2.13.0 \
-      && pip install torchvision==0.28.0 timm torch==2.13.0 && pip install -e .
-    nice -n 10 python scripts/zoo.py --out zoo.md --json zoo.json
+      && pip install -e '.[zoo]' torch==2.13.0      # torchvision + timm, keeping that torch
+    nice -n 10 python scripts/zoo.py --jobs 2 --out zoo.md --json zoo.json [--reparameterize]
 
 The registry's torchvision wheel is a CUDA build: beside the CPU torch its C extension fails to
 load, and `import torchvision` (so `import timm`) then fails with "operator torchvision::nms

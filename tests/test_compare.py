@@ -108,3 +108,17 @@ def test_float64_evaluation_reaches_ops_that_check_dtypes_before_dispatch() -> N
     expected = copy.deepcopy(model).double()(x.double())
     assert torch.allclose(got, expected, rtol=0, atol=1e-14)
     assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+def test_an_original_that_overflows_in_its_own_dtype_excuses_nothing() -> None:
+    # The float32 original overflows where float64 does not: its own rounding is infinite, and that must
+    # not make the tolerance infinite (a wrong fold would then pass).
+    from bnstrip.core.compare import compare_outputs
+
+    original64 = torch.tensor([1e39, 1.0], dtype=torch.float64)
+    original = torch.tensor([float("inf"), 1.0])
+    wrong = torch.tensor([float("inf"), 2.0])
+    check = compare_outputs(original, wrong, original64, torch.float32)
+    assert check is not None and not check.passed
+    right = torch.tensor([float("inf"), 1.0])
+    assert compare_outputs(original, right, original64, torch.float32).passed

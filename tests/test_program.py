@@ -1,6 +1,8 @@
 """bnstrip.fold_program: exported programs fold with fold_model's rules, load back, match, stay dynamic."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import pytest
 import torch
 from torch import nn
@@ -18,6 +20,39 @@ def _names(pairs):
     return sorted(b for b, _ in pairs)
 
 
+@dataclass
+class _Exported:
+    model: nn.Module
+    x: torch.Tensor
+    program: object
+    """The exported input program (fold_program must leave it untouched: `before` is its state then)."""
+    before: dict[str, torch.Tensor]
+    result: object
+
+
+@pytest.fixture(scope="module")
+def exported():
+    """name -> a zoo model exported and folded once for every test of this module (exporting is the slow part)."""
+    cache: dict[str, _Exported] = {}
+
+    def get(name: str) -> _Exported:
+        if name not in cache:
+            model, x = zoo.build(name)
+            program = torch.export.export(model, (x,))
+            before = {k: v.clone() for k, v in program.state_dict.items()}
+            cache[name] = _Exported(model, x, program, before, bnstrip.fold_program(program))
+        return cache[name]
+
+    return get
+
+
+def _conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
+    """(conv, BN) names of every BatchNorm that sits right after a conv in an nn.Sequential (zoo.conv_bn)."""
+    return sorted((f"{name}.{i - 1}", f"{name}.{i}") for name, seq in model.named_modules()
+                  if isinstance(seq, nn.Sequential) for i in range(1, len(seq))
+                  if isinstance(seq[i], nn.BatchNorm2d) and isinstance(seq[i - 1], nn.Conv2d))
+
+
 def _roundtrip(program, tmp_path, name="out.pt2"):
     path = tmp_path / name
     torch.export.save(program, path)
@@ -25,17 +60,15 @@ def _roundtrip(program, tmp_path, name="out.pt2"):
 
 
 @pytest.mark.parametrize("name", PROGRAM_ZOO)
-def test_zoo_programs_fold_like_their_modules(name, tmp_path):
-    model, x = zoo.build(name)
+def test_zoo_programs_fold_like_their_modules(name, tmp_path, exported):
+    case = exported(name)
+    model, x, result = case.model, case.x, case.result
     expected = bnstrip.fold_model(model, (x,))
-    program = torch.export.export(model, (x,))
-    before = {k: v.clone() for k, v in program.state_dict.items()}
-    result = bnstrip.fold_program(program)
     assert sorted(result.folded) == sorted(expected.folded)
     assert _names(result.skipped) == _names(expected.skipped)
     assert result.self_check is not None and result.self_check.passed
     # the input program is untouched
-    assert all(torch.equal(before[k], v) for k, v in program.state_dict.items())
+    assert all(torch.equal(case.before[k], v) for k, v in case.program.state_dict.items())
     # the folded program has no folded BatchNorm tensors left, loads back, and matches the BN model
     state = result.program.state_dict
     for _, bn in expected.folded:
@@ -47,9 +80,8 @@ def test_zoo_programs_fold_like_their_modules(name, tmp_path):
     assert torch.allclose(got, ref, rtol=1e-4, atol=1e-4 * max(1.0, float(ref.abs().max())))
 
 
-def test_folded_ops_are_gone_and_conv_gains_bias():
-    model, x = zoo.build("Conv3dNet")
-    result = bnstrip.fold_program(torch.export.export(model, (x,)))
+def test_folded_ops_are_gone_and_conv_gains_bias(exported):
+    result = exported("Conv3dNet").result
     targets = [str(n.target) for n in result.program.graph.nodes if n.op == "call_function"]
     assert not any("batch_norm" in t for t in targets)
     assert "conv2" in result.gained_bias
@@ -61,7 +93,7 @@ def test_dynamic_batch_stays_dynamic(tmp_path):
     batch = torch.export.Dim("batch", min=1, max=64)
     program = _roundtrip(torch.export.export(model, (x,), dynamic_shapes=({0: batch},)), tmp_path, "in.pt2")
     result = bnstrip.fold_program(program)
-    assert sorted(result.folded) == sorted(bnstrip.fold_model(model, (x,)).folded)  # depthwise convs included
+    assert sorted(result.folded) == _conv_bn_pairs(model) and len(result.folded) == 11  # depthwise convs included
     assert result.dynamic_dims
     (symbol, bounds), = result.program.range_constraints.items()
     assert (int(bounds.lower), int(bounds.upper)) == (1, 64)
@@ -73,14 +105,14 @@ def test_dynamic_batch_stays_dynamic(tmp_path):
 
 
 def test_smallnet_program_folds_like_the_module():
-    from bnstrip.homework.models import SmallNetTrain
+    from bnstrip.homework.models import SMALLNET_PAIRS, SmallNetTrain
 
     torch.manual_seed(0)
     model = zoo.randomize_bn(SmallNetTrain()).eval()
     x = torch.randn(2, 3, 32, 32)
-    expected = bnstrip.fold_model(model, (x,))
     result = bnstrip.fold_program(torch.export.export(model, (x,)))
-    assert sorted(result.folded) == sorted(expected.folded) and len(result.folded) == 3
+    assert sorted(result.folded) == sorted(SMALLNET_PAIRS)
+    assert result.self_check is not None and result.self_check.passed
 
 
 def test_kwargs_and_training_bn_are_reported():
@@ -108,11 +140,11 @@ def test_refuses_what_is_not_a_program():
         bnstrip.fold_program(nn.Linear(2, 2))
 
 
-def test_moved_outputs_are_refused(monkeypatch):
+def test_moved_outputs_are_refused(monkeypatch, exported):
     """A fold that changes the outputs (here: a sabotaged re-export) is never returned."""
     import bnstrip.fold.program as program_mod
 
-    model, x = zoo.build("MLPBothSides")
+    program = exported("MLPBothSides").program
     real_export = program_mod._export
 
     def sabotaged(module, args, kwargs, dynamic):
@@ -123,17 +155,18 @@ def test_moved_outputs_are_refused(monkeypatch):
 
     monkeypatch.setattr(program_mod, "_export", sabotaged)
     with pytest.raises(CheckFailed, match="not writing the folded program"):
-        bnstrip.fold_program(torch.export.export(model, (x,)))
+        bnstrip.fold_program(program)
 
 
-def test_cli_fuse_and_verify_programs(tmp_path):
+def test_cli_fuse_and_verify_programs(tmp_path, exported):
     from click.testing import CliRunner
 
     from bnstrip.cli import main
 
-    model, x = zoo.build("MLPBothSides")
+    case = exported("MLPBothSides")
+    model, x = case.model, case.x
     src, out, inputs = tmp_path / "m.pt2", tmp_path / "folded.pt2", tmp_path / "x.pt"
-    torch.export.save(torch.export.export(model, (x,)), src)
+    torch.export.save(case.program, src)
     torch.save(x * 3, inputs)
     runner = CliRunner()
     fused = runner.invoke(main, ["fuse", str(src), str(out), "--json"])

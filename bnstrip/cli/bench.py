@@ -96,7 +96,7 @@ def bench(arch: str, checkpoint: str | None, input_shape: str | None, batch_size
     console = stdout_console()
     console.print(make_table(f"bench {label}: {pair.folded} BatchNorm(s) folded, {report.threads} thread(s), "
                              f"{report.repeat} rounds, torch {report.torch_version}",
-                             ["batch", "BN model ms", "folded ms", "speed-up", "verdict"], rows))
+                             ["batch", "BN model ms", "folded ms", "speed-up", "verdict"], rows, markup=False))
     console.print("ms per call: median (min) over the rounds; speed-up: BN time / folded time, median (min-max) of "
                   "the rounds' paired ratios; 'within noise': the two timings' interquartile ranges overlap, or the ratios' contains 1.")
 

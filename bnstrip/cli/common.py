@@ -14,12 +14,13 @@ from typing import Any, Callable, TypeVar
 
 import click
 
-from bnstrip.errors import EXIT_BAD_INPUT, EXIT_CHECK_FAILED, EXIT_INTERRUPTED, EXIT_OK, BnstripError, CheckFailed, first_line
+from bnstrip.errors import (EXIT_BAD_INPUT, EXIT_CHECK_FAILED, EXIT_INTERRUPTED, EXIT_OK, BnstripError, CheckFailed,
+                            first_line, printable)
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 __all__ = ["EXIT_OK", "EXIT_CHECK_FAILED", "EXIT_BAD_INPUT", "API_TO_FLAG", "to_flags", "handle_errors", "core_json",
-           "emit_json", "stdout_console", "stderr_console", "warn", "make_table", "fmt", "parse_int_list", "Progress"]
+           "emit_json", "stdout_console", "stderr_console", "warn", "plain", "make_table", "fmt", "parse_int_list", "Progress"]
 
 DEFAULT_CHECKPOINT = "smallNetSaved"
 """The trained smallNetTrain checkpoint shipped at the top of the repository (the course's file name)."""
@@ -169,12 +170,25 @@ def stderr_console():
 
 
 def warn(message: str) -> None:
-    click.echo(f"bnstrip: warning: {to_flags(message)}", err=True)
+    """One stderr line; names from files or paths are escaped (a newline or ESC cannot cut it or reach the terminal)."""
+    click.echo(f"bnstrip: warning: {printable(to_flags(message))}", err=True)
 
 
-def make_table(title: str, columns: list[str], rows: list[list[Any]]):
+def plain(text: str):
+    """`text` for console.print: no Rich markup (a path like `a[/]b.pt` is a name, not a tag), control
+    characters escaped."""
+    from rich.text import Text
+
+    return Text(printable(text))
+
+
+def make_table(title: str, columns: list[str], rows: list[list[Any]], markup: bool = True):
     """A Rich table with the given columns (cells str()-ed); the title is a line of its own above it, so a long
-    title is never wrapped to the table's width."""
+    title is never wrapped to the table's width.
+
+    markup=False for tables of names from files and paths: title and cells are shown as they are (no Rich
+    markup), with control characters escaped.
+    """
     from rich.console import Group
     from rich.table import Table
     from rich.text import Text
@@ -183,8 +197,9 @@ def make_table(title: str, columns: list[str], rows: list[list[Any]]):
     for column in columns:
         table.add_column(column)
     for row in rows:
-        table.add_row(*[str(cell) for cell in row])
-    return Group(Text.from_markup(title, style="italic"), table) if title else table
+        table.add_row(*[str(cell) if markup else Text(printable(cell)) for cell in row])
+    heading = Text.from_markup(title, style="italic") if markup else Text(printable(title), style="italic")
+    return Group(heading, table) if title else table
 
 
 def fmt(value: float, digits: int = 3) -> str:

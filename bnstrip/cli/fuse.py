@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import click
 
-from bnstrip.cli.common import core_json, emit_json, fmt, handle_errors, make_table, stdout_console, warn
+from bnstrip.cli.common import core_json, emit_json, fmt, handle_errors, make_table, plain, stdout_console, warn
 
 
 @click.command()
@@ -69,9 +69,9 @@ def _fuse_smallnet(input_path: str, output_path: str, eps: float | None, force: 
         })
         return
     console = stdout_console()
-    console.print(f"folded {input_path} -> {output_path} (smallNetTest state_dict, {result.dtype})")
+    console.print(plain(f"folded {input_path} -> {output_path} (smallNetTest state_dict, {result.dtype})"))
     console.print(make_table("", ["producer", "BatchNorm", "folded into"],
-                             [[p, b, "weight, bias"] for p, b in result.pairs]))
+                             [[p, b, "weight, bias"] for p, b in result.pairs], markup=False))
     console.print(f"self-check: max |diff| {fmt(result.self_check.max_abs_diff)} on {result.self_check.samples} random "
                   f"inputs (tolerance {fmt(result.self_check.tolerance)}), {seconds:.2f} s")
 
@@ -129,15 +129,16 @@ def _print_arch(input_path: str, output_path: str, arch: str, report) -> None:  
         f"Folded {input_path} -> {output_path} ({arch}, {result.form}, {report.dtype}, traced with {result.tracer})",
         ["layer", "BatchNorm", "folded into"],
         [[layer, bn, into[result.into[bn]] + (", gained bias" if layer in result.gained_bias else "")]
-         for layer, bn in result.folded]))
+         for layer, bn in result.folded], markup=False))
     if result.merged or result.merge_refused:
         console.print(make_table(f"Merged branches ({len(result.merged)})", ["conv", "kernel", "branches"],
                                  [[m.conv, "x".join(map(str, m.kernel_size)), " + ".join(m.branches)]
                                   for m in result.merged]
-                                 + [[where, "not merged", reason] for where, reason in result.merge_refused]))
+                                 + [[where, "not merged", reason] for where, reason in result.merge_refused],
+                                 markup=False))
     if result.skipped:
         console.print(make_table(f"Not folded ({len(result.skipped)})", ["BatchNorm", "reason"],
-                                 [[bn, reason] for bn, reason in result.skipped]))
-    console.print(f"self-check: max |diff| {fmt(check.max_abs_diff)} vs output scale {fmt(check.output_scale)} on "
-                  f"{check.samples} random inputs of shape {tuple(report.input_shape)} (tolerance {fmt(check.tolerance)}); "
-                  f"manifest {report.manifest}; {report.seconds:.2f} s")
+                                 [[bn, reason] for bn, reason in result.skipped], markup=False))
+    console.print(plain(f"self-check: max |diff| {fmt(check.max_abs_diff)} vs output scale {fmt(check.output_scale)} on "
+                        f"{check.samples} random inputs of shape {tuple(report.input_shape)} (tolerance "
+                        f"{fmt(check.tolerance)}); manifest {report.manifest}; {report.seconds:.2f} s"))

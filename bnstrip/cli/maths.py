@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -22,6 +22,9 @@ from bnstrip.cli.common import (
     stdout_console,
 )
 from bnstrip.errors import CheckFailed, InputError
+
+if TYPE_CHECKING:  # the CLI imports the maths only when a command runs
+    from bnstrip.homework.derivations.init_stats import InitStatsResult
 
 SEED_HELP = "Seed of every random draw, for reproducible figures."
 JSON_HELP = "Print one JSON object on stdout."
@@ -83,6 +86,55 @@ def _drawn_table(title: str, named: list[tuple[str, Any]]):
 # --------------------------------------------------------------------------- init-stats (Problem 2)
 
 
+def _init_stats_json(result: InitStatsResult, how: str, seed: int) -> dict[str, Any]:
+    """init-stats --json beyond the keys every command shares: exact fractions as strings, MC figures as floats."""
+    mc = result.mc
+    return {
+        "layers": result.layers, "mean": float(result.mean), "variance": float(result.variance),
+        "variance_fraction": str(result.variance),
+        "per_layer": [{"layer": m.layer, "width": m.width, "mean": float(m.mean), "variance": float(m.variance),
+                       "variance_fraction": str(m.variance)} for m in result.per_layer],
+        "mc": {"samples": mc.samples, "mean": mc.mean, "variance": mc.variance, "mean_stderr": mc.mean_stderr,
+               "variance_stderr": mc.variance_stderr},
+        "samples_chosen_by": how,
+        "init_law": [{"fan_in": law.fan_in, "weight_bound": law.weight_bound, "bias_bound": law.bias_bound,
+                      "weight_variance_fraction": str(law.weight_variance),
+                      "bias_variance_fraction": str(law.bias_variance)} for law in result.laws],
+        "recursion": result.recursion_text, "closed_form": result.closed_form_text, "seed": seed,
+        "failures": result.failures,
+    }
+
+
+def _print_init_stats(result: InitStatsResult, how: str, seed: int) -> None:
+    """init-stats as tables: the init law torch uses, the exact moments per layer, the Monte Carlo check."""
+    import torch
+
+    from bnstrip.homework.derivations.init_stats import MC_STDERR_BAR
+
+    mc, console = result.mc, stdout_console()
+    console.print(_table(
+        f"Default nn.Linear init read off torch {torch.__version__}",
+        ["fan_in", "weight ~", "bias ~", "Var(w)", "Var(b)"],
+        [[law.fan_in, f"U(+-{law.weight_bound:.6g})", f"U(+-{law.bias_bound:.6g})", law.weight_variance,
+          law.bias_variance] for law in result.laws]))
+    _say("mean:        E[y_l,i] = sum_j E[w_ij] E[y_{l-1,j}] + E[b_i] = 0  (w, b independent, mean 0)")
+    _say(f"recursion:   {result.recursion_text}")
+    _say(f"closed form: {result.closed_form_text} = {result.closed_form_variance}")
+    console.print(_table(
+        f"Every coordinate of y_l, layers {','.join(map(str, result.layers))}",
+        ["l", "n_l", "E[y_l]", "Var(y_l) exact", "Var(y_l)"],
+        [[m.layer, m.width, m.mean, m.variance, f"{float(m.variance):.10g}"] for m in result.per_layer]))
+    exact = float(result.variance)
+    console.print(_table(
+        f"Monte Carlo over {mc.samples} fresh default-initialised networks (seed {seed}), y_L[0]",
+        ["figure", "exact", "Monte Carlo", "std. error", "|diff| / std. error", "bar"],
+        [["mean", "0", f"{mc.mean:.6g}", fmt(mc.mean_stderr), f"{abs(mc.mean) / mc.mean_stderr:.2f}",
+          f"<= {MC_STDERR_BAR:g}"],
+         ["variance", f"{exact:.6g}", f"{mc.variance:.6g}", fmt(mc.variance_stderr),
+          f"{abs(mc.variance - exact) / mc.variance_stderr:.2f}", f"<= {MC_STDERR_BAR:g}"]]))
+    _say(f"Monte Carlo samples: {how}")
+
+
 @click.command("init-stats")
 @click.option("--layers", default="16,8,4,1", show_default=True, metavar="n0,n1,...,nL",
               help="Widths of the identity-activation MLP, input first.")
@@ -100,10 +152,7 @@ def init_stats_command(layers: str, samples: int | None, budget: float, seed: in
     The init law is read off the installed torch; the variances are exact fractions.  Exit 1 when the
     Monte Carlo mean or variance is more than 4 standard errors from the exact value.
     """
-    import torch
-
-    from bnstrip.homework.derivations.init_stats import (DEFAULT_SAMPLES, MC_STDERR_BAR, init_stats,
-                                                         samples_for_budget, validate_layers)
+    from bnstrip.homework.derivations.init_stats import DEFAULT_SAMPLES, init_stats, samples_for_budget, validate_layers
 
     started = time.perf_counter()
     widths = validate_layers(parse_int_list(layers, "--layers"))
@@ -116,46 +165,11 @@ def init_stats_command(layers: str, samples: int | None, budget: float, seed: in
         how = "--samples"
     with Progress("Monte Carlo", after=2.0) as progress:
         result = init_stats(widths, samples, seed, progress=progress)
-    mc = result.mc
-    per_layer = [{"layer": m.layer, "width": m.width, "mean": float(m.mean), "variance": float(m.variance),
-                  "variance_fraction": str(m.variance)} for m in result.per_layer]
     if as_json:
-        emit_json({
-            **core_json("init-stats", result.passed, time.perf_counter() - started),
-            "layers": result.layers, "mean": float(result.mean), "variance": float(result.variance),
-            "variance_fraction": str(result.variance), "per_layer": per_layer,
-            "mc": {"samples": mc.samples, "mean": mc.mean, "variance": mc.variance, "mean_stderr": mc.mean_stderr,
-                   "variance_stderr": mc.variance_stderr},
-            "samples_chosen_by": how,
-            "init_law": [{"fan_in": law.fan_in, "weight_bound": law.weight_bound, "bias_bound": law.bias_bound,
-                          "weight_variance_fraction": str(law.weight_variance),
-                          "bias_variance_fraction": str(law.bias_variance)} for law in result.laws],
-            "recursion": result.recursion_text, "closed_form": result.closed_form_text, "seed": seed,
-            "failures": result.failures,
-        })
+        emit_json({**core_json("init-stats", result.passed, time.perf_counter() - started),
+                   **_init_stats_json(result, how, seed)})
     else:
-        console = stdout_console()
-        console.print(_table(
-            f"Default nn.Linear init read off torch {torch.__version__}",
-            ["fan_in", "weight ~", "bias ~", "Var(w)", "Var(b)"],
-            [[law.fan_in, f"U(+-{law.weight_bound:.6g})", f"U(+-{law.bias_bound:.6g})", law.weight_variance,
-              law.bias_variance] for law in result.laws]))
-        _say("mean:        E[y_l,i] = sum_j E[w_ij] E[y_{l-1,j}] + E[b_i] = 0  (w, b independent, mean 0)")
-        _say(f"recursion:   {result.recursion_text}")
-        _say(f"closed form: {result.closed_form_text} = {result.closed_form_variance}")
-        console.print(_table(
-            f"Every coordinate of y_l, layers {','.join(map(str, result.layers))}",
-            ["l", "n_l", "E[y_l]", "Var(y_l) exact", "Var(y_l)"],
-            [[m.layer, m.width, m.mean, m.variance, f"{float(m.variance):.10g}"] for m in result.per_layer]))
-        exact = float(result.variance)
-        console.print(_table(
-            f"Monte Carlo over {mc.samples} fresh default-initialised networks (seed {seed}), y_L[0]",
-            ["figure", "exact", "Monte Carlo", "std. error", "|diff| / std. error", "bar"],
-            [["mean", "0", f"{mc.mean:.6g}", fmt(mc.mean_stderr), f"{abs(mc.mean) / mc.mean_stderr:.2f}",
-              f"<= {MC_STDERR_BAR:g}"],
-             ["variance", f"{exact:.6g}", f"{mc.variance:.6g}", fmt(mc.variance_stderr),
-              f"{abs(mc.variance - exact) / mc.variance_stderr:.2f}", f"<= {MC_STDERR_BAR:g}"]]))
-        _say(f"Monte Carlo samples: {how}")
+        _print_init_stats(result, how, seed)
     _finish(result.passed, result.failures, as_json)
 
 

@@ -64,10 +64,10 @@ def _print_fuse(report: Any, as_json: bool) -> None:
                              [[layer, bn, ("layer before" if result.into.get(bn, "producer") == "producer"
                                            else "layer after") + (", gained bias" if layer in result.gained_bias
                                                                   else "")]
-                              for layer, bn in result.folded]))
+                              for layer, bn in result.folded], markup=False))
     if result.skipped:
         console.print(make_table(f"Not folded ({len(result.skipped)})", ["BatchNorm", "reason"],
-                                 [[bn, reason] for bn, reason in result.skipped]))
+                                 [[bn, reason] for bn, reason in result.skipped], markup=False))
     console.print(f"self-check: max |diff| {fmt(check.max_abs_diff)} vs output scale {fmt(check.output_scale)} "
                   f"(tolerance {fmt(check.tolerance)}); {report.seconds:.2f} s")
 
@@ -128,7 +128,8 @@ def verify_programs(reference: str, candidate: str, inputs_file: str | None, as_
                                  [["max |diff| vs float64 original" if check.rounding is not None else "max |diff|",
                                    fmt(check.max_abs_diff)], ["original's own rounding",
                                                               "-" if check.rounding is None else fmt(check.rounding)],
-                                  ["tolerance", fmt(check.tolerance)], ["verify time", f"{seconds:.2f} s"]]))
+                                  ["tolerance", fmt(check.tolerance)], ["verify time", f"{seconds:.2f} s"]],
+                                 markup=False))
         console.print("PASS" if check.passed else "FAIL")
     if not check.passed:
         raise CheckFailed(f"{candidate}: {check.describe()}")

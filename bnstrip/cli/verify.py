@@ -9,7 +9,7 @@ import sys
 import click
 
 from bnstrip.cli.common import (DEFAULT_CHECKPOINT, Progress, core_json, emit_json, fmt, handle_errors, make_table,
-                                stdout_console, warn)
+                                plain, stdout_console, warn)
 from bnstrip.errors import CheckFailed, InputError
 
 
@@ -36,6 +36,21 @@ def _is_bn_checkpoint(path: str) -> bool:
         return False
 
 
+def _is_folded_smallnet(path: str) -> bool:
+    """Whether `path` holds exactly smallNetTest's keys (a file written by `bnstrip fuse`), i.e. the file for --fused."""
+    import torch
+
+    from bnstrip.homework.models import SmallNetTest
+    from bnstrip.io.checkpoint import load_checkpoint
+
+    try:
+        with torch.device("meta"):
+            expected = set(SmallNetTest().state_dict())
+        return set(load_checkpoint(path).state_dict) == expected
+    except Exception:  # noqa: BLE001 - only a hint for a message that is already an error
+        return False
+
+
 def _fused_dtypes(path: str | None) -> set[str]:
     """The floating dtypes stored in the folded file (float32 when folded in memory)."""
     if path is None:
@@ -52,7 +67,7 @@ def _fused_dtypes(path: str | None) -> set[str]:
 @click.option("--fused", default=None, type=click.Path(path_type=str), help="A smallNetTest checkpoint written by `bnstrip fuse`; default: fold in memory. Same as the second argument.")
 @click.option("--data-dir", default=None, type=click.Path(path_type=str), help="Folder holding cifar-10-batches-py/; an error if it lacks it. Without it: $BNSTRIP_DATA_DIR, ~/.cache/bnstrip, ./data, then a download (about 163 MB).")
 @click.option("--batch-size", default=100, show_default=True, type=click.IntRange(min=1), help="Batch size of the course's figure.")
-@click.option("--tolerance", default=1e-8, show_default=True, type=float, help="Pass if max over batches of ||diff||^2 is below this.")
+@click.option("--tolerance", default=1e-8, show_default=True, type=click.FloatRange(min=0, min_open=True), help="Pass if max over batches of ||diff||^2 is below this.")
 @click.option("--eps", type=float, default=None, help="BatchNorm eps of the checkpoint (default 1e-5).")
 @click.option("--limit", default=None, type=click.IntRange(min=1), help="Use only the first N test images.")
 @click.option("--threads", default=None, type=click.IntRange(min=1), help="torch threads for the comparison (default 1, so the figures do not depend on the machine's core count).")
@@ -87,11 +102,15 @@ def verify(files: tuple[str, ...], checkpoint: str | None, fused: str | None, da
         raise click.UsageError("--inputs goes with two exported programs (.pt2)")
     try:
         bn_model, folded_model, notes = load_smallnet_pair(checkpoint, fused, SMALLNET_EPS if eps is None else eps)
-    except InputError:
+    except InputError as exc:
         if fused is not None and _is_bn_checkpoint(fused):
             raise InputError(f"{fused}: not a smallNetTest state_dict but the BatchNorm checkpoint (smallNetTrain); it belongs in "
                              f"--checkpoint (the first argument): bnstrip verify {fused} FOLDED.pt") from None
-        raise
+        if _is_folded_smallnet(checkpoint):
+            raise InputError(f"{checkpoint}: not the BatchNorm checkpoint (smallNetTrain) but a folded smallNetTest state_dict; "
+                             f"it belongs in --fused (the second argument): bnstrip verify {DEFAULT_CHECKPOINT} {checkpoint}"
+                             ) from None
+        raise InputError(str(exc).replace(" or use --arch", "")) from None  # verify has no --arch
     for note in notes:
         warn(note)
     with Progress("downloading CIFAR-10 (about 163 MB)", enabled=not as_json or sys.stderr.isatty()) as download:
@@ -132,8 +151,7 @@ def _print_table(result, checkpoint: str, fused: str | None, source: str, md5: s
         ["verify time", f"{result.seconds:.2f} s", ""],
     ]
     console = stdout_console()
-    console.print(f"verify {checkpoint} vs {fused or 'folded in memory'} on {source} (test_batch md5 {md5})",
-                  markup=False)
+    console.print(plain(f"verify {checkpoint} vs {fused or 'folded in memory'} on {source} (test_batch md5 {md5})"))
     console.print(make_table("", ["figure", "value", "bar"], rows))
     console.print("[bold green]PASS[/]" if result.passed else "[bold red]FAIL[/]")
 

@@ -21,7 +21,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from bnstrip.core.foldmath import (BNStats, all_finite, cast_folded, fold_into_consumer, fold_into_producer,
+from bnstrip.core.foldmath import (BNStats, all_finite, bn_scale_shift, cast_folded, fold_into_consumer, fold_into_producer,
                                    identity_running_var)
 from bnstrip.fold.rules import INTO_PRODUCER, Fold, bn_stats, tensor_at
 from bnstrip.trace.bn_registry import folded_replacement, is_batchnorm_like
@@ -46,7 +46,8 @@ class FoldedBatchNorm(nn.Identity):
         return f"num_features={getattr(self, 'num_features', '?')} (folded)"
 
 
-def _fold_in_float64(folds: list[Fold], root: nn.Module, eps: float | None) -> Iterator[tuple[str, list[Any]]]:
+def _fold_in_float64(folds: list[Fold], root: nn.Module, eps: float | None,
+                     allow_overflow: bool = False) -> Iterator[tuple[str, list[Any]]]:
     """Chain the folds of each layer in float64, one layer at a time: (layer, [module, weight64, bias64 or None]).
 
     A generator, so that only one layer's float64 values exist at once (the caller rounds them
@@ -59,7 +60,7 @@ def _fold_in_float64(folds: list[Fold], root: nn.Module, eps: float | None) -> I
     for layer_name, layer_folds in by_layer.items():
         module = layer_folds[0][1].module
         if _single_producer_fold(module, layer_folds):
-            yield layer_name, _fold_rounded(module, layer_folds[0][0], root, eps, layer_name)
+            yield layer_name, _fold_rounded(module, layer_folds[0][0], root, eps, layer_name, allow_overflow)
             continue
         entry = [module, module.weight.detach().to(torch.float64),
                  None if module.bias is None else module.bias.detach().to(torch.float64)]
@@ -85,18 +86,22 @@ def _single_producer_fold(module: nn.Module, layer_folds: list[tuple[Fold, Op, s
             and not isinstance(module, nn.modules.conv._ConvTransposeNd))
 
 
-def _fold_rounded(module: nn.Module, fold: Fold, root: nn.Module, eps: float | None, layer_name: str) -> list[Any]:
+def _fold_rounded(module: nn.Module, fold: Fold, root: nn.Module, eps: float | None, layer_name: str,
+                  allow_overflow: bool) -> list[Any]:
     """[module, weight already rounded to its dtype, bias64] for a single producer fold.
 
     fold_into_producer scales the weight in float64 a block of rows at a time and rounds each
     block once: bit-identical to widening the whole weight, scaling and rounding (the general
     path), without two float64 copies of the layer. The bias stays float64 (keep-structure moves
-    it into the BatchNorm); a missing bias is float64 zeros, as in the general path.
+    it into the BatchNorm); a missing bias is float64 zeros, as in the general path. Errors name
+    what the general path names: the statistics "layer + bn", the rounding the layer.
     """
+    stats = bn_stats(fold.bn, root, eps)
+    bn_scale_shift(stats, f"{layer_name} + {fold.bn.name}")  # validates, with the general path's name
     bias = module.bias.detach().to(torch.float64) if module.bias is not None else \
         torch.zeros(module.weight.shape[0], dtype=torch.float64, device=module.weight.device)
-    weight, bias64 = fold_into_producer(module.weight.detach(), bias, bn_stats(fold.bn, root, eps), out_axis=0,
-                                        name=f"{layer_name} + {fold.bn.name}", allow_overflow=True)
+    weight, bias64 = fold_into_producer(module.weight.detach(), bias, stats, out_axis=0, name=layer_name,
+                                        allow_overflow=allow_overflow)
     return [module, _Rounded(weight), bias64]
 
 
@@ -123,19 +128,6 @@ def _cast(t64: torch.Tensor, dtype: torch.dtype, name: str, what: str, allow_ove
     return out
 
 
-def _checked_rounded(out: torch.Tensor, original: torch.Tensor, name: str, allow_overflow: bool,
-                     warnings: list[str]) -> torch.Tensor:
-    """The checks and warning of _cast on an already rounded weight: only a non-finite result needs the float64
-    values again (once, for cast_folded's message or error)."""
-    if all_finite(out):
-        return out
-    bad = cast_folded(out.to(torch.float64) if not all_finite(original) else original.detach().to(torch.float64),
-                      out.dtype, name, "weight", allow_overflow)
-    if not all_finite(bad):
-        warnings.append(f"{name}: folded weight overflows {str(out.dtype).replace('torch.', '')} and was kept as inf "
-                        "(allow_overflow=True)")
-    return out
-
 
 def _set_tensor(target: torch.Tensor, value: torch.Tensor) -> None:
     with torch.no_grad():
@@ -154,7 +146,10 @@ def _write_layers(work: Iterable[tuple[str, list[Any]]], held_by_bn: dict[str, t
     for name, (module, w64, b64) in work:
         dtype = module.weight.dtype
         if isinstance(w64, _Rounded):
-            _set_tensor(module.weight, _checked_rounded(w64.tensor, module.weight, name, allow_overflow, warnings))
+            if not all_finite(w64.tensor):  # only reachable with allow_overflow=True: fold_into_producer raised else
+                warnings.append(f"{name}: folded weight overflows {str(dtype).replace('torch.', '')} and was kept as "
+                                "inf (allow_overflow=True)")
+            _set_tensor(module.weight, w64.tensor)
         else:
             _set_tensor(module.weight, _cast(w64, dtype, name, "weight", allow_overflow, warnings))
         if keep_structure and name in held_by_bn:
@@ -246,7 +241,7 @@ def apply_folds(folds: list[Fold], graph: OpGraph, work: nn.Module, eps: float |
                 allow_overflow: bool) -> Applied:
     """Write the planned folds into `work` (a copy), float64 values of one layer at a time, and pick the form."""
     warnings: list[str] = []
-    work_tensors = _fold_in_float64(folds, work, eps)
+    work_tensors = _fold_in_float64(folds, work, eps, allow_overflow)
     held_by_bn = {layer.name: (f.bn, slice(start, stop), f.pieces[-1][2] if f.pieces else None)
                   for f in folds if f.into == INTO_PRODUCER for layer, start, stop in f.parts()}
     gained, bn_bias = _write_layers(work_tensors, held_by_bn, allow_overflow, warnings, keep_structure)

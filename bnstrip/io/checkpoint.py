@@ -1,4 +1,4 @@
-"""Read and write checkpoints safely: `.pt` via weights_only torch.load, `.safetensors` by plain reads.
+"""Read checkpoints safely: `.pt` via weights_only torch.load, `.safetensors` by plain reads.
 
 Reading: the file is opened once (only if it is a regular file), its format is
 taken from its first bytes (never the extension) and its structure validated
@@ -11,7 +11,8 @@ it; the variable is also hidden for the call).  Nothing is ever retried with
 weights_only=False.  The sha256 is computed last, after the checks, so a huge
 bogus file is refused without being read.
 
-Writing: bnstrip.io.write.write_atomically.  The input is never written.
+Writing: bnstrip.io.write (`save_checkpoint`, re-exported here, over `write_atomically`).
+The input is never written.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Iterable, Iterator, Mapping
+from typing import Any, BinaryIO, Iterable, Iterator, Mapping
 
 from bnstrip.errors import InputError, first_line, printable
 from bnstrip.io.pickle_scan import (
@@ -42,6 +43,7 @@ from bnstrip.io.write import (  # noqa: F401 - re-exported: callers import the w
     check_output_path,
     check_output_paths,
     output_format,
+    save_checkpoint,
     write_atomically,
 )
 
@@ -362,46 +364,3 @@ def key_mismatch(expected: Iterable[str], actual: Iterable[str], shown: int = 4)
         if keys:
             parts.append(f"{label} {', '.join(printable(k) for k in keys[:shown])}{' ...' if len(keys) > shown else ''}")
     return "; ".join(parts) or None
-
-
-def _unshared(state_dict: Mapping[str, Any]) -> dict[str, Any]:
-    """Contiguous tensors for safetensors, each shared one (as safetensors itself finds them) given its own copy."""
-    from safetensors.torch import _find_shared_tensors
-
-    tensors = {k: v.detach().contiguous() for k, v in state_dict.items()}
-    for group in _find_shared_tensors(tensors):
-        for name in sorted(group)[1:]:
-            tensors[name] = tensors[name].clone()
-    return tensors
-
-
-def save_checkpoint(state_dict: Mapping[str, Any], path: str | os.PathLike[str], *, force: bool = False,
-                    inputs: list[str | os.PathLike[str]] | None = None, metadata: Mapping[str, str] | None = None,
-                    before_replace: Callable[[str], None] | None = None) -> Path:
-    """Write a state_dict atomically (see write_atomically); format chosen by the output's suffix.
-
-    Without force an existing output, or one that appears during the write, is never replaced.
-    `before_replace(temp_name)` runs on the complete temp file before it is put in place.
-    """
-    path = check_output_path(path, list(inputs or []), force)
-    if output_format(path) == "safetensors":
-        from safetensors.torch import save_file
-
-        def write_safetensors(tmp_name: str) -> None:
-            save_file(_unshared(state_dict), tmp_name, metadata=dict(metadata or {}))
-
-        write_atomically(path, write_safetensors, replace=force, before_replace=before_replace)
-        return path
-
-    import torch
-
-    recorder = RecordingWriter(None)
-
-    def write_torch(tmp_name: str) -> None:
-        with open(tmp_name, "wb") as f:
-            recorder.attach(f)
-            torch.save(dict(state_dict), recorder)
-            f.flush()
-
-    write_atomically(path, write_torch, recorder, replace=force, before_replace=before_replace)
-    return path

@@ -9,6 +9,7 @@ the write remove the temp file, keep the old output and raise Interrupted (exit
 128 + signal); SIGXFSZ is ignored so `ulimit -f` is an EFBIG error we clean up
 after.  `check_output_paths` checks every path a command will write (and the temp
 names) before any work, so nothing is replaced unless everything can be written.
+`save_checkpoint` writes a state_dict as `.pt` or `.safetensors` through it.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Iterator
+from typing import Any, BinaryIO, Callable, Iterator, Mapping
 
 from bnstrip.errors import InputError, Interrupted, first_line, printable
 
@@ -292,3 +293,46 @@ def _fsync_dir(directory: Path) -> None:
         pass
     finally:
         os.close(dir_fd)
+
+
+def _unshared(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+    """Contiguous tensors for safetensors, each shared one (as safetensors itself finds them) given its own copy."""
+    from safetensors.torch import _find_shared_tensors
+
+    tensors = {k: v.detach().contiguous() for k, v in state_dict.items()}
+    for group in _find_shared_tensors(tensors):
+        for name in sorted(group)[1:]:
+            tensors[name] = tensors[name].clone()
+    return tensors
+
+
+def save_checkpoint(state_dict: Mapping[str, Any], path: str | os.PathLike[str], *, force: bool = False,
+                    inputs: list[str | os.PathLike[str]] | None = None, metadata: Mapping[str, str] | None = None,
+                    before_replace: Callable[[str], None] | None = None) -> Path:
+    """Write a state_dict atomically (see write_atomically); format chosen by the output's suffix.
+
+    Without force an existing output, or one that appears during the write, is never replaced.
+    `before_replace(temp_name)` runs on the complete temp file before it is put in place.
+    """
+    path = check_output_path(path, list(inputs or []), force)
+    if output_format(path) == "safetensors":
+        from safetensors.torch import save_file
+
+        def write_safetensors(tmp_name: str) -> None:
+            save_file(_unshared(state_dict), tmp_name, metadata=dict(metadata or {}))
+
+        write_atomically(path, write_safetensors, replace=force, before_replace=before_replace)
+        return path
+
+    import torch
+
+    recorder = RecordingWriter(None)
+
+    def write_torch(tmp_name: str) -> None:
+        with open(tmp_name, "wb") as f:
+            recorder.attach(f)
+            torch.save(dict(state_dict), recorder)
+            f.flush()
+
+    write_atomically(path, write_torch, recorder, replace=force, before_replace=before_replace)
+    return path

@@ -15,7 +15,8 @@ import torch.fx as fx
 from torch import nn
 
 from bnstrip.trace.bn_registry import is_batchnorm_like
-from bnstrip.trace.opgraph import Op, join_name, metadata_read
+from bnstrip.trace.opgraph import Op, join_name
+from bnstrip.trace.reads import call_name as _call_name, metadata_read
 
 _VIEW_NAMES = {
     "view", "view_as", "reshape", "reshape_as", "flatten", "unflatten", "transpose", "swapaxes", "swapdims", "permute",
@@ -26,16 +27,6 @@ _VIEW_NAMES = {
     "data", "align_as", "rename", "type_as", "to", "float", "double", "half", "bfloat16", "cpu", "cuda", "clone_view",
 }
 """Calls whose result may share memory with their first argument (`to`/`float` do when nothing changes)."""
-
-
-def _call_name(node: fx.Node) -> str:
-    target = node.target
-    if isinstance(target, str):
-        return target
-    schema = getattr(target, "_schema", None)
-    if schema is not None:
-        return schema.name.split("::")[-1]
-    return getattr(target, "__name__", str(target))
 
 
 _INPLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv,

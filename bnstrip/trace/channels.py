@@ -9,36 +9,26 @@ is unknown, and stops them.
 """
 from __future__ import annotations
 
-import inspect
 import math
 from typing import Any
 
 import torch.fx as fx
-import torch.nn.functional as F
 from torch import nn
 
-from bnstrip.trace.alias import _call_name
-from bnstrip.trace.opgraph import Op, value_users
+from bnstrip.trace.opgraph import Op
+from bnstrip.trace.reads import call_name, identity_in_eval
 
 _RESHAPES = {"flatten", "unflatten", "view", "reshape", "reshape_as", "view_as", "_unsafe_view", "squeeze",
              "unsqueeze", "_reshape_alias"}
 """Row-major reshapes: the channel axis survives when the dims before and after it keep their total sizes."""
 _IDENTITIES = {"contiguous", "clone", "detach", "alias", "lift_fresh_copy"}
 _PERMUTES = {"permute", "transpose", "swapaxes", "swapdims"}
-_DROPOUTS = {"dropout", "feature_dropout", "alpha_dropout", "feature_alpha_dropout", "dropout1d", "dropout2d",
-             "dropout3d"}
 _MEANS = {"mean"}
 _ADAPTIVE = {"adaptive_avg_pool1d": 1, "adaptive_avg_pool2d": 2, "adaptive_avg_pool3d": 3,
              "_adaptive_avg_pool2d": 2, "_adaptive_avg_pool3d": 3}
-_SHAPE_ONLY_SECOND = {"reshape_as", "view_as", "expand_as", "type_as"}
-"""Calls whose second argument gives only a shape (or dtype): `y.reshape_as(x)` reads no value of x."""
-_MODULES: tuple[type[nn.Module], ...] = (nn.Identity, nn.Flatten, nn.Unflatten, nn.AdaptiveAvgPool1d,
-                                         nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.modules.dropout._DropoutNd)
-
-
-def call_name(node: fx.Node | None) -> str:
-    """'flatten', 'mean', 'cat', ... for fx call_method/call_function and torch.export's aten overloads."""
-    return "" if node is None else _call_name(node)
+_MODULES: tuple[type[nn.Module], ...] = (nn.Flatten, nn.Unflatten, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
+                                         nn.AdaptiveAvgPool3d)
+"""Modules that move or average channels; identities in eval (Dropout, nn.Identity) are bnstrip.trace.reads'."""
 
 
 def shape_of(op: Op) -> tuple[int, ...] | None:
@@ -64,53 +54,23 @@ def data_input(op: Op) -> Op | None:
     return next((i for i in op.inputs if i.node is first), None) if isinstance(first, fx.Node) else None
 
 
-def reading_users(op: Op) -> list[Op]:
-    """Users that read `op`'s values: not metadata reads, nor `y.reshape_as(x)` reading only x's shape."""
-    found = []
-    for user in value_users(op):
-        node = user.node
-        if (node is not None and call_name(node) in _SHAPE_ONLY_SECOND and len(node.args) > 1
-                and node.args[1] is op.node and node.args[0] is not op.node):
-            continue
-        found.append(user)
-    return found
-
-
 def _arg(node: fx.Node, index: int, name: str, default: Any) -> Any:
     if len(node.args) > index:
         return node.args[index]
     return node.kwargs.get(name, default)
 
 
-def _dropout_off(op: Op) -> bool:
-    """A functional dropout that does nothing: training=False (F.dropout defaults to True)."""
-    node = op.node
-    if isinstance(node.target, str) or getattr(node.target, "_schema", None) is None:
-        fn = getattr(F, call_name(node), None)
-        if fn is None:
-            return False
-        try:
-            bound = inspect.signature(fn).bind(*node.args, **node.kwargs)
-        except TypeError:
-            return False
-        bound.apply_defaults()
-        return bound.arguments.get("training") is False
-    return _arg(node, 2, "train", True) is False
-
-
 def passes_channels(op: Op) -> bool:
     """Whether `op` is one of the ops `carry_axis` can follow (not yet whether it keeps this axis)."""
     if op.kind != "other" or op.node is None or op.note:
         return False
+    if identity_in_eval(op):
+        return True
     if op.node.op == "call_module":
-        return isinstance(op.module, _MODULES) and not (isinstance(op.module, nn.modules.dropout._DropoutNd)
-                                                         and op.module.training)
+        return isinstance(op.module, _MODULES)
     if op.node.op not in ("call_method", "call_function"):
         return False
-    name = call_name(op.node)
-    if name in _DROPOUTS:
-        return _dropout_off(op)
-    return name in _RESHAPES | _IDENTITIES | _PERMUTES | _MEANS | set(_ADAPTIVE)
+    return call_name(op.node) in _RESHAPES | _IDENTITIES | _PERMUTES | _MEANS | set(_ADAPTIVE)
 
 
 def _reshaped_axis(axis: int, before: tuple[int, ...], after: tuple[int, ...]) -> int | None:
@@ -139,7 +99,7 @@ def carry_axis(op: Op, axis: int) -> int | str:
     node, rank = op.node, len(before)
     kind = type(op.module).__name__ if node.op == "call_module" else call_name(node)
     lost = f"{op.label} mixes its channel dim {axis} with others"
-    if isinstance(op.module, (nn.Identity, nn.modules.dropout._DropoutNd)) or kind in _IDENTITIES | _DROPOUTS:
+    if identity_in_eval(op) or kind in _IDENTITIES:
         return axis if before == after else lost
     if isinstance(op.module, (nn.Flatten, nn.Unflatten)) or kind in _RESHAPES:
         found = _reshaped_axis(axis, before, after)

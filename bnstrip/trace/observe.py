@@ -57,6 +57,11 @@ class _RunWatcher(TorchDispatchMode):
         self.bn_inputs: dict[int, list[tuple[int, int, str, StorageWeakRef]]] = {}
         self.written: dict[str, str] = {}
 
+    @classmethod
+    def _should_skip_dynamo(cls) -> bool:
+        """See bnstrip.core.compare._Float64Mode: the mode is never compiled, so torch._dynamo is not imported."""
+        return False
+
     def watch_bn_input(self, tensor: torch.Tensor, name: str) -> None:
         where = byte_range(tensor)
         if where is not None:

@@ -217,62 +217,6 @@ def call_label(node: fx.Node, prefix: str) -> str:
     return text
 
 
-_METADATA_ATTRIBUTES = {"shape", "dtype", "device", "ndim", "is_cuda", "layout", "requires_grad", "is_sparse"}
-_METADATA_METHODS = {"size", "dim", "numel", "nelement", "element_size", "is_floating_point", "is_complex",
-                     "get_device", "is_contiguous", "ndimension"}
-_METADATA_ATEN = {"sym_size", "sym_numel", "sym_stride", "sym_storage_offset", "_assert_tensor_metadata"}
-
-
-def metadata_read(node: fx.Node | None) -> bool:
-    """A use of a tensor that reads its shape/dtype/device only (x.ndim, x.size(), len(x); aten.sym_size in
-    torch.export graphs), which folding does not change: it is not a consumer of the values."""
-    if node is None:
-        return False
-    if node.op == "call_function" and node.target is getattr and len(node.args) > 1:
-        return node.args[1] in _METADATA_ATTRIBUTES
-    if node.op == "call_function" and node.target is len:
-        return True
-    if node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload):
-        return node.target._schema.name.split("::")[-1] in _METADATA_ATEN
-    return node.op == "call_method" and node.target in _METADATA_METHODS
-
-
-def value_users(op: Op) -> list[Op]:
-    """The users of `op` that read its values (metadata reads left out)."""
-    return [user for user in op.users if not metadata_read(user.node)]
-
-
-_IDENTITY_MODULES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
-                     nn.FeatureAlphaDropout)
-_IDENTITY_IN_EVAL_NAMES = {"timm.layers.drop.DropPath", "torchvision.ops.stochastic_depth.StochasticDepth"}
-_DROPOUT_FUNCTIONS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout}
-
-
-def identity_in_eval(op: Op) -> bool:
-    """An op that returns its input's values unchanged in eval mode (nn.Identity, dropout and DropPath in eval,
-    F.dropout(training=False), aten.dropout(train=False)): a fold may go through it, the op stays."""
-    node = op.node
-    if node is None or len(op.inputs) != 1:
-        return False
-    if node.op == "call_module":
-        module = op.module
-        if module is None or module._forward_hooks or module._forward_pre_hooks:
-            return False
-        if type(module) is nn.Identity:
-            return True
-        cls = type(module)
-        known = isinstance(module, _IDENTITY_MODULES) and cls.forward in {c.forward for c in _IDENTITY_MODULES}
-        return (known or f"{cls.__module__}.{cls.__qualname__}" in _IDENTITY_IN_EVAL_NAMES) and not module.training
-    if node.op != "call_function":
-        return False
-    if node.target in _DROPOUT_FUNCTIONS:
-        training = node.kwargs.get("training", node.args[2] if len(node.args) > 2 else True)
-        return training is False
-    if node.target is torch.ops.aten.dropout.default:
-        return len(node.args) > 2 and node.args[2] is False
-    return False
-
-
 def link_users(ops: list[Op]) -> None:
     for op in ops:
         for source in op.inputs:
