@@ -850,3 +850,33 @@ def test_the_fold_set_does_not_depend_on_the_input_distribution(name: str) -> No
     with_uniform = fold_model(model, torch.rand(shape, generator=gen))
     assert sorted(with_randn.folded) == sorted(with_uniform.folded)
     assert sorted(with_randn.skipped) == sorted(with_uniform.skipped)
+
+
+class _UnregisteredBNAct(nn.BatchNorm2d):
+    """A BatchNorm subclass with its own forward (F.batch_norm, then ReLU) that no registry entry names."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(torch.nn.functional.batch_norm(x, self.running_mean, self.running_var, self.weight,
+                                                         self.bias, False, 0.0, self.eps))
+
+
+def test_a_batchnorm_subclass_calling_f_batch_norm_is_named_once() -> None:
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c1, self.b1 = nn.Conv2d(3, 8, 3), _UnregisteredBNAct(8)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.b1(self.c1(x))
+
+    torch.manual_seed(0)
+    model = Net().eval()
+    with torch.no_grad():
+        model.b1.running_mean.normal_()
+        model.b1.running_var.uniform_(0.5, 2.0)
+    result = fold_model(model, (torch.randn(2, 3, 8, 8),))
+    names = [bn for _, bn in result.folded] + [bn for bn, _ in result.skipped]
+    assert names == ["b1"], (result.folded, result.skipped)
+    x = torch.randn(3, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.allclose(result.model(x), model(x), atol=1e-5)

@@ -115,6 +115,34 @@ def test_smallnet_program_folds_like_the_module():
     assert result.self_check is not None and result.self_check.passed
 
 
+class _TwiceNet(nn.Module):
+    """One conv and one BN each called twice (issue 13): the program has two aten calls on the same tensors."""
+
+    def __init__(self, second_conv: bool = False):
+        super().__init__()
+        self.c = nn.Conv2d(4, 4, 3, padding=1)
+        self.c2 = nn.Conv2d(4, 4, 1) if second_conv else None
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        second = self.c if self.c2 is None else self.c2
+        return self.bn(second(torch.relu(self.bn(self.c(x)))))
+
+
+@pytest.mark.parametrize("second_conv", [False, True], ids=["same-conv-twice", "two-convs-one-bn"])
+def test_layers_called_twice_fold_like_the_module(second_conv):
+    torch.manual_seed(0)
+    model = zoo.randomize_bn(_TwiceNet(second_conv)).eval()
+    x = torch.randn(2, 4, 8, 8)
+    expected = bnstrip.fold_model(model, (x,))
+    result = bnstrip.fold_program(torch.export.export(model, (x,)))
+    assert sorted(result.folded) == sorted(expected.folded)
+    assert _names(result.skipped) == _names(expected.skipped)
+    assert result.folded == ([] if second_conv else [("c", "bn")])
+    assert result.self_check is not None and result.self_check.passed
+    assert torch.allclose(result.program.module()(x), model(x), atol=1e-5)
+
+
 def test_kwargs_and_training_bn_are_reported():
     class Net(nn.Module):
         def __init__(self):

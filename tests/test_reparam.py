@@ -149,6 +149,34 @@ def test_sums_that_are_not_one_conv_stay_exact_and_say_why(model, shape, needle)
     assert any(needle in reason for _, reason in result.refused), result.refused
 
 
+class SlicedBranch(nn.Module):
+    """A 1x1 branch cropped by a slice (issue 14): linear, but not a conv, so refused without calling it nonlinear."""
+
+    def __init__(self, act: nn.Module | None = None) -> None:
+        super().__init__()
+        self.k3 = nn.Conv2d(3, 4, 3)
+        self.k1 = nn.Conv2d(3, 4, 1)
+        self.act = act
+
+    def forward(self, x):
+        b = self.k1(x)[..., :-2, :-2]
+        return self.k3(x) + (b if self.act is None else self.act(b))
+
+
+@pytest.mark.parametrize("act,needle,absent", [
+    (None, "goes through getitem, which is not a conv, BatchNorm, identity or scalar scale", "nonlinearity"),
+    (nn.Sigmoid(), "through act is not linear in x: a nonlinearity sits inside it", "goes through"),
+], ids=["slice", "slice-then-sigmoid"])
+def test_branch_through_other_op_is_refused_for_the_true_reason(act, needle, absent):
+    model = randomise(SlicedBranch(act))
+    x = torch.randn(1, 3, 6, 6)
+    result = merge_branches(model, (x,))
+    assert result.merged == []
+    reasons = [reason for _, reason in result.refused]
+    assert any(needle in reason for reason in reasons), reasons
+    assert not any(absent in reason for reason in reasons), reasons
+
+
 class BNBeforeConv(nn.Module):
     def __init__(self) -> None:
         super().__init__()

@@ -39,7 +39,7 @@ def folded_skeleton(model: nn.Module, manifest: dict[str, Any], source: str = "m
         if gm is None:
             raise InputError(f"{source}: {type(model).__name__} no longer traces with torch.fx ({error}); "
                              "pass the model the checkpoint was folded from")
-        ops = {op.name: op for op in ops_from_fx(gm) if op.kind == "bn"}
+        ops = {op.name: op for op in ops_from_fx(gm, root=work) if op.kind == "bn"}
         missing = [name for name in bn_names if name not in ops]
         if missing:
             raise InputError(f"{source}: folded BatchNorm {missing[0]!r} is not in {type(model).__name__}'s graph; "

@@ -6,8 +6,9 @@ of which must have no other user: a plain Conv (not transposed), an eval BatchNo
 multiply/divide/negation, or an nn.Identity. Where the walk stops is the term's base; terms with the
 same base are a group, and a group with a conv in it is a candidate for one merged conv. Whether
 its branches are compatible (stride, dilation, groups, padding alignment) is decided in reparam.py.
-A term that reaches a group's base only through a non-linear op, or through a step whose output is
-also read elsewhere, is reported with that reason.
+A term that reaches a group's base only through another op (a nonlinearity, or a linear op such as
+a slice that is not one of those steps), or through a step whose output is also read elsewhere, is
+reported with the true one of those reasons.
 """
 from __future__ import annotations
 
@@ -31,6 +32,12 @@ _MULS = {operator.mul, torch.mul}
 _DIVS = {operator.truediv, torch.div, torch.true_divide}
 _NEGS = {operator.neg, torch.neg}
 _METADATA = {"ndim", "shape", "dtype", "device", "is_cuda", "layout"}
+_NONLINEAR = {"relu", "relu6", "sigmoid", "tanh", "gelu", "silu", "hardswish", "hardsigmoid", "hardtanh", "leaky_relu",
+              "elu", "selu", "celu", "mish", "softplus", "softsign", "prelu", "rrelu", "glu", "logsigmoid", "softmax",
+              "log_softmax", "threshold", "max_pool1d", "max_pool2d", "max_pool3d", "adaptive_max_pool1d",
+              "adaptive_max_pool2d", "adaptive_max_pool3d", "abs", "sign", "clamp", "clip", "exp", "log", "sqrt",
+              "rsqrt", "square", "erf", "sin", "cos", "dropout"}
+"""Names (functions, methods, aten ops) of ops known not to be linear in their input, for the refusal reason."""
 _MAX_CLIMB = 8
 """Ops walked up from a stopped term when looking for the group input it reaches (for the refusal reason)."""
 
@@ -338,19 +345,44 @@ def _foreign_reasons(found: Sum, bases: set[int], gm: fx.GraphModule) -> list[st
         base = branch.base
         if not isinstance(base, fx.Node) or id(base) in bases:
             continue
-        node = base
+        node, path = base, [base]
         for _ in range(_MAX_CLIMB):
             inputs = [n for n in node.all_input_nodes if n.op != "get_attr"]
             if len(inputs) != 1:
                 break
             node = inputs[0]
             if id(node) in bases:
-                culprit = base.target if base.op == "call_module" else base.name
-                if len(base.users) > 1 and linear_step(base, gm) is not None:
-                    reasons.append(f"the output of {culprit} also feeds {_users_text(base)}, so its branch "
-                                   "cannot be merged away")
-                else:
-                    reasons.append(f"the branch through {culprit} is not linear in {node.name}: a nonlinearity "
-                                   "sits inside it")
+                reasons.append(_foreign_reason(base, path, node, gm))
                 break
+            path.append(node)
     return reasons
+
+
+def _op_name(node: fx.Node) -> str:
+    return str(node.target) if node.op == "call_module" else node.name
+
+
+def _nonlinear(node: fx.Node, gm: fx.GraphModule) -> bool:
+    """True for an op known not to be linear in its input (an activation, max-pooling, exp, ...)."""
+    if node.op == "call_module":
+        module = _attr(gm, str(node.target))
+        return type(module).__module__ in ("torch.nn.modules.activation", "torch.nn.modules.dropout") or \
+            isinstance(module, (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveMaxPool1d,
+                                nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d))
+    if node.op == "call_method":
+        return str(node.target).rstrip("_") in _NONLINEAR
+    if node.op == "call_function":
+        name = getattr(node.target, "__name__", "").split(".")[0]  # aten ops: "relu.default"
+        return name.rstrip("_") in _NONLINEAR
+    return False
+
+
+def _foreign_reason(base: fx.Node, path: list[fx.Node], start: fx.Node, gm: fx.GraphModule) -> str:
+    """Why a branch from `start` up to `base` (ops in `path`, top first) cannot join the merge: the true cause."""
+    if len(base.users) > 1 and linear_step(base, gm) is not None:
+        return f"the output of {_op_name(base)} also feeds {_users_text(base)}, so its branch cannot be merged away"
+    bad = next((n for n in path if _nonlinear(n, gm)), None)
+    if bad is not None:
+        return f"the branch through {_op_name(bad)} is not linear in {start.name}: a nonlinearity sits inside it"
+    return (f"the branch goes through {_op_name(base)}, which is not a conv, BatchNorm, identity or scalar scale, "
+            "so it cannot be merged into one conv")

@@ -109,7 +109,7 @@ def graph_fx(model: nn.Module, example_inputs: Sequence[torch.Tensor] | None) ->
         if not outputs_match(forward_output, traced_output):
             return None, UnfaithfulTrace("the traced graph's outputs differ from the model's own on the example "
                                          "inputs (Python code that fx follows differently, e.g. isinstance on a tensor)")
-    ops = ops_from_fx(gm)
+    ops = ops_from_fx(gm, root=model)
     calls = module_calls(ops)
     refusals = module_refusals(model)
     for name, reason in attribute_read_refusals(ops, gm).items():

@@ -6,6 +6,8 @@ linear call on attribute weights becomes a call of a real nn.ConvNd / ConvTransp
 (same hyper-parameters, the same tensors, not copies), and each eval-mode batch-norm op on
 attribute statistics becomes a call of an nn.BatchNormNd, named after the tensors' owner
 (`layer1.0.conv1`, `layer1.0.bn1`): exactly the names fold_model gives on the original module.
+Several calls on the same tensors with the same hyper-parameters become calls of one module (a
+layer called twice stays one layer called twice, so fold_model's shared-layer rules apply).
 A reflect/replicate/circular `aten.pad` that only feeds a conv becomes that conv's padding_mode,
 as nn.Conv does it. Statistics whose owner holds other things become an `F.batch_norm` call on
 the attributes (fold_model's functional BatchNorm). Everything else stays an aten call, which
@@ -75,8 +77,14 @@ def _owner(gm: fx.GraphModule, path: str) -> tuple[str, nn.Module] | None:
         return None
 
 
-def _holds_only(module: nn.Module, allowed: set[str]) -> bool:
-    """True when `module` is a plain holder of exactly these tensors (nothing else would be lost by replacing it)."""
+def _holds_only(module: nn.Module, allowed: set[str], installed: dict[str, nn.Module], path: str) -> bool:
+    """True when `module` is a plain holder of exactly these tensors (nothing else would be lost by replacing it).
+
+    Also True when it is the layer an earlier call of the same tensors installed at `path`: a layer
+    called twice becomes one module called twice, as in the original model.
+    """
+    if installed.get(path) is module:
+        return True
     names = {n for n, t in module._parameters.items() if t is not None} | \
             {n for n, t in module._buffers.items() if t is not None}
     return type(module) is nn.Module and not module._modules and names <= allowed
@@ -103,7 +111,8 @@ def _absorbed_pad(data: Any, rank: int) -> tuple[Any, str, tuple[int, ...]] | No
     return args["self"], mode, tuple(int(p) for p in reversed(pad[::2]))
 
 
-def _layer_for(gm: fx.GraphModule, node: fx.Node) -> tuple[str, nn.Module, Any] | None:
+def _layer_for(gm: fx.GraphModule, node: fx.Node,
+               installed: dict[str, nn.Module]) -> tuple[str, nn.Module, Any] | None:
     """(owner path, the real layer module, its input node) for an aten conv/convT/linear call, else None."""
     if node.op != "call_function" or node.target not in (*_CONV, *_CONVT, _A.linear.default):
         return None
@@ -115,7 +124,8 @@ def _layer_for(gm: fx.GraphModule, node: fx.Node) -> tuple[str, nn.Module, Any] 
     if found is None or (bias_path is not None and bias_path != f"{found[0]}.bias"):
         return None
     owner_path, owner = found
-    if not _holds_only(owner, {"weight", "bias"}) or (bias_path is None and owner._parameters.get("bias") is not None):
+    if not _holds_only(owner, {"weight", "bias"}, installed, owner_path) or \
+            (bias_path is None and owner._parameters.get("bias") is not None):
         return None
     weight = owner._parameters.get("weight")
     if weight is None:
@@ -170,7 +180,8 @@ def _eval_bn(node: fx.Node) -> dict[str, Any] | str | None:
     return None
 
 
-def _bn_module(gm: fx.GraphModule, args: dict[str, Any], rank: int | None) -> tuple[str, nn.Module] | None:
+def _bn_module(gm: fx.GraphModule, args: dict[str, Any], rank: int | None,
+               installed: dict[str, nn.Module]) -> tuple[str, nn.Module] | None:
     """(owner path, nn.BatchNormNd on the same tensors) when the statistics belong to one plain holder."""
     paths = {key: _attr_path(args[key]) for key in ("running_mean", "running_var", "weight", "bias")}
     mean_path = paths["running_mean"]
@@ -187,9 +198,10 @@ def _bn_module(gm: fx.GraphModule, args: dict[str, Any], rank: int | None) -> tu
     affine = args["weight"] is not None
     if affine != (args["bias"] is not None):
         return None
-    if not _holds_only(owner, {"running_mean", "running_var", "num_batches_tracked", "weight", "bias"}):
+    if not _holds_only(owner, {"running_mean", "running_var", "num_batches_tracked", "weight", "bias"}, installed,
+                       owner_path):
         return None
-    if not affine and ("weight" in owner._parameters or "bias" in owner._parameters):
+    if not affine and (owner._parameters.get("weight") is not None or owner._parameters.get("bias") is not None):
         return None
     mean = owner._buffers["running_mean"]
     with torch.device("meta"):
@@ -222,7 +234,11 @@ def _install(gm: fx.GraphModule, path: str, module: nn.Module, installed: dict[s
 
 
 def _same_layer(a: nn.Module, b: nn.Module) -> bool:
-    return type(a) is type(b) and a.extra_repr() == b.extra_repr() and a.weight is b.weight
+    """Same class, hyper-parameters and tensor objects: the second call can call the first's module."""
+    if type(a) is not type(b) or a.extra_repr() != b.extra_repr():
+        return False
+    tensors = [(a._parameters, b._parameters), (a._buffers, b._buffers)]
+    return all(x.keys() == y.keys() and all(x[k] is y[k] for k in x) for x, y in tensors)
 
 
 def modularize(gm: fx.GraphModule) -> Modularized:
@@ -231,7 +247,7 @@ def modularize(gm: fx.GraphModule) -> Modularized:
     unfoldable: list[tuple[str, str]] = []
     graph = gm.graph
     for node in list(graph.nodes):
-        layer = _layer_for(gm, node)
+        layer = _layer_for(gm, node, installed)
         if layer is not None:
             path, module, data = layer
             if _install(gm, path, module, installed):
@@ -250,7 +266,7 @@ def modularize(gm: fx.GraphModule) -> Modularized:
             continue
         if bn is None:
             continue
-        found = _bn_module(gm, bn, _rank(bn["input"]))
+        found = _bn_module(gm, bn, _rank(bn["input"]), installed)
         with graph.inserting_before(node):
             if found is not None and _install(gm, found[0], found[1], installed):
                 call = graph.call_module(found[0], (bn["input"],))

@@ -97,7 +97,8 @@ def is_functional_bn(node: fx.Node) -> bool:
     return node.op == "call_function" and node.target in (F.batch_norm, torch.batch_norm)
 
 
-def _functional_bn(node: fx.Node, gm: fx.GraphModule, prefix: str) -> tuple[str, FunctionalBN]:
+def _functional_bn(node: fx.Node, gm: fx.GraphModule, prefix: str,
+                   root: nn.Module | None = None) -> tuple[str, FunctionalBN]:
     """Name and description of an F.batch_norm call; `refusal` says why it cannot be folded."""
     args = _bind_functional_bn(node)
     paths: dict[str, str | None] = {}
@@ -130,7 +131,10 @@ def _functional_bn(node: fx.Node, gm: fx.GraphModule, prefix: str) -> tuple[str,
     name = f"F.batch_norm@{join_name(prefix, mean_path)}"
     if paths["running_mean"] is not None and leaf == "running_mean" and paths["running_var"] == join_name(owner_path, "running_var"):
         try:
-            owner = gm.get_submodule(owner_path) if owner_path else gm
+            # The traced module itself, when given: a GraphModule keeps only the attributes the graph reads,
+            # in plain Module shells, so a BatchNorm subclass that calls F.batch_norm would lose its class.
+            base = gm if root is None else root
+            owner = base.get_submodule(owner_path) if owner_path else base
         except AttributeError:
             owner = None
         if isinstance(owner, _BatchNorm) and owner_path:
@@ -147,7 +151,8 @@ def shape_rank(node: fx.Node) -> int | None:
     return len(shape) if shape is not None else None
 
 
-def ops_from_fx(gm: fx.GraphModule, prefix: str = "", where: str = "the model") -> list[Op]:
+def ops_from_fx(gm: fx.GraphModule, prefix: str = "", where: str = "the model",
+                root: nn.Module | None = None) -> list[Op]:
     """Ops of an fx graph whose call_module leaves are BehaviourTracer's; names are prefixed with `prefix`."""
     ops: list[Op] = []
     by_node: dict[fx.Node, Op] = {}
@@ -173,7 +178,7 @@ def ops_from_fx(gm: fx.GraphModule, prefix: str = "", where: str = "the model") 
             else:
                 op = Op(name=name, kind="other", label=label, module=module)
         elif is_functional_bn(node):
-            name, spec = _functional_bn(node, gm, prefix)
+            name, spec = _functional_bn(node, gm, prefix, root)
             op = Op(name=name, kind="bn", label=f"{name} (F.batch_norm)", functional=spec, note=spec.refusal)
         else:
             op = Op(name=join_name(prefix, node.name), kind="other", label=call_label(node, prefix),

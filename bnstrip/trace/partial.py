@@ -76,7 +76,7 @@ def graph_partial(model: nn.Module, example_inputs: Sequence[torch.Tensor]) -> O
     calls: Counter = Counter()
     refusals = module_refusals(model)
     for prefix, gm in pieces:
-        piece_ops = ops_from_fx(gm, prefix, where=prefix)
+        piece_ops = ops_from_fx(gm, prefix, where=prefix, root=model.get_submodule(prefix) if prefix else model)
         piece_calls = module_calls(piece_ops)
         for op in piece_ops:
             if op.kind == "bn" and op.functional is not None:
