@@ -313,11 +313,13 @@ def _model_line(r: dict[str, Any], refused: dict[str, list[str]]) -> str:
     base = (r["fx_s"] or 0) + r["forward_s"]
     ratio = r["fold_s"] / base if r["fx_s"] is not None else None
     fx = str(r["fx_folded"]) if r["fx_folded"] is not None else "no trace"
-    listed = len(r["folded"]) + len(r["skipped"])
+    listed = len(r["folded"]) + len(r["skipped"]) + len(r.get("merged_bns", []))
     dup = f" ({listed - r['bn']} extra entries)" if listed != r["bn"] else ""
     wrong = " **WRONG**" if r["fold64_err"] > 1e-9 else ""
     classes = ", ".join(f"{c} {n}" for c, n in r["bn_classes"].items())
-    return (f"| {r['model']} | {r['input']} | {r['bn']} ({classes}) | {len(r['folded'])} | {fx} | "
+    merged = len(r.get("merged_bns", []))
+    folded = f"{len(r['folded'])}" + (f" + {merged} merged" if merged else "")
+    return (f"| {r['model']} | {r['input']} | {r['bn']} ({classes}) | {folded} | {fx} | "
             f"{'; '.join(f'{c}: {n}' for c, n in cats.most_common())}{dup} | {r['tracer']} | {r['fold_s']:.2f} | "
             f"{base:.2f} | {_fmt(ratio)} | {r['fold64_err']:.1e}{wrong} | {r['folded32_err']:.1e} "
             f"({r['orig32_err']:.1e}) |")
@@ -370,7 +372,7 @@ def report(rows: list[dict[str, Any]], seconds: float | None) -> str:
         tot["fx_traced"] += r["fx_folded"] is not None
         tot["wrong"] += r["fold64_err"] > 1e-9
         tot["none_folded"] += not r["folded"]
-        tot["double_listed"] += len(r["folded"]) + len(r["skipped"]) - r["bn"]
+        tot["double_listed"] += len(r["folded"]) + len(r["skipped"]) + len(r.get("merged_bns", [])) - r["bn"]
         tot["undone32"] += len(set(r["folded64"]) - {bn for _, bn in r["folded"]})
     ratios.sort(reverse=True)
     pct = 100 * tot["folded"] / max(tot["bn"], 1)

@@ -16,7 +16,7 @@ from torch import nn
 
 from bnstrip.core.foldmath import bn_scale_shift
 from bnstrip.errors import InputError
-from bnstrip.fold.rules_adjacent import Match, bn_stats, tensor_at, try_consumer, try_producer
+from bnstrip.fold.rules_adjacent import Match, bn_stats, tail_issue, tensor_at, try_consumer, try_producer
 from bnstrip.fold.rules_structural import try_concat, try_consumer_through, try_producer_through, try_repeated_pair
 from bnstrip.trace.bn_registry import module_stats
 from bnstrip.trace.opgraph import Op, OpGraph
@@ -104,7 +104,11 @@ def decide(bn: Op, graph: OpGraph, root: nn.Module, keep_structure: bool, eps: f
         match = try_repeated_pair(bn, graph, root)
         return Fold(match, bn, INTO_PRODUCER) if isinstance(match, Op) else match
     reasons = []
+    tail = tail_issue(bn)  # one rule for every pattern that folds into a later layer
     for pattern in PATTERNS:
+        if pattern.into == INTO_CONSUMER and tail:
+            reasons.append(f"{pattern.where}: {tail}")
+            continue
         match = pattern.matcher(bn, graph, root, keep_structure)
         if isinstance(match, Op):
             return Fold(match, bn, pattern.into)

@@ -124,9 +124,15 @@ def _zero_padded(conv: nn.Module) -> bool:
     return any(p != 0 for p in conv.padding)
 
 
-def try_consumer(bn: Op, graph: OpGraph, root: nn.Module, keep_structure: bool) -> Op | str:
+def tail_issue(bn: Op) -> str | None:
+    """Why `bn` can never fold into what follows it: a registered look-alike that applies more after normalising
+    (an activation, dropout) sits between its normalisation and every later layer."""
     if (entry := batchnorm_entry(bn.module)) is not None and entry.post is not None:
-        return f"{type(bn.module).__name__} applies more after normalising, so it cannot move into the next layer"
+        return f"{type(bn.module).__name__} applies more after normalising, so it cannot move into a later layer"
+    return None
+
+
+def try_consumer(bn: Op, graph: OpGraph, root: nn.Module, keep_structure: bool) -> Op | str:
     users, last = _through_identities_forward(bn)
     if not users:
         return "its output is unused"
