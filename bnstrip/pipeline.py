@@ -173,6 +173,18 @@ def _manifest(folded: _Folded, name: str, shape: list[int], input_path: str, out
     }
 
 
+def _fold_smallnet(state: dict[str, Any], eps: float | None, input_path: str,
+                   allow_overflow: bool) -> tuple[_Folded, float]:
+    """The smallNet job: the course's pairs folded in float64, checked, as a smallNetTest state_dict."""
+    from bnstrip.homework.models import SMALLNET_EPS
+    from bnstrip.homework.smallnet import fuse_smallnet, half_precision_warning
+
+    eps_used = SMALLNET_EPS if eps is None else eps
+    done = fuse_smallnet(state, eps=eps_used, source=input_path, allow_overflow=allow_overflow)
+    return _Folded(state=done.state_dict, check=done.self_check, pairs=list(done.pairs),
+                   warnings=done.warnings + half_precision_warning(done.state_dict)), eps_used
+
+
 def fuse_file(input_path: str, output_path: str, model_factory: Callable[[], nn.Module],
               example_inputs: Any = None, *, eps: float | None = None, keep_structure: bool = False,
               allow_overflow: bool = False, force: bool = False, dtype: str = "keep",
@@ -204,13 +216,7 @@ def fuse_file(input_path: str, output_path: str, model_factory: Callable[[], nn.
     check_outputs(output_path, input_path, force, with_manifest=not smallnet)
     metadata = {"source_sha256": loaded.sha256, "bnstrip_version": __version__, "architecture": name}
     if smallnet:
-        from bnstrip.homework.models import SMALLNET_EPS
-        from bnstrip.homework.smallnet import fuse_smallnet, half_precision_warning
-
-        eps_used = SMALLNET_EPS if eps is None else eps
-        done = fuse_smallnet(state, eps=eps_used, source=input_path, allow_overflow=allow_overflow)
-        folded = _Folded(state=done.state_dict, check=done.self_check, pairs=list(done.pairs),
-                         warnings=done.warnings + half_precision_warning(done.state_dict))
+        folded, eps_used = _fold_smallnet(state, eps, input_path, allow_overflow)
         written_dtype = None
         del state
     else:

@@ -128,6 +128,21 @@ def _storage_address(tensor: torch.Tensor) -> int | None:
     except (RuntimeError, NotImplementedError, ValueError, TypeError):  # meta, sparse, exotic tensors: byte_range decides
         return None
 
+def _watched_memory(model: nn.Module, watched: Sequence[str]) -> dict[int, list[tuple[int, int, str, str]]]:
+    """Byte ranges of the watched modules' own tensors, by storage: what a foreign read would touch."""
+    memory: dict[int, list[tuple[int, int, str, str]]] = {}
+    for name in watched:
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            continue
+        for attr, tensor in own_tensors(module):
+            where = byte_range(tensor)
+            if where is not None:
+                memory.setdefault(where[0], []).append((where[1], where[2], name, attr))
+    return memory
+
+
 def observe_run(model: nn.Module, example_inputs: Sequence[Any], watched: Sequence[str],
                 capture: set[str] = frozenset()) -> RunRecord:
     """Run `model` once on the example inputs, counting module calls, BatchNorm input ranks, and reads of the
@@ -139,16 +154,7 @@ def observe_run(model: nn.Module, example_inputs: Sequence[Any], watched: Sequen
     calls: Counter = Counter()
     ranks: dict[str, set[int]] = {}
     stack: list[str] = []
-    memory: dict[int, list[tuple[int, int, str, str]]] = {}
-    for name in watched:
-        try:
-            module = model.get_submodule(name)
-        except AttributeError:
-            continue
-        for attr, tensor in own_tensors(module):
-            where = byte_range(tensor)
-            if where is not None:
-                memory.setdefault(where[0], []).append((where[1], where[2], name, attr))
+    memory = _watched_memory(model, watched)
 
     def enter(module: nn.Module, args: tuple[Any, ...]) -> None:
         name = names[id(module)]
