@@ -31,7 +31,8 @@ from bnstrip.core.compare import SelfCheck, compare_models, float64_outputs, fre
 from bnstrip.errors import InputError, first_line
 from bnstrip.fold.model import bisect_folds
 from bnstrip.fold.reparam_kernel import Geometry, fit_one_conv, merged_conv, shape_problem
-from bnstrip.fold.reparam_match import Branch, Sum, find_sums, metadata_user
+from bnstrip.fold.reparam_match import Branch, Sum, find_sums
+from bnstrip.trace.reads import metadata_read
 from bnstrip.trace.fx_tracer import fx_trace
 
 
@@ -112,7 +113,7 @@ def _redirect_metadata(group: _Group, conv: fx.Node, base: fx.Node) -> None:
         kinds = [s.kind for s in branch.steps]
         first_conv = kinds.index("conv") if "conv" in kinds else 0
         for index, step in enumerate(branch.steps):
-            for user in [u for u in step.node.users if metadata_user(u)]:
+            for user in [u for u in step.node.users if metadata_read(u)]:
                 user.replace_input_with(step.node, conv if index >= first_conv else base)
 
 

@@ -24,14 +24,14 @@ from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
 
 from bnstrip.core.foldmath import BNStats
 from bnstrip.trace.classify import bn_refusal, layer_refusal
-from bnstrip.trace.opgraph import _functional_bn, is_functional_bn
+from bnstrip.trace.opgraph import functional_bn, is_functional_bn
+from bnstrip.trace.reads import metadata_read
 
 _ADDS = {operator.add, torch.add}
 _SUBS = {operator.sub, torch.sub}
 _MULS = {operator.mul, torch.mul}
 _DIVS = {operator.truediv, torch.div, torch.true_divide}
 _NEGS = {operator.neg, torch.neg}
-_METADATA = {"ndim", "shape", "dtype", "device", "is_cuda", "layout"}
 _NONLINEAR = {"relu", "relu6", "sigmoid", "tanh", "gelu", "silu", "hardswish", "hardsigmoid", "hardtanh", "leaky_relu",
               "elu", "selu", "celu", "mish", "softplus", "softsign", "prelu", "rrelu", "glu", "logsigmoid", "softmax",
               "log_softmax", "threshold", "max_pool1d", "max_pool2d", "max_pool3d", "adaptive_max_pool1d",
@@ -165,15 +165,8 @@ def _scale_step(node: fx.Node, gm: fx.GraphModule) -> tuple[Any, float] | None:
     return None
 
 
-def metadata_user(node: fx.Node) -> bool:
-    """x.ndim, x.shape, x.size(), ...: reads that a tensor of the same shape and dtype answers alike."""
-    if node.op == "call_function" and node.target is getattr:
-        return len(node.args) == 2 and node.args[1] in _METADATA
-    return node.op == "call_method" and node.target in ("size", "dim")
-
-
 def data_users(node: fx.Node) -> list[fx.Node]:
-    return [u for u in node.users if not metadata_user(u)]
+    return [u for u in node.users if not metadata_read(u)]
 
 
 def _module_bn_stats(module: nn.Module) -> BNStats | None:
@@ -193,7 +186,7 @@ def _module_bn_stats(module: nn.Module) -> BNStats | None:
 
 def _functional_step(node: fx.Node, gm: fx.GraphModule) -> tuple[Step, Any] | None:
     """An eval F.batch_norm on module tensors (timm's BatchNormAct2d), as a BN step."""
-    name, spec = _functional_bn(node, gm, "")
+    name, spec = functional_bn(node, gm, "")
     data = node.args[0] if node.args else node.kwargs.get("input")
     if spec.refusal is not None or not isinstance(data, fx.Node):
         return None

@@ -186,7 +186,7 @@ def attribute_read_refusals(ops: Sequence[Op], gm: fx.GraphModule) -> dict[str, 
     """Modules whose parameters/buffers the traced code reads directly (get_attr), besides calling the module.
 
     A functional batch_norm's own statistics are excluded: that call is what gets folded, and
-    _functional_bn already refuses statistics that are read anywhere else. So are reads of a
+    functional_bn already refuses statistics that are read anywhere else. So are reads of a
     layer's shape/dtype/device (x.to(self.conv.weight.dtype)), which folding keeps; not of a
     BatchNorm's, whose tensors disappear with it.
     """

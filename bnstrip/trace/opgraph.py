@@ -97,7 +97,7 @@ def is_functional_bn(node: fx.Node) -> bool:
     return node.op == "call_function" and node.target in (F.batch_norm, torch.batch_norm)
 
 
-def _functional_bn(node: fx.Node, gm: fx.GraphModule, prefix: str,
+def functional_bn(node: fx.Node, gm: fx.GraphModule, prefix: str,
                    root: nn.Module | None = None) -> tuple[str, FunctionalBN]:
     """Name and description of an F.batch_norm call; `refusal` says why it cannot be folded."""
     args = _bind_functional_bn(node)
@@ -178,7 +178,7 @@ def ops_from_fx(gm: fx.GraphModule, prefix: str = "", where: str = "the model",
             else:
                 op = Op(name=name, kind="other", label=label, module=module)
         elif is_functional_bn(node):
-            name, spec = _functional_bn(node, gm, prefix, root)
+            name, spec = functional_bn(node, gm, prefix, root)
             op = Op(name=name, kind="bn", label=f"{name} (F.batch_norm)", functional=spec, note=spec.refusal)
         else:
             op = Op(name=join_name(prefix, node.name), kind="other", label=call_label(node, prefix),
