@@ -138,7 +138,7 @@ def torch_threads(threads: int | None) -> Iterator[int]:
     previous = torch.get_num_threads()
     if threads is not None:
         if threads < 1:
-            raise InputError(f"--threads {threads}: needs at least 1 thread")
+            raise InputError(f"threads={threads}: needs at least 1 thread")
         torch.set_num_threads(threads)
     try:
         yield torch.get_num_threads()

@@ -33,6 +33,7 @@ API_TO_FLAG: dict[str, str] = {
     "allow_download=False": "--no-download",
     "example_inputs": "--input-shape",
     "force=True": "--force",
+    "threads=": "--threads ",
     "data_dir=": "--data-dir ",
     "dtype='float32'": "--dtype float32",
     "fuse_file": "`bnstrip fuse --arch`",

@@ -10,6 +10,7 @@ from torch import nn
 
 from bnstrip.errors import InputError
 from bnstrip.fold.rewrite import add_bias, set_unfolded_eps, strip_graph
+from bnstrip.fold.rules_adjacent import out_channels
 from bnstrip.io.checkpoint import key_mismatch
 from bnstrip.trace.bn_registry import folded_replacement, is_batchnorm_like
 from bnstrip.trace.fx_tracer import fx_trace
@@ -55,9 +56,7 @@ def folded_skeleton(model: nn.Module, manifest: dict[str, Any], source: str = "m
             raise InputError(f"{source}: layer {name!r} that gained a bias is not in {type(model).__name__}; "
                              "pass the model the checkpoint was folded from")
         if layer.bias is None:
-            out_features = layer.weight.shape[1] * layer.groups if isinstance(layer, nn.modules.conv._ConvTransposeNd) \
-                else layer.weight.shape[0]
-            add_bias(layer, torch.zeros(out_features, dtype=layer.weight.dtype, device=layer.weight.device))
+            add_bias(layer, torch.zeros(out_channels(layer), dtype=layer.weight.dtype, device=layer.weight.device))
     set_unfolded_eps(result, set(bn_names), eps)
     if manifest.get("merged"):  # reparameterize=True: re-apply the branch merges by name
         from bnstrip.fold.reparam import rebuild_merges

@@ -252,8 +252,8 @@ def merge_branches(model: nn.Module, example_inputs: Any, *, allow_overflow: boo
 
     dropped = bisect_folds([m.conv for m in result.merged], passes, undone)
     final = _attempt(model, inputs, lambda m: m.conv not in dropped, False, allow_overflow)
-    final.check = check(final.model)[0] if final.merged else None
-    if final.merged and check(final.model)[1] is not None:  # interactions: undo everything
+    final.check, problem = check(final.model) if final.merged else (None, None)
+    if final.merged and problem is not None:  # interactions: undo everything
         dropped = {m.conv: undone for m in result.merged}
         final = _attempt(model, inputs, lambda m: False, False, allow_overflow)
     final.refused += [(m.conv, f"{' + '.join(m.branches)}: {dropped[m.conv]}") for m in result.merged

@@ -24,7 +24,7 @@ from torch import nn
 from bnstrip.core.foldmath import (BNStats, all_finite, bn_scale_shift, cast_folded, fold_into_consumer, fold_into_producer,
                                    identity_running_var)
 from bnstrip.fold.rules import INTO_PRODUCER, Fold, bn_stats, tensor_at
-from bnstrip.trace.bn_registry import folded_replacement, is_batchnorm_like
+from bnstrip.trace.bn_registry import BN_SETTINGS, folded_replacement, is_batchnorm_like
 from bnstrip.trace.opgraph import Op, OpGraph
 
 class FoldedBatchNorm(nn.Identity):
@@ -34,7 +34,7 @@ class FoldedBatchNorm(nn.Identity):
     forward make bnstrip refuse the fold, so none are needed).
     """
 
-    _SETTINGS = ("num_features", "eps", "momentum", "affine", "track_running_stats")
+    _SETTINGS = BN_SETTINGS
 
     def __init__(self, bn: nn.Module | None = None) -> None:
         super().__init__()

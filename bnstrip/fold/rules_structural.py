@@ -43,7 +43,7 @@ def try_producer_through(bn: Op, graph: OpGraph, root: nn.Module) -> Match:
         return None
     if op is None or op.kind != "layer":
         return f"its input comes through {chain[-1].label} from {op.label if op else 'outside the graph'}, not from a layer"
-    if issue := layer_issue(op, graph, "its producer") or getattr(op, "own_forward", None):
+    if issue := layer_issue(op, graph, "its producer") or op.own_forward:
         return issue
     for source, nxt in zip([op] + chain, chain + [bn]):
         if issue := _feeds_only(source, nxt):
@@ -81,7 +81,7 @@ def try_concat(bn: Op, graph: OpGraph, root: nn.Module) -> Match:
                     "which cannot absorb its channels")
         if any(piece is p for p, _, _ in found):
             return f"{joined.label} concatenates the output of {piece.name} more than once"
-        if issue := (layer_issue(piece, graph, "the concatenated layer") or getattr(piece, "own_forward", None)
+        if issue := (layer_issue(piece, graph, "the concatenated layer") or piece.own_forward
                      or _feeds_only(piece, joined)):
             return issue
         if _channel_axis(piece, rank) != 1:
@@ -113,7 +113,7 @@ def try_consumer_through(bn: Op, graph: OpGraph, root: nn.Module, keep_structure
     consumer = readers[0]
     if consumer.kind != "layer" or isinstance(consumer.module, nn.modules.conv._ConvTransposeNd):
         return f"its output goes through {chain[-1].label} to {consumer.label}, not to a Linear or Conv"
-    if issue := layer_issue(consumer, graph, "the next layer") or getattr(consumer, "own_forward", None):
+    if issue := layer_issue(consumer, graph, "the next layer") or consumer.own_forward:
         return issue
     if consumer.inputs != [op]:
         return f"the next layer {consumer.name} takes other inputs too"

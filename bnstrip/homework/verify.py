@@ -2,14 +2,14 @@
 from __future__ import annotations
 
 import time
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from typing import Callable, Iterator
+from typing import Callable
 
 import numpy as np
 import torch
 from torch import nn
 
+from bnstrip.bench import torch_threads
 from bnstrip.homework.data import to_float_tensor
 
 
@@ -46,16 +46,6 @@ set (torch.backends.cpu.get_cpu_capability()) and the torch build change the dig
 stay an order of magnitude below the 1e-8 bar.  `threads=` trades the fixed count for speed."""
 
 
-@contextmanager
-def torch_threads(threads: int | None) -> Iterator[int]:
-    """torch's intra-op thread count set to `threads` for the block (None: leave it), restored afterwards."""
-    before = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    try:
-        yield torch.get_num_threads()
-    finally:
-        torch.set_num_threads(before)
 
 
 CHUNK_IMAGES = 200

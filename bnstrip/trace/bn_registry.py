@@ -31,6 +31,10 @@ def standard_stats(module: nn.Module) -> BNStats:
                    getattr(module, "bias", None), float(module.eps))
 
 
+BN_SETTINGS = ("num_features", "eps", "momentum", "affine", "track_running_stats")
+"""The plain settings user code may read off a BatchNorm; kept on whatever replaces a folded one."""
+
+
 class FoldedBatchNormTail(nn.Module):
     """What a folded BatchNorm-plus-more module becomes: its own children after the normalisation, in order.
 
@@ -38,7 +42,7 @@ class FoldedBatchNormTail(nn.Module):
     settings user code may read (num_features, eps, ...) are kept too.
     """
 
-    _SETTINGS = ("num_features", "eps", "momentum", "affine", "track_running_stats")
+    _SETTINGS = BN_SETTINGS
 
     def __init__(self, bn: nn.Module, order: tuple[str, ...]) -> None:
         super().__init__()

@@ -16,6 +16,8 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from bnstrip.trace.bn_registry import qualified_name
+
 if TYPE_CHECKING:  # opgraph builds Ops; this module only reads them
     from bnstrip.trace.opgraph import Op
 
@@ -108,7 +110,7 @@ def identity_in_eval(op: Op) -> bool:
             return True
         cls = type(module)
         known = isinstance(module, _IDENTITY_MODULES) and cls.forward in {c.forward for c in _IDENTITY_MODULES}
-        return (known or f"{cls.__module__}.{cls.__qualname__}" in _IDENTITY_IN_EVAL_NAMES) and not module.training
+        return (known or qualified_name(cls) in _IDENTITY_IN_EVAL_NAMES) and not module.training
     if node.op not in ("call_function", "call_method"):
         return False
     return call_name(node) in _DROPOUT_CALLS and _dropout_off(node)
