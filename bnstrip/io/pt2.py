@@ -1,246 +1,165 @@
-"""Load an exported program (`.pt2`, written by torch.export.save) without running code from the file.
+"""Load an exported program (`.pt2`, written by torch.export.save) without handing torch any of the file's bytes.
 
-A .pt2 is a torch zip archive holding a JSON graph, raw weight bytes and torch.save pickles
-(sample inputs, and weights torch chose to pickle). torch.export.load trusts all of it: it
-unpickles with weights_only=False, sympifies (evals) the shape expressions of the graph, resolves
-call targets by walking `torch.*` attributes, puts names from the file into generated Python,
-and ep.module() execs the stored guard code. So before torch sees the file:
+torch.export.load trusts a .pt2 completely: it unpickles with weights_only=False, sympifies (evaluates) shape
+strings, resolves call targets by walking `torch.*` attributes, pastes names into generated Python, allocates
+what metadata claims and loads every record under `models/` (naming each by cutting its last 5 characters).
+So bnstrip parses, it does not validate: it reads the archive itself (bnstrip.io.torchzip: the one layout
+torch.save writes), takes only the records the program needs by their exact names, parses each against the
+fields it supports, and writes a canonical archive of its own that holds only what it re-emitted:
 
-* the archive's layout is checked as for checkpoints (bnstrip.io.torchzip, same rules);
-* every pickle inside is checked as a checkpoint is (static global scan, storages backed by
-  their records), and opaque/TorchScript objects are refused;
-* the graph JSON may only call `torch.ops.*` operators (and a few `_operator`/`math` functions),
-  its names must be identifiers or dotted paths, its shape expressions plain arithmetic;
-* every raw weight must fit in its record (sizes, strides and offset against the record's bytes).
+* the program JSON rebuilt by bnstrip.io.pt2_reemit (generated names, allowlisted ops, re-printed shapes,
+  no guard code, no stack traces);
+* raw weights/constants copied by bnstrip.io.pt2_payload (each record exactly the bytes its metadata reaches);
+* no pickle at all: sample inputs are read here (checkpoint checks, then weights_only) and attached after.
 
-Then torch.export.load runs with torch.load forced to weights_only=True, and the stored guard
-code is dropped (bnstrip exports its own programs again, with guards torch writes).
+Only that archive is given to torch.export.load; every other record of the file (extra files, a second
+`models/` entry, compiled code) is ignored, never loaded.
 """
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import os
-import re
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Iterator
+from typing import Any, BinaryIO
 
 from bnstrip.errors import InputError, first_line, printable
+from bnstrip.io.pt2_payload import Payloads, parse_config, read_payloads
+from bnstrip.io.pt2_reemit import reemit_program
+from bnstrip.io.pt2_schema import SchemaError
 from bnstrip.io.sniff import ZIP_MAGIC, open_regular_file
 from bnstrip.io.torchzip import ZipLayout, read_record, validate_torch_zip
 
 _FIX = "re-export it with torch.export.save from a source you trust"
-_OPERATOR_TARGETS = {f"_operator.{n}" for n in (
-    "getitem", "add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "neg", "pos", "abs", "eq", "ne", "lt", "le",
-    "gt", "ge", "and_", "or_", "xor", "not_", "invert", "lshift", "rshift")} | {
-    f"math.{n}" for n in ("ceil", "floor", "trunc", "sqrt", "exp", "log", "sin", "cos", "tan", "pow")}
-_OP_TARGET = re.compile(r"torch\.ops\.[A-Za-z_][A-Za-z0-9_]*\.[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)?")
-_DOTTED = re.compile(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*")
-_EXPR_TOKEN = re.compile(r"\s*(?:(?P<name>[A-Za-z_][A-Za-z0-9_]*)|(?P<num>\d+(?:\.\d*)?(?:[eE][-+]?\d+)?)"
-                         r"|(?P<str>'[A-Za-z_][A-Za-z0-9_]*')|(?P<op>\*\*|//|==|!=|<=|>=|[-+*/%(),<>=&|~]))")
-_EXPR_NAMES = {
-    "Symbol", "Integer", "Rational", "Float", "Max", "Min", "Mod", "Abs", "floor", "ceiling", "Eq", "Ne", "Lt", "Le",
-    "Gt", "Ge", "And", "Or", "Not", "Piecewise", "True", "False", "oo", "nan", "sqrt", "Pow", "Mul", "Add",
-    "FloorDiv", "ModularIndexing", "Where", "PythonMod", "CleanDiv", "CeilToInt", "FloorToInt", "CeilDiv", "LShift",
-    "RShift", "PowByNatural", "IntTrueDiv", "FloatTrueDiv", "ToFloat", "TruncToInt", "TruncToFloat", "RoundToInt",
-    "RoundDecimal", "OpaqueUnaryFn_sqrt", "Identity", "IsNonOverlappingAndDenseIndicator", "BitwiseFn_bitwise_and",
-    "BitwiseFn_bitwise_or", "FloatPow", "positive", "integer", "nonnegative", "negative", "real", "finite",
-    "nonpositive", "zero", "even", "odd"}
-_SYMBOL_NAME = re.compile(r"[A-Za-z]{1,6}\d+")
-_NAME_KEYS = {"name", "as_name", "arg_name"}
-_FQN_KEYS = {"parameter_name", "buffer_name", "tensor_constant_name", "custom_obj_name", "fqn"}
-_MAX_JSON = 256 << 20
-"""A graph JSON larger than this is refused before parsing (json would hold several times it in memory)."""
+MAX_PROGRAM_JSON = 256 << 20
+"""A program JSON larger than this is refused before parsing (json holds several times it in memory)."""
+_MAX_SAMPLE_DEPTH = 8
+MODEL = "model"
+"""The one program name bnstrip reads: models/model.json (torch.export.save's name for a single program)."""
+
+
+@dataclass
+class CanonicalProgram:
+    """What bnstrip re-emitted from a .pt2: the program document, its payloads and the parsed sample inputs."""
+
+    program: dict[str, Any]
+    weights: Payloads
+    constants: Payloads
+    example_inputs: Any
 
 
 def _refuse(path: Path, what: str) -> InputError:
-    return InputError(f"{printable(path)}: refused: {what} (nothing was run); {_FIX}")
+    return InputError(f"{printable(path)}: refused: {printable(what)} (nothing was run); {_FIX}")
 
 
-def _check_expr(text: str, path: Path) -> None:
-    """A shape expression that sympy.sympify can only read as arithmetic on symbols (sympify evaluates Python)."""
-    position = 0
-    while position < len(text):
-        match = _EXPR_TOKEN.match(text, position)
-        if match is None or match.end() == position:
-            raise _refuse(path, f"shape expression {printable(text[:60])!r} is not plain arithmetic")
-        name = match.group("name")
-        if name is not None and name not in _EXPR_NAMES and not _SYMBOL_NAME.fullmatch(name):
-            raise _refuse(path, f"shape expression {printable(text[:60])!r} names {printable(name)}")
-        position = match.end()
+def _record(f: BinaryIO, layout: ZipLayout, name: str, path: Path, limit: int) -> bytes:
+    record = layout.records.get(f"{layout.prefix}/{name}")
+    if record is None:
+        raise InputError(f"{printable(path)}: the archive lacks {printable(name)} (legacy, incomplete or not a "
+                         f"program); {_FIX}")
+    if record.size > limit:
+        raise _refuse(path, f"{name} is {record.size:,} bytes (limit {limit:,})")
+    return read_record(f, record)
 
 
-def _check_target(target: str, path: Path) -> None:
-    if _OP_TARGET.fullmatch(target) or target in _OPERATOR_TARGETS:
-        return
-    raise _refuse(path, f"its graph calls {printable(target[:80])!r}, which is not a torch operator")
-
-
-def check_graph_json(data: Any, path: Path) -> None:
-    """Walk the serialized program: call targets, names, FQNs and shape expressions (see the module docstring)."""
-    stack: list[tuple[Any, str]] = [(data, "")]
-    while stack:
-        value, key = stack.pop()
-        if isinstance(value, dict):
-            if isinstance(value.get("target"), str) and "inputs" in value:
-                _check_target(value["target"], path)
-            for child_key, child in value.items():
-                if child_key != "metadata":  # stack traces and module paths: strings torch never runs
-                    stack.append((child, str(child_key)))
-        elif isinstance(value, list):
-            stack.extend((item, key) for item in value)
-        elif isinstance(value, str):
-            if key == "expr_str":
-                _check_expr(value, path)
-            elif key in _NAME_KEYS and value and not value.isidentifier():
-                raise _refuse(path, f"graph name {printable(value[:60])!r} is not an identifier (it would be code)")
-            elif key in _FQN_KEYS and value and not _DOTTED.fullmatch(value):
-                raise _refuse(path, f"tensor name {printable(value[:60])!r} is not a dotted name")
-            elif key == "guards_code":
-                pass  # dropped after loading, never run
-
-
-def _read_json(f: BinaryIO, layout: ZipLayout, name: str, path: Path) -> Any:
-    record = layout.records[name]
-    if record.size > _MAX_JSON:
-        raise _refuse(path, f"{printable(name)} is {record.size:,} bytes of JSON")
+def _json(raw: bytes, name: str, path: Path) -> Any:
     try:
-        return json.loads(read_record(f, record))
+        return json.loads(raw)
     except (ValueError, RecursionError) as exc:
-        raise InputError(f"{printable(path)}: {printable(name)} is not valid JSON ({first_line(exc, 120)}); {_FIX}") from None
+        raise InputError(f"{printable(path)}: {name} is not valid JSON ({first_line(exc, 120)}); {_FIX}") from None
 
 
-def _nested_torch_save(f: BinaryIO, layout: ZipLayout, name: str, path: Path) -> None:
-    """A torch.save pickle inside the archive gets every check a checkpoint gets."""
-    from bnstrip.io.checkpoint import validate_pickled
-
-    data = read_record(f, layout.records[name])
-    inner = Path(f"{path}:{name}")
-    if not data.startswith(ZIP_MAGIC):
-        raise _refuse(path, f"{printable(name)} is not a torch.save archive")
-    validate_pickled(io.BytesIO(data), "torch-zip", len(data), inner)
-
-
-def _dims(values: list[Any]) -> list[int] | None:
-    out = []
-    for v in values:
-        if not (isinstance(v, dict) and type(v.get("as_int")) is int):
-            return None
-        out.append(v["as_int"])
-    return out
-
-
-def _check_payloads(f: BinaryIO, layout: ZipLayout, folder: str, config: Any, path: Path) -> None:
-    """Each weight/constant: a pickle gets the checkpoint checks; raw bytes must hold what its metadata describes."""
+def _sample_leaf_ok(value: Any, depth: int) -> bool:
     import torch
-    from torch._export.serde.serialize import _SERIALIZE_TO_TORCH_DTYPE
 
-    entries = config.get("config") if isinstance(config, dict) else None
-    if not isinstance(entries, dict):
-        raise _refuse(path, f"{folder} config is malformed")
-    for fqn, meta in entries.items():
-        if not _DOTTED.fullmatch(str(fqn)) or not isinstance(meta, dict) or not isinstance(meta.get("path_name"), str):
-            raise _refuse(path, f"{folder} entry {printable(str(fqn)[:60])!r} is malformed")
-        record = f"{layout.prefix}/{folder}/{meta['path_name']}"
-        if "/" in meta["path_name"] or record not in layout.records:
-            raise InputError(f"{printable(path)}: {printable(fqn)} names record {printable(record)}, which the archive "
-                             f"lacks (incomplete file); {_FIX}")
-        if not meta["path_name"].startswith(("weight_", "tensor_")):
-            raise _refuse(path, f"{printable(fqn)} is a pickled Python/TorchScript object ({printable(meta['path_name'])})")
-        if meta.get("use_pickle"):
-            _nested_torch_save(f, layout, record, path)
-            continue
-        tm = meta.get("tensor_meta") or {}
-        sizes, strides = _dims(tm.get("sizes", [])), _dims(tm.get("strides", []))
-        offset = _dims([tm.get("storage_offset")])
-        dtype = _SERIALIZE_TO_TORCH_DTYPE.get(tm.get("dtype")) if isinstance(tm.get("dtype"), int) else None
-        if sizes is None or strides is None or offset is None or len(sizes) != len(strides) or dtype is None \
-                or any(s < 0 for s in sizes) or any(s < 0 for s in strides) or offset[0] < 0:
-            raise _refuse(path, f"{printable(fqn)} has malformed tensor metadata")
-        needed = 0 if 0 in sizes else (offset[0] + 1 + sum((n - 1) * s for n, s in zip(sizes, strides)))
-        needed *= torch.empty((), dtype=dtype).element_size()
-        have = layout.records[record].size
-        if have and needed > have:
-            raise InputError(f"{printable(path)}: tensor {printable(fqn)} needs {needed:,} bytes but its record "
-                             f"{printable(record)} holds {have:,} (truncated or crafted); {_FIX}")
+    if depth > _MAX_SAMPLE_DEPTH:
+        return False
+    if isinstance(value, (tuple, list)):
+        return len(value) <= 10_000 and all(_sample_leaf_ok(v, depth + 1) for v in value)
+    if isinstance(value, dict):
+        return len(value) <= 10_000 and all(isinstance(k, str) and _sample_leaf_ok(v, depth + 1) for k, v in value.items())
+    return value is None or type(value) in (bool, int, float) or type(value) in (torch.Tensor, torch.nn.Parameter)
 
 
-def validate_pt2(f: BinaryIO, size: int, path: Path) -> ZipLayout:
-    """Every static check of the module docstring, on the open file; returns the archive layout."""
+def _sample_inputs(f: BinaryIO, layout: ZipLayout, path: Path) -> Any:
+    """The saved example inputs, read as a checkpoint is (static checks, then weights_only); None when absent."""
+    from bnstrip.io.checkpoint import _torch_load, validate_pickled
+
+    record = layout.records.get(f"{layout.prefix}/data/sample_inputs/{MODEL}.pt")
+    if record is None or record.size == 0:
+        return None
+    data = read_record(f, record)
+    inner = Path(f"{path}:data/sample_inputs/{MODEL}.pt")
+    if not data.startswith(ZIP_MAGIC):
+        raise _refuse(path, "its sample inputs are not a torch.save archive")
+    validate_pickled(io.BytesIO(data), "torch-zip", len(data), inner)
+    value = _torch_load(io.BytesIO(data), inner)
+    if not (isinstance(value, tuple) and len(value) == 2 and isinstance(value[0], tuple)
+            and isinstance(value[1], dict) and _sample_leaf_ok(value, 0)):
+        raise _refuse(path, "its sample inputs are not (args, kwargs) of tensors and numbers")
+    return value
+
+
+def read_program(f: BinaryIO, size: int, path: Path) -> CanonicalProgram:
+    """Parse the open archive into bnstrip's canonical program (see module docstring); InputError names the file."""
     f.seek(0)
     if f.read(4) != ZIP_MAGIC:
         raise InputError(f"{printable(path)}: not an exported program (.pt2 files are zip archives written by "
                          "torch.export.save); pass such a file")
     layout = validate_torch_zip(f, size, path, require_pickle=False)
-    p = layout.prefix
-    fmt = layout.records.get(f"{p}/archive_format")
-    if fmt is None or read_record(f, fmt).strip() != b"pt2":
-        raise InputError(f"{printable(path)}: a zip archive but not an exported program (no {p}/archive_format pt2; "
+    fmt = layout.records.get(f"{layout.prefix}/archive_format")
+    if fmt is None or fmt.size > 16 or read_record(f, fmt).strip() != b"pt2":
+        raise InputError(f"{printable(path)}: a zip archive but not an exported program (no archive_format pt2; "
                          "a torch.save checkpoint or a pre-2.8 .pt2?); save the program with torch.export.save")
-    names = list(layout.records)
-    if any(n.startswith((f"{p}/data/aotinductor/", f"{p}/executorch/")) for n in names):
-        raise _refuse(path, "it holds compiled native code (AOTInductor/ExecuTorch), which bnstrip will not load")
-    models = [n for n in names if n.startswith(f"{p}/models/") and n.endswith(".json")]
-    if f"{p}/models/model.json" not in models:
-        raise InputError(f"{printable(path)}: the archive holds no program {p}/models/model.json; {_FIX}")
-    for model in models:
-        stem = model[len(f"{p}/models/"):-len(".json")]
-        check_graph_json(_read_json(f, layout, model, path), path)
-        for folder, config in (("data/weights", f"{p}/data/weights/{stem}_weights_config.json"),
-                               ("data/constants", f"{p}/data/constants/{stem}_constants_config.json")):
-            if config not in layout.records:
-                raise InputError(f"{printable(path)}: the archive lacks {printable(config)} (legacy or incomplete "
-                                 f"file); {_FIX}")
-            _check_payloads(f, layout, folder, _read_json(f, layout, config, path), path)
-        sample = f"{p}/data/sample_inputs/{stem}.pt"
-        if sample in layout.records and layout.records[sample].size:
-            _nested_torch_save(f, layout, sample, path)
-    return layout
-
-
-@contextlib.contextmanager
-def _weights_only_loads() -> Iterator[None]:
-    """torch.load with weights_only=True whatever the caller asks (torch.export.load asks for False)."""
-    import torch
-
-    from bnstrip.io.checkpoint import UNSAFE_LOAD_ENV
-
-    original = torch.load
-    saved = os.environ.pop(UNSAFE_LOAD_ENV, None)
-
-    def load(*args: Any, **kwargs: Any) -> Any:
-        kwargs["weights_only"] = True
-        return original(*args, **kwargs)
-
-    torch.load = load
+    if f"{layout.prefix}/models/{MODEL}.json" not in layout.records:
+        raise InputError(f"{printable(path)}: the archive holds no program models/{MODEL}.json; {_FIX}")
+    doc = _json(_record(f, layout, f"models/{MODEL}.json", path, MAX_PROGRAM_JSON), f"models/{MODEL}.json", path)
     try:
-        yield
-    finally:
-        torch.load = original
-        if saved is not None:
-            os.environ[UNSAFE_LOAD_ENV] = saved
+        program, emitter = reemit_program(doc)
+        payloads = []
+        for folder in ("weights", "constants"):
+            name = f"data/{folder}/{MODEL}_{folder}_config.json"
+            config = parse_config(_record(f, layout, name, path, 64 << 20), name)
+            payloads.append(read_payloads(f, layout, folder, config, emitter))
+    except SchemaError as exc:
+        raise _refuse(path, str(exc)) from None
+    return CanonicalProgram(program, payloads[0], payloads[1], _sample_inputs(f, layout, path))
+
+
+def canonical_archive(parsed: CanonicalProgram) -> bytes:
+    """The .pt2 bnstrip writes from what it re-emitted (torch's archive writer, bnstrip's records only)."""
+    from torch.export.pt2_archive import PT2ArchiveWriter
+
+    buffer = io.BytesIO()
+    with PT2ArchiveWriter(buffer) as writer:
+        for folder, payloads in (("weights", parsed.weights), ("constants", parsed.constants)):
+            for name, data in payloads.records.items():
+                writer.write_bytes(f"data/{folder}/{name}", data)
+            writer.write_string(f"data/{folder}/{MODEL}_{folder}_config.json", json.dumps(payloads.config))
+        writer.write_bytes(f"models/{MODEL}.json", json.dumps(parsed.program).encode())
+        writer.write_bytes(f"data/sample_inputs/{MODEL}.pt", b"")  # no pickle: attached after loading
+    return buffer.getvalue()
 
 
 def load_program(path: str | os.PathLike[str]) -> Any:
-    """The ExportedProgram in `path`, after validate_pt2; InputError (one line) for anything refused or broken."""
+    """The ExportedProgram in `path`, loaded from bnstrip's canonical archive; InputError (one line) otherwise."""
     import torch
 
     from bnstrip.trace.export_tracer import _quiet_torch_logs
 
     path = Path(path)
     with open_regular_file(path) as f:
-        size = os.fstat(f.fileno()).st_size
-        validate_pt2(f, size, path)
-        f.seek(0)
-        data = f.read()  # torch reads the validated bytes, not the path (which could be swapped meanwhile)
+        parsed = read_program(f, os.fstat(f.fileno()).st_size, path)
+    data = canonical_archive(parsed)
     try:
-        with _weights_only_loads(), _quiet_torch_logs():
+        with _quiet_torch_logs():
             program = torch.export.load(io.BytesIO(data))
-    except Exception as exc:  # noqa: BLE001 - torch raises many types on a broken program
-        raise InputError(f"{printable(path)}: torch.export.load fails ({type(exc).__name__}: "
-                         f"{first_line(exc, 200, '')}); {_FIX}") from None
-    program._guards_code = []  # code from the file; bnstrip never runs it
+            if parsed.example_inputs is not None:
+                program.example_inputs = parsed.example_inputs
+    except Exception as exc:  # noqa: BLE001 - torch raises many types on a program it cannot rebuild
+        raise InputError(f"{printable(path)}: torch cannot rebuild the program bnstrip re-emitted from it "
+                         f"({type(exc).__name__}: {printable(first_line(exc, 200, ''))}); {_FIX}") from None
     return program
 
 
