@@ -1,9 +1,11 @@
 """bnstrip.io.pt2: hostile .pt2 files are refused before torch runs anything from them (generated at test time)."""
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
+import signal
 import pickle
 import zipfile
 from pathlib import Path
@@ -14,6 +16,7 @@ from torch import nn
 
 from bnstrip.errors import InputError
 from bnstrip.io.pt2 import is_pt2, load_program
+import hostile_pt2
 
 
 class _Payload:
@@ -189,3 +192,192 @@ def test_opaque_constant_is_refused(good, tmp_path):
     with pytest.raises(InputError, match="pickled Python"):
         load_program(add(good, tmp_path / "opaque.pt2"))
     assert not (tmp_path / "c").exists()
+
+
+# --------------------------------------------------------------------------- issue 17: parse, don't validate
+# Each test below fails on the loader that validated the file and then gave it to torch.export.load.
+
+
+def _cli(args: list[str]):
+    from click.testing import CliRunner
+
+    from bnstrip.cli import main
+
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def _refused_in_one_line(result, path: Path, *fragments: str) -> str:
+    """Exit 2, nothing on stdout, one stderr line naming the file, the fragments and a fix."""
+    assert result.exit_code == 2, result.output
+    assert result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    for fragment in (path.name, "re-export", *fragments):
+        assert fragment in lines[0], lines[0]
+    return lines[0]
+
+
+@contextlib.contextmanager
+def _deadline(seconds: int):
+    """Fail (not hang) when the body runs past `seconds` (the old loader took minutes on some of these)."""
+    def expire(*_):
+        raise TimeoutError(f"still running after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def test_forward_arg_names_never_become_code(good, tmp_path):
+    """Item 1: the file's forward_arg_names are not used; bnstrip generates the names torch pastes into forward."""
+    canary = tmp_path / "canary"
+    evil = hostile_pt2.code_in_forward_arg_names(good, tmp_path / "evil.pt2", canary)
+    program = load_program(evil)
+    x = program.example_inputs[0][0]
+    assert program.module()(x).shape == (2, 4, 6, 6)
+    assert program.module_call_graph[0].signature.forward_arg_names == ["arg_0"]
+    result = _cli(["fuse", evil, tmp_path / "out.pt2", "--json"])
+    assert result.exit_code == 0, result.output
+    assert not canary.exists()
+
+
+def test_models_record_twin_is_never_read(good, tmp_path):
+    """Item 2: only models/model.json is the program; `models/model_json` (also "model" to torch) is ignored."""
+    canary = tmp_path / "canary"
+    both = hostile_pt2.models_record_twin(good, tmp_path / "both.pt2", canary, keep_real=True)
+    program = load_program(both)
+    assert program.module()(program.example_inputs[0][0]).shape == (2, 4, 6, 6)
+    assert not canary.exists()
+    twin_only = hostile_pt2.models_record_twin(good, tmp_path / "twin.pt2", canary, keep_real=False)
+    result = _cli(["fuse", twin_only, tmp_path / "out.pt2"])
+    assert result.exit_code == 2 and "no program models/model.json" in result.stderr
+    assert not canary.exists() and not (tmp_path / "out.pt2").exists()
+
+
+def test_file_op_call_target_is_refused_by_name(good, tmp_path):
+    """Item 3: aten.from_file (with fill_ after it) is not an allowed op; the victim file is untouched."""
+    victim = tmp_path / "victim.sh"
+    victim.write_bytes(b"#!/bin/sh\necho hello\n")
+    evil = hostile_pt2.file_op_target(good, tmp_path / "evil.pt2", victim)
+    _refused_in_one_line(_cli(["fuse", evil, tmp_path / "out.pt2"]), evil, "aten.from_file.default")
+    _refused_in_one_line(_cli(["verify", good, evil]), evil, "aten.from_file.default")
+    assert victim.read_bytes() == b"#!/bin/sh\necho hello\n"
+
+
+@pytest.mark.parametrize("target, why", [
+    ("torch.ops.aten.relu_.default", "in place into a graph input"),
+    ("torch.ops.aten.copy_.default", "not a pure tensor op"),
+    ("torch.ops.aten.bernoulli.default", "not a pure tensor op"),
+    ("torch.ops.evil.op.default", "not a torch operator"),
+    ("torch.ops.aten.add.out", "writes into a given tensor"),
+])
+def test_ops_outside_the_allowlist_are_refused(good, tmp_path, target, why):
+    def edit(doc):
+        doc["graph_module"]["graph"]["nodes"][0]["target"] = target
+
+    evil = hostile_pt2.edit_program(good, tmp_path / "evil.pt2", edit)
+    with pytest.raises(InputError, match=why):
+        load_program(evil)
+
+
+def test_empty_record_claiming_gigabytes_is_refused_before_allocating(good, tmp_path):
+    """Item 4: a 0-byte record whose metadata claims 1.6 GB is refused from the sizes alone."""
+    evil = hostile_pt2.zero_byte_record(good, tmp_path / "evil.pt2", 400_000_000)
+    assert evil.stat().st_size < 100_000
+    line = _refused_in_one_line(_cli(["fuse", evil, tmp_path / "out.pt2"]), evil, "needs 1,600,000,000 bytes",
+                                "holds 0")
+    assert "weight" in line
+
+
+@pytest.mark.parametrize("expr", ["9**9**9", "10**10**10", "1e999999", "Symbol('s0') ** 99999999999",
+                                  "s0*" * 2000 + "s0", "(" * 200 + "s0" + ")" * 200])
+def test_huge_shape_expressions_are_refused_fast(good, tmp_path, expr):
+    """Item 4: bnstrip's grammar has no powers or floats and bounds length and depth; sympy never sees these."""
+    evil = hostile_pt2.shape_expression(good, tmp_path / "evil.pt2", expr)
+    with _deadline(60), pytest.raises(InputError, match="shape expression"):
+        load_program(evil)
+
+
+def test_print_op_never_reaches_stdout(good, tmp_path):
+    """Item 5: aten._print is refused; --json stdout holds nothing forged (refusal: empty; success: one object)."""
+    evil = hostile_pt2.print_op(good, tmp_path / "evil.pt2")
+    result = _cli(["fuse", evil, tmp_path / "out.pt2", "--json"])
+    _refused_in_one_line(result, evil, "aten._print.default")
+    assert "folded 3 pairs" not in result.output
+    fine = _cli(["fuse", good, tmp_path / "out.pt2", "--json"])
+    assert fine.exit_code == 0, fine.output
+    assert isinstance(json.loads(fine.stdout), dict)
+
+
+def test_no_process_wide_patch_and_no_unpickling(good, monkeypatch):
+    """Item 12: torch.load is never replaced, and torch.export.load never unpickles (the canonical archive holds
+    no pickle); the sample inputs are read by bnstrip's checkpoint path and attached to the program."""
+    original_load, original_export_load = torch.load, torch.export.load
+    inside: list[bool] = []
+    seen: list[str] = []
+
+    def spy_load(*args, **kwargs):
+        seen.append("inside torch.export.load" if inside else f"weights_only={kwargs.get('weights_only')}")
+        return original_load(*args, **kwargs)
+
+    def spy_export_load(*args, **kwargs):
+        assert torch.load is spy_load, "torch.load was replaced while torch.export.load ran"
+        inside.append(True)
+        try:
+            return original_export_load(*args, **kwargs)
+        finally:
+            inside.pop()
+
+    monkeypatch.setattr(torch, "load", spy_load)
+    monkeypatch.setattr(torch.export, "load", spy_export_load)
+    program = load_program(good)
+    assert torch.load is spy_load
+    assert seen == ["weights_only=True"]  # bnstrip's own read of the sample inputs, nothing else
+    assert program.example_inputs[0][0].shape == (2, 3, 8, 8)
+
+
+def test_stored_guard_code_is_not_carried_over(good, tmp_path):
+    """Item 12: the file's guard code is dropped by the re-emit (torch never receives it), not cleared afterwards."""
+    canary = tmp_path / "canary"
+    program = load_program(hostile_pt2.guard_code(good, tmp_path / "guards.pt2", canary))
+    assert program._guards_code == []
+    program.module()(program.example_inputs[0][0])
+    assert not canary.exists()
+
+
+def test_unsafe_tensor_names_are_mapped(good, tmp_path):
+    """FQN segments that are not plain identifiers (dunder, nn.Module attributes) get generated names."""
+    def rename(text: str) -> str:
+        return text.replace('"0.weight"', '"training.weight"').replace('"0.bias"', '"training.bias"')
+
+    def change(name, data):
+        return rename(data.decode()).encode() if name.endswith(".json") else data
+
+    path = hostile_pt2.rewrite(good, tmp_path / "names.pt2", lambda n, d: change(n, d))
+    program = load_program(path)
+    assert {"bnstrip_renamed_0.weight", "bnstrip_renamed_0.bias"} <= set(program.state_dict)
+
+
+@pytest.mark.torch_behaviour
+def test_the_schema_bnstrip_emits_is_torchs():
+    """bnstrip re-emits torch's serialized-program schema by hand: every field, union member and dtype code it
+    writes must still exist in torch/_export/serde/schema.py (skips when torch moved the schema)."""
+    import dataclasses
+
+    schema = pytest.importorskip("torch._export.serde.schema")
+    from bnstrip.io.pt2_schema import _ARGUMENTS, SCALAR_TYPES, STRIDED
+
+    argument_fields = {f.name for f in dataclasses.fields(schema.Argument)}
+    assert set(_ARGUMENTS) <= argument_fields
+    program_fields = {f.name for f in dataclasses.fields(schema.ExportedProgram)}
+    assert {"graph_module", "opset_version", "range_constraints", "schema_version", "verifiers", "torch_version",
+            "guards_code"} <= program_fields
+    assert schema.Layout(STRIDED).name == "Strided"
+    from torch._export.serde.serialize import _SERIALIZE_TO_TORCH_DTYPE
+
+    for code, size in SCALAR_TYPES.items():
+        assert _SERIALIZE_TO_TORCH_DTYPE[schema.ScalarType(code)].itemsize == size

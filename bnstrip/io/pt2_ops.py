@@ -59,14 +59,10 @@ class OpRefused(ValueError):
     """A call target outside the allowlist; the message names it and why."""
 
 
-def check_target(target: str, self_arg: str | None, graph_inputs: set[str], flags: dict[str, object]) -> str:
-    """The canonical target string when `target` may be called; OpRefused otherwise.
-
-    self_arg: the tensor name the op's first argument reads (for in-place forms); graph_inputs: names of the
-    graph's placeholders; flags: the node's literal boolean arguments by name (dropout's `train`).
-    """
+def known_target(target: object) -> tuple[str, str] | None:
+    """(packet, overload) of an allowlisted aten target, None for an allowed Python target; OpRefused otherwise."""
     if target in PYTHON_TARGETS:
-        return target
+        return None
     match = _ATEN.fullmatch(target) if isinstance(target, str) else None
     if match is None:
         raise OpRefused("not a torch operator bnstrip allows (custom namespaces and Python calls are never loaded)")
@@ -77,6 +73,19 @@ def check_target(target: str, self_arg: str | None, graph_inputs: set[str], flag
                         "ops are refused)")
     if overload == "out" or overload.endswith("_out") or (allowed != _ALL and overload not in allowed.split(",")):
         raise OpRefused(f"its {overload} form writes into a given tensor")
+    return packet, overload
+
+
+def check_target(target: str, self_arg: str | None, graph_inputs: set[str], flags: dict[str, object]) -> str:
+    """`target` when it may be called with these arguments; OpRefused otherwise (known_target's rules, then:)
+
+    self_arg: the tensor name the op's first argument reads (in-place forms may not write a graph input);
+    graph_inputs: names of the graph's placeholders; flags: the node's literal boolean arguments by name.
+    """
+    known = known_target(target)
+    if known is None:
+        return target
+    packet = known[0]
     if packet.endswith("_") and (self_arg is None or self_arg in graph_inputs):
         raise OpRefused("it writes in place into a graph input")
     if packet in _RANDOM_ARGS and flags.get(_RANDOM_ARGS[packet]) is not False:

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from typing import Any
 
+from bnstrip.errors import printable
 from bnstrip.io.pt2_expr import SYMBOL
-from bnstrip.io.pt2_ops import OpRefused, check_target
+from bnstrip.io.pt2_ops import OpRefused, check_target, known_target
 from bnstrip.io.pt2_schema import (
     MAX_NODES,
     Emitter,
@@ -104,10 +106,21 @@ def _outputs(e: Emitter, outputs: Any, what: str) -> list[dict[str, Any]]:
     return out
 
 
+def _target(target: Any, what: str, check: Callable[[Any], Any]) -> str:
+    """The node's target after `check` (a pt2_ops rule); SchemaError naming the op otherwise."""
+    try:
+        check(target)
+    except OpRefused as exc:
+        shown = target if isinstance(target, str) else type(target).__name__
+        raise SchemaError(f"{what} calls {printable(str(shown)[:80]).removeprefix('torch.ops.')}: {exc}") from None
+    return str(target)
+
+
 def _node(e: Emitter, value: Any, index: int) -> dict[str, Any]:
     what = f"node {index}"
     body = _dict(value, what, {"target", "inputs", "outputs", "metadata", "is_hop_single_tensor_return", "name"})
     _need(body.get("is_hop_single_tensor_return") is None, f"{what}: higher-order ops are not supported")
+    _target(body.get("target"), what, known_target)
     inputs, flags, self_arg = [], {}, None
     for position, named in enumerate(_list(body.get("inputs"), f"{what} inputs")):
         named = _dict(named, f"{what} input", {"name", "arg", "kind"})
@@ -121,11 +134,7 @@ def _node(e: Emitter, value: Any, index: int) -> dict[str, Any]:
         if "as_bool" in arg:
             flags[named["name"]] = arg["as_bool"]
         inputs.append({"name": named["name"], "arg": arg, "kind": kind})
-    try:
-        target = check_target(body.get("target"), self_arg, e.graph_inputs, flags)
-    except OpRefused as exc:
-        shown = body.get("target") if isinstance(body.get("target"), str) else type(body.get("target")).__name__
-        raise SchemaError(f"{what} calls {str(shown)[:80].removeprefix('torch.ops.')}: {exc}") from None
+    target = _target(body.get("target"), what, lambda t: check_target(t, self_arg, e.graph_inputs, flags))
     outputs = _outputs(e, body.get("outputs"), f"{what} outputs")
     metadata = _dict(body.get("metadata") or {}, f"{what} metadata")
     stack = _nn_module_stack(metadata.get("nn_module_stack"), e)

@@ -92,7 +92,7 @@ class Emitter:
         self.segments: dict[str, str] = {}
         self.symbols = SymbolTable()
         self.graph_inputs: set[str] = set()
-        self.module_attrs = set(dir(torch.nn.Module))
+        self.module_attrs = set(dir(torch.nn.Module()))  # instance: `training` is set in __init__
 
     # ----------------------------------------------------------------- names
     def declare(self, name: Any, what: str) -> str:
