@@ -9,8 +9,9 @@ from __future__ import annotations
 import copy
 import json
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 Edit = Callable[[dict[str, Any]], None]
 
@@ -107,7 +108,7 @@ def zero_byte_record(src: Path, dst: Path, elements: int) -> Path:
     with zipfile.ZipFile(src) as z:
         name = next(n for n in z.namelist() if n.endswith("model_weights_config.json"))
         config = json.loads(z.read(name))
-    fqn, first = next(iter(config["config"].items()))
+    first = next(iter(config["config"].values()))
     meta = first["tensor_meta"]
     meta.update(sizes=[{"as_int": elements}], strides=[{"as_int": 1}], storage_offset={"as_int": 0}, dtype=7)
     record = f"data/weights/{first['path_name']}"

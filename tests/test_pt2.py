@@ -5,18 +5,18 @@ import contextlib
 import io
 import json
 import os
-import signal
 import pickle
+import signal
 import zipfile
 from pathlib import Path
 
+import hostile_pt2
 import pytest
 import torch
 from torch import nn
 
 from bnstrip.errors import InputError
 from bnstrip.io.pt2 import is_pt2, load_program
-import hostile_pt2
 
 
 class _Payload:
@@ -381,3 +381,22 @@ def test_the_schema_bnstrip_emits_is_torchs():
 
     for code, size in SCALAR_TYPES.items():
         assert _SERIALIZE_TO_TORCH_DTYPE[schema.ScalarType(code)].itemsize == size
+
+
+def test_in_place_through_a_view_of_an_input_is_refused(good, tmp_path):
+    """A view of a graph input is the input: relu_ on `x.view(...)` would write into the caller's tensor."""
+    def edit(doc):
+        graph = doc["graph_module"]["graph"]
+        x = graph["nodes"][0]["inputs"][0]["arg"]["as_tensor"]["name"]
+        graph["tensor_values"]["xv"] = graph["tensor_values"][x]
+        graph["tensor_values"]["xr"] = graph["tensor_values"][x]
+        graph["nodes"][:0] = [
+            {"target": "torch.ops.aten.alias.default", "name": "xv", "metadata": {},
+             "inputs": [{"name": "self", "arg": {"as_tensor": {"name": x}}, "kind": 1}],
+             "outputs": [{"as_tensor": {"name": "xv"}}]},
+            {"target": "torch.ops.aten.relu_.default", "name": "xr", "metadata": {},
+             "inputs": [{"name": "self", "arg": {"as_tensor": {"name": "xv"}}, "kind": 1}],
+             "outputs": [{"as_tensor": {"name": "xr"}}]}]
+
+    with pytest.raises(InputError, match="relu_.default: it writes in place into a graph input"):
+        load_program(hostile_pt2.edit_program(good, tmp_path / "evil.pt2", edit))

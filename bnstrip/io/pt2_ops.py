@@ -50,6 +50,13 @@ PYTHON_TARGETS = frozenset({"_operator.getitem", "_operator.add", "_operator.sub
                             "_operator.floordiv", "_operator.mod", "_operator.neg", "torch.sym_max", "torch.sym_min"})
 """Python functions a graph may call: taking outputs apart, and integer arithmetic on sizes."""
 
+MAY_ALIAS = frozenset({
+    "view", "reshape", "flatten", "unflatten", "permute", "transpose", "t", "contiguous", "expand", "expand_as",
+    "unsqueeze", "squeeze", "split", "split_with_sizes", "chunk", "slice", "select", "narrow", "unbind", "alias",
+    "detach", "to", "_to_copy", "type_as", "dropout", "feature_dropout"})
+"""Ops whose output may share memory with their first argument: a graph input seen through one is still an input
+(an in-place op on it would write into the caller's tensor)."""
+
 _RANDOM_ARGS = {"dropout": "train", "feature_dropout": "train"}
 """Ops that are random unless the named boolean argument is False (eval-mode dropout is the identity)."""
 _ATEN = re.compile(r"torch\.ops\.aten\.([A-Za-z_][A-Za-z0-9_]*)\.([A-Za-z_][A-Za-z0-9_]*)")
@@ -91,3 +98,12 @@ def check_target(target: str, self_arg: str | None, graph_inputs: set[str], flag
     if packet in _RANDOM_ARGS and flags.get(_RANDOM_ARGS[packet]) is not False:
         raise OpRefused("it is random (train is not False)")
     return target
+
+
+def may_alias(target: str) -> bool:
+    """Whether the op's outputs may be (views of) its first argument: allowlisted view-like ops, in-place forms
+    and taking an item out of a list output."""
+    if target == "_operator.getitem":
+        return True
+    match = _ATEN.fullmatch(target)
+    return match is not None and (match.group(1) in MAY_ALIAS or match.group(1).endswith("_"))

@@ -13,7 +13,7 @@ from typing import Any
 
 from bnstrip.errors import printable
 from bnstrip.io.pt2_expr import SYMBOL
-from bnstrip.io.pt2_ops import OpRefused, check_target, known_target
+from bnstrip.io.pt2_ops import OpRefused, check_target, known_target, may_alias
 from bnstrip.io.pt2_schema import (
     MAX_NODES,
     Emitter,
@@ -106,6 +106,13 @@ def _outputs(e: Emitter, outputs: Any, what: str) -> list[dict[str, Any]]:
     return out
 
 
+def _tensor_names(outputs: list[dict[str, Any]]) -> list[str]:
+    names = []
+    for out in outputs:
+        names += [out["as_tensor"]["name"]] if "as_tensor" in out else [t["name"] for t in out.get("as_tensors", [])]
+    return names
+
+
 def _target(target: Any, what: str, check: Callable[[Any], Any]) -> str:
     """The node's target after `check` (a pt2_ops rule); SchemaError naming the op otherwise."""
     try:
@@ -129,13 +136,15 @@ def _node(e: Emitter, value: Any, index: int) -> dict[str, Any]:
         kind = named.get("kind")
         _need(kind in (None, 1, 2), f"{what}: argument kind {str(kind)[:10]}")
         arg = e.argument(named.get("arg"), f"{what} argument {named['name']}")
-        if position == 0 and "as_tensor" in arg:
-            self_arg = arg["as_tensor"]["name"]
+        if position == 0:
+            self_arg = next(iter(_tensor_names([arg])), None)
         if "as_bool" in arg:
             flags[named["name"]] = arg["as_bool"]
         inputs.append({"name": named["name"], "arg": arg, "kind": kind})
     target = _target(body.get("target"), what, lambda t: check_target(t, self_arg, e.graph_inputs, flags))
     outputs = _outputs(e, body.get("outputs"), f"{what} outputs")
+    if self_arg in e.graph_inputs and may_alias(target):  # a view of an input is the input, for in-place rules
+        e.graph_inputs.update(_tensor_names(outputs))
     metadata = _dict(body.get("metadata") or {}, f"{what} metadata")
     stack = _nn_module_stack(metadata.get("nn_module_stack"), e)
     first = outputs[0] if len(outputs) == 1 else {}
