@@ -16,6 +16,16 @@ from typing import Any
 Edit = Callable[[dict[str, Any]], None]
 
 
+def good_program(path: Path) -> Path:
+    """A conv+BN program saved by torch.export.save (with its example inputs): what every case starts from."""
+    import torch
+    from torch import nn
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).eval()
+    torch.export.save(torch.export.export(model, (torch.randn(2, 3, 8, 8),)), path)
+    return path
+
+
 def rewrite(src: Path, dst: Path, change: Callable[[str, bytes], bytes | None],
             extra: dict[str, bytes] | None = None) -> Path:
     """Copy the archive, letting `change(short_name, bytes)` edit (or drop, with None) each record; add `extra`."""

@@ -1,12 +1,10 @@
 """bnstrip.io.pt2: hostile .pt2 files are refused before torch runs anything from them (generated at test time)."""
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import os
 import pickle
-import signal
 import zipfile
 from pathlib import Path
 
@@ -217,21 +215,6 @@ def _refused_in_one_line(result, path: Path, *fragments: str) -> str:
     return lines[0]
 
 
-@contextlib.contextmanager
-def _deadline(seconds: int):
-    """Fail (not hang) when the body runs past `seconds` (the old loader took minutes on some of these)."""
-    def expire(*_):
-        raise TimeoutError(f"still running after {seconds} s")
-
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
-
-
 def test_forward_arg_names_never_become_code(good, tmp_path):
     """Item 1: the file's forward_arg_names are not used; bnstrip generates the names torch pastes into forward."""
     canary = tmp_path / "canary"
@@ -268,22 +251,6 @@ def test_file_op_call_target_is_refused_by_name(good, tmp_path):
     assert victim.read_bytes() == b"#!/bin/sh\necho hello\n"
 
 
-@pytest.mark.parametrize("target, why", [
-    ("torch.ops.aten.relu_.default", "in place into a graph input"),
-    ("torch.ops.aten.copy_.default", "not a pure tensor op"),
-    ("torch.ops.aten.bernoulli.default", "not a pure tensor op"),
-    ("torch.ops.evil.op.default", "not a torch operator"),
-    ("torch.ops.aten.add.out", "writes into a given tensor"),
-])
-def test_ops_outside_the_allowlist_are_refused(good, tmp_path, target, why):
-    def edit(doc):
-        doc["graph_module"]["graph"]["nodes"][0]["target"] = target
-
-    evil = hostile_pt2.edit_program(good, tmp_path / "evil.pt2", edit)
-    with pytest.raises(InputError, match=why):
-        load_program(evil)
-
-
 def test_empty_record_claiming_gigabytes_is_refused_before_allocating(good, tmp_path):
     """Item 4: a 0-byte record whose metadata claims 1.6 GB is refused from the sizes alone."""
     evil = hostile_pt2.zero_byte_record(good, tmp_path / "evil.pt2", 400_000_000)
@@ -291,15 +258,6 @@ def test_empty_record_claiming_gigabytes_is_refused_before_allocating(good, tmp_
     line = _refused_in_one_line(_cli(["fuse", evil, tmp_path / "out.pt2"]), evil, "needs 1,600,000,000 bytes",
                                 "holds 0")
     assert "weight" in line
-
-
-@pytest.mark.parametrize("expr", ["9**9**9", "10**10**10", "1e999999", "Symbol('s0') ** 99999999999",
-                                  "s0*" * 2000 + "s0", "(" * 200 + "s0" + ")" * 200])
-def test_huge_shape_expressions_are_refused_fast(good, tmp_path, expr):
-    """Item 4: bnstrip's grammar has no powers or floats and bounds length and depth; sympy never sees these."""
-    evil = hostile_pt2.shape_expression(good, tmp_path / "evil.pt2", expr)
-    with _deadline(60), pytest.raises(InputError, match="shape expression"):
-        load_program(evil)
 
 
 def test_print_op_never_reaches_stdout(good, tmp_path):
@@ -347,56 +305,3 @@ def test_stored_guard_code_is_not_carried_over(good, tmp_path):
     assert program._guards_code == []
     program.module()(program.example_inputs[0][0])
     assert not canary.exists()
-
-
-def test_unsafe_tensor_names_are_mapped(good, tmp_path):
-    """FQN segments that are not plain identifiers (dunder, nn.Module attributes) get generated names."""
-    def rename(text: str) -> str:
-        return text.replace('"0.weight"', '"training.weight"').replace('"0.bias"', '"training.bias"')
-
-    def change(name, data):
-        return rename(data.decode()).encode() if name.endswith(".json") else data
-
-    path = hostile_pt2.rewrite(good, tmp_path / "names.pt2", lambda n, d: change(n, d))
-    program = load_program(path)
-    assert {"bnstrip_renamed_0.weight", "bnstrip_renamed_0.bias"} <= set(program.state_dict)
-
-
-@pytest.mark.torch_behaviour
-def test_the_schema_bnstrip_emits_is_torchs():
-    """bnstrip re-emits torch's serialized-program schema by hand: every field, union member and dtype code it
-    writes must still exist in torch/_export/serde/schema.py (skips when torch moved the schema)."""
-    import dataclasses
-
-    schema = pytest.importorskip("torch._export.serde.schema")
-    from bnstrip.io.pt2_schema import _ARGUMENTS, SCALAR_TYPES, STRIDED
-
-    argument_fields = {f.name for f in dataclasses.fields(schema.Argument)}
-    assert set(_ARGUMENTS) <= argument_fields
-    program_fields = {f.name for f in dataclasses.fields(schema.ExportedProgram)}
-    assert {"graph_module", "opset_version", "range_constraints", "schema_version", "verifiers", "torch_version",
-            "guards_code"} <= program_fields
-    assert schema.Layout(STRIDED).name == "Strided"
-    from torch._export.serde.serialize import _SERIALIZE_TO_TORCH_DTYPE
-
-    for code, size in SCALAR_TYPES.items():
-        assert _SERIALIZE_TO_TORCH_DTYPE[schema.ScalarType(code)].itemsize == size
-
-
-def test_in_place_through_a_view_of_an_input_is_refused(good, tmp_path):
-    """A view of a graph input is the input: relu_ on `x.view(...)` would write into the caller's tensor."""
-    def edit(doc):
-        graph = doc["graph_module"]["graph"]
-        x = graph["nodes"][0]["inputs"][0]["arg"]["as_tensor"]["name"]
-        graph["tensor_values"]["xv"] = graph["tensor_values"][x]
-        graph["tensor_values"]["xr"] = graph["tensor_values"][x]
-        graph["nodes"][:0] = [
-            {"target": "torch.ops.aten.alias.default", "name": "xv", "metadata": {},
-             "inputs": [{"name": "self", "arg": {"as_tensor": {"name": x}}, "kind": 1}],
-             "outputs": [{"as_tensor": {"name": "xv"}}]},
-            {"target": "torch.ops.aten.relu_.default", "name": "xr", "metadata": {},
-             "inputs": [{"name": "self", "arg": {"as_tensor": {"name": "xv"}}, "kind": 1}],
-             "outputs": [{"as_tensor": {"name": "xr"}}]}]
-
-    with pytest.raises(InputError, match="relu_.default: it writes in place into a graph input"):
-        load_program(hostile_pt2.edit_program(good, tmp_path / "evil.pt2", edit))

@@ -1,0 +1,151 @@
+"""bnstrip.io.pt2_reemit, pt2_ops, pt2_expr: what the canonical re-emit accepts, renames and refuses (issue 17)."""
+from __future__ import annotations
+
+import contextlib
+import signal
+from pathlib import Path
+
+import hostile_pt2
+import pytest
+import sympy
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from bnstrip.errors import InputError
+from bnstrip.io.pt2 import load_program
+from bnstrip.io.pt2_expr import MAX_INT, ExprError, SymbolTable, canonical_expr
+
+
+@pytest.fixture(scope="module")
+def good(tmp_path_factory) -> Path:
+    return hostile_pt2.good_program(tmp_path_factory.mktemp("pt2") / "good.pt2")
+
+
+@contextlib.contextmanager
+def _deadline(seconds: int):
+    """Fail (not hang) when the body runs past `seconds` (the old loader took minutes on some of these)."""
+    def expire(*_):
+        raise TimeoutError(f"still running after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.mark.parametrize("target, why", [
+    ("torch.ops.aten.relu_.default", "in place into a graph input"),
+    ("torch.ops.aten.copy_.default", "not a pure tensor op"),
+    ("torch.ops.aten.bernoulli.default", "not a pure tensor op"),
+    ("torch.ops.evil.op.default", "not a torch operator"),
+    ("torch.ops.aten.add.out", "writes into a given tensor"),
+])
+def test_ops_outside_the_allowlist_are_refused(good, tmp_path, target, why):
+    def edit(doc):
+        doc["graph_module"]["graph"]["nodes"][0]["target"] = target
+
+    evil = hostile_pt2.edit_program(good, tmp_path / "evil.pt2", edit)
+    with pytest.raises(InputError, match=why):
+        load_program(evil)
+
+@pytest.mark.parametrize("expr", ["9**9**9", "10**10**10", "1e999999", "Symbol('s0') ** 99999999999",
+                                  "s0*" * 2000 + "s0", "(" * 200 + "s0" + ")" * 200])
+def test_huge_shape_expressions_are_refused_fast(good, tmp_path, expr):
+    """Item 4: bnstrip's grammar has no powers or floats and bounds length and depth; sympy never sees these."""
+    evil = hostile_pt2.shape_expression(good, tmp_path / "evil.pt2", expr)
+    with _deadline(60), pytest.raises(InputError, match="shape expression"):
+        load_program(evil)
+
+def test_unsafe_tensor_names_are_mapped(good, tmp_path):
+    """FQN segments that are not plain identifiers (dunder, nn.Module attributes) get generated names."""
+    def rename(text: str) -> str:
+        return text.replace('"0.weight"', '"training.weight"').replace('"0.bias"', '"training.bias"')
+
+    def change(name, data):
+        return rename(data.decode()).encode() if name.endswith(".json") else data
+
+    path = hostile_pt2.rewrite(good, tmp_path / "names.pt2", lambda n, d: change(n, d))
+    program = load_program(path)
+    assert {"bnstrip_renamed_0.weight", "bnstrip_renamed_0.bias"} <= set(program.state_dict)
+
+@pytest.mark.torch_behaviour
+def test_the_schema_bnstrip_emits_is_torchs():
+    """bnstrip re-emits torch's serialized-program schema by hand: every field, union member and dtype code it
+    writes must still exist in torch/_export/serde/schema.py (skips when torch moved the schema)."""
+    import dataclasses
+
+    schema = pytest.importorskip("torch._export.serde.schema")
+    from bnstrip.io.pt2_schema import _ARGUMENTS, SCALAR_TYPES, STRIDED
+
+    argument_fields = {f.name for f in dataclasses.fields(schema.Argument)}
+    assert set(_ARGUMENTS) <= argument_fields
+    program_fields = {f.name for f in dataclasses.fields(schema.ExportedProgram)}
+    assert {"graph_module", "opset_version", "range_constraints", "schema_version", "verifiers", "torch_version",
+            "guards_code"} <= program_fields
+    assert schema.Layout(STRIDED).name == "Strided"
+    from torch._export.serde.serialize import _SERIALIZE_TO_TORCH_DTYPE
+
+    for code, size in SCALAR_TYPES.items():
+        assert _SERIALIZE_TO_TORCH_DTYPE[schema.ScalarType(code)].itemsize == size
+
+def test_in_place_through_a_view_of_an_input_is_refused(good, tmp_path):
+    """A view of a graph input is the input: relu_ on `x.view(...)` would write into the caller's tensor."""
+    def edit(doc):
+        graph = doc["graph_module"]["graph"]
+        x = graph["nodes"][0]["inputs"][0]["arg"]["as_tensor"]["name"]
+        graph["tensor_values"]["xv"] = graph["tensor_values"][x]
+        graph["tensor_values"]["xr"] = graph["tensor_values"][x]
+        graph["nodes"][:0] = [
+            {"target": "torch.ops.aten.alias.default", "name": "xv", "metadata": {},
+             "inputs": [{"name": "self", "arg": {"as_tensor": {"name": x}}, "kind": 1}],
+             "outputs": [{"as_tensor": {"name": "xv"}}]},
+            {"target": "torch.ops.aten.relu_.default", "name": "xr", "metadata": {},
+             "inputs": [{"name": "self", "arg": {"as_tensor": {"name": "xv"}}, "kind": 1}],
+             "outputs": [{"as_tensor": {"name": "xr"}}]}]
+
+    with pytest.raises(InputError, match="relu_.default: it writes in place into a graph input"):
+        load_program(hostile_pt2.edit_program(good, tmp_path / "evil.pt2", edit))
+
+
+def _infix(tree) -> str:
+    if isinstance(tree, (int, str)):
+        return str(tree)
+    op, a, b = tree
+    return f"{op}({_infix(a)}, {_infix(b)})" if op in ("Max", "Min") else f"({_infix(a)} {op} {_infix(b)})"
+
+
+def _sympy(tree, s0, s1):
+    if isinstance(tree, int):
+        return sympy.Integer(tree)
+    if isinstance(tree, str):
+        return {"s0": s0, "s1": s1}[tree]
+    op, a, b = tree
+    x, y = _sympy(a, s0, s1), _sympy(b, s0, s1)
+    return {"+": lambda: x + y, "-": lambda: x - y, "*": lambda: x * y, "Max": lambda: sympy.Max(x, y),
+            "Min": lambda: sympy.Min(x, y)}[op]()
+
+
+_trees = st.recursive(st.integers(0, 10 ** 6) | st.sampled_from(["s0", "s1"]),
+                      lambda inner: st.tuples(st.sampled_from(["+", "-", "*", "Max", "Min"]), inner, inner),
+                      max_leaves=12)
+
+
+@given(_trees)
+@settings(max_examples=60, deadline=None)
+def test_grammar_prints_what_sympy_would_build(tree):
+    """The canonical print, read back by sympy, is the expression the infix text means (sympy built it directly)."""
+    s0, s1 = sympy.Symbol("s0", integer=True, positive=True), sympy.Symbol("s1", integer=True, positive=True)
+    printed = canonical_expr(_infix(tree), SymbolTable())
+    assert sympy.simplify(sympy.sympify(printed) - _sympy(tree, s0, s1)) == 0
+
+
+@pytest.mark.parametrize("text, why", [
+    ("s0 ** 2", "powers"), ("2.5 * s0", "unexpected"), ("x0 + 1", "not an integer"),
+    (str(MAX_INT), "beyond 2\\*\\*62"), ("Symbol('s0').__class__", "unexpected"), ("Lambda(s0, s0)", "not in"),
+    ("s0 + " * 600 + "1", "terms"), ("Symbol('s0', commutative=False)", "not allowed"), ("", "not an integer")])
+def test_grammar_refuses_with_the_reason(text, why):
+    with pytest.raises(ExprError, match=why):
+        canonical_expr(text, SymbolTable())
