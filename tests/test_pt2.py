@@ -305,3 +305,20 @@ def test_stored_guard_code_is_not_carried_over(good, tmp_path):
     assert program._guards_code == []
     program.module()(program.example_inputs[0][0])
     assert not canary.exists()
+
+
+def test_input_claim_without_sample_inputs_is_refused_before_allocating(good, tmp_path):
+    """With no saved example inputs, bnstrip seeds inputs of the program's own input specs: a 2**40-element claim
+    is refused (CLI, exit 2, one line) instead of allocated."""
+    def edit(doc):
+        graph = doc["graph_module"]["graph"]
+        x = graph["nodes"][0]["inputs"][0]["arg"]["as_tensor"]["name"]
+        graph["tensor_values"][x]["sizes"][0] = {"as_int": 2 ** 34}
+        graph["tensor_values"][x]["strides"] = [{"as_int": 1}] * 4
+
+    evil = hostile_pt2.edit_program(good, tmp_path / "evil.pt2", edit)
+    evil = hostile_pt2.rewrite(evil, tmp_path / "nosample.pt2",
+                               lambda n, d: b"" if n == "data/sample_inputs/model.pt" else d)
+    result = _cli(["fuse", evil, tmp_path / "out.pt2"])
+    assert result.exit_code == 2, result.output
+    assert "claim" in result.stderr and "nosample.pt2" in result.stderr and len(result.stderr.strip().splitlines()) == 1

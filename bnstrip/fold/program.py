@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import math
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -69,18 +70,27 @@ def _size(dim: Any, ep: Any) -> int:
     return max(low, 2) if rng is None or not rng.upper.is_finite else min(max(low, 2), int(rng.upper))
 
 
-def program_inputs(ep: Any, seed: int = 0) -> tuple[tuple[Any, ...], dict[str, Any]]:
+MAX_SEEDED_ELEMENTS = 1 << 26
+"""Seeded inputs are made from the program's own input specs (a file's claim): at most this many elements in all
+(256 MiB of float32), so a program claiming a 2**40-element input is refused instead of allocated."""
+
+
+def program_inputs(ep: Any, seed: int = 0, name: str = "program") -> tuple[tuple[Any, ...], dict[str, Any]]:
     """(args, kwargs) to run the program on: its saved example inputs, else seeded ones of its input specs."""
     saved = getattr(ep, "example_inputs", None)
     if saved is not None:
         return pytree.tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, saved)
-    leaves = []
+    leaves, total = [], 0
     for index, node in enumerate(_user_inputs(ep)):
         val = node.meta.get("val")
         if not isinstance(val, torch.Tensor):
             leaves.append(val)
             continue
         shape = [_size(d, ep) for d in val.shape]
+        total += math.prod(shape)
+        if total > MAX_SEEDED_ELEMENTS:
+            raise InputError(f"{name}: the program has no saved example inputs and its inputs claim {total:,} elements (over "
+                             f"bnstrip's {MAX_SEEDED_ELEMENTS:,}); save the program with example inputs")
         if val.dtype.is_floating_point:
             leaves.append(seeded_inputs(shape, seed + index, torch.float64).to(val.dtype))
         else:
@@ -178,7 +188,7 @@ def fold_program(ep: Any, example_inputs: Any = None, *, eps: float | None = Non
         raise InputError(f"{name}: not an ExportedProgram ({type(ep).__name__}); pass what torch.export.export "
                          "or torch.export.load returned")
     if example_inputs is None:
-        args, kwargs = program_inputs(ep)
+        args, kwargs = program_inputs(ep, name=name)
     elif isinstance(example_inputs, tuple) and len(example_inputs) == 2 and isinstance(example_inputs[1], dict):
         args, kwargs = tuple(example_inputs[0]), dict(example_inputs[1])
     else:
@@ -241,7 +251,7 @@ def compare_programs(reference: Any, candidate: Any, example_inputs: Any = None,
     The same comparator and rule as fold_program's own check; CheckFailed when the outputs differ in structure.
     """
     if example_inputs is None:
-        args, kwargs = program_inputs(reference)
+        args, kwargs = program_inputs(reference, name=name)
     elif isinstance(example_inputs, tuple) and len(example_inputs) == 2 and isinstance(example_inputs[1], dict):
         args, kwargs = tuple(example_inputs[0]), dict(example_inputs[1])
     else:

@@ -32,8 +32,9 @@ from bnstrip.io.sniff import ZIP_MAGIC, open_regular_file
 from bnstrip.io.torchzip import ZipLayout, read_record, validate_torch_zip
 
 _FIX = "re-export it with torch.export.save from a source you trust"
-MAX_PROGRAM_JSON = 256 << 20
-"""A program JSON larger than this is refused before parsing (json holds several times it in memory)."""
+MAX_PROGRAM_JSON = 64 << 20
+"""A program JSON larger than this is refused before parsing (json holds several times it in memory; a ResNet-50
+program is about 2 MB)."""
 _MAX_SAMPLE_DEPTH = 8
 MODEL = "model"
 """The one program name bnstrip reads: models/model.json (torch.export.save's name for a single program)."""
