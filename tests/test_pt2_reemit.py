@@ -149,3 +149,12 @@ def test_grammar_prints_what_sympy_would_build(tree):
 def test_grammar_refuses_with_the_reason(text, why):
     with pytest.raises(ExprError, match=why):
         canonical_expr(text, SymbolTable())
+
+
+def test_a_value_made_twice_is_refused(good, tmp_path):
+    def edit(doc):
+        nodes = doc["graph_module"]["graph"]["nodes"]
+        nodes[1]["outputs"] = nodes[0]["outputs"]
+
+    with pytest.raises(InputError, match="made twice"):
+        load_program(hostile_pt2.edit_program(good, tmp_path / "twice.pt2", edit))

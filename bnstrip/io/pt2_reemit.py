@@ -93,17 +93,23 @@ def _nn_module_stack(text: Any, e: Emitter) -> str | None:
 
 
 def _outputs(e: Emitter, outputs: Any, what: str) -> list[dict[str, Any]]:
-    """A node's outputs declare the values it makes (names must be new and described in the value tables)."""
-    out = []
-    for value in _list(outputs, what):
-        kind, inner = _union(value, what)
-        if kind in ("as_tensor", "as_sym_int", "as_sym_bool"):
-            name = inner.get("name") if kind == "as_tensor" and isinstance(inner, dict) else \
-                (inner.get("as_name") if isinstance(inner, dict) else None)
-            if name is not None:
-                e.value(name, what)
-        out.append(e.argument(value, what))
+    """A node's outputs: the values it makes, each described in the value tables and made only once."""
+    out = [e.argument(value, what) for value in _list(outputs, what)]
+    _define(e, out, what)
     return out
+
+
+def _define(e: Emitter, args: list[dict[str, Any]], what: str) -> None:
+    """Mark the values these (re-emitted) arguments name as made; a value made twice is refused."""
+    for arg in args:
+        (inner,) = arg.values()
+        for item in inner if isinstance(inner, list) else [inner]:
+            name = item.get("name") or item.get("as_name") if isinstance(item, dict) else None
+            if isinstance(item, dict) and "as_tensor" in item:
+                name = item["as_tensor"]["name"]
+            if isinstance(name, str):
+                _need(name not in e.defined, f"{what}: value {name} is made twice")
+                e.defined.add(name)
 
 
 def _tensor_names(outputs: list[dict[str, Any]]) -> list[str]:
@@ -169,10 +175,8 @@ def _graph(e: Emitter, value: Any) -> dict[str, Any]:
     new_ints = {e.declare(k, "symbolic int"): e.sym_int(v, "symbolic int") for k, v in sym_ints.items()}
     new_bools = {e.declare(k, "symbolic bool"): e.sym_bool(v, "symbolic bool") for k, v in sym_bools.items()}
     inputs = [e.argument(v, "graph input") for v in _list(body.get("inputs"), "graph inputs")]
-    for arg in inputs:
-        (inner,) = arg.values()
-        if isinstance(inner, dict):
-            e.graph_inputs.update(v for v in inner.values() if isinstance(v, str))
+    _define(e, inputs, "graph inputs")
+    e.graph_inputs.update(e.defined)
     nodes = _list(body.get("nodes"), "graph nodes")
     _need(len(nodes) <= MAX_NODES, "graph has too many nodes")
     return {"inputs": inputs, "outputs": [e.argument(v, "graph output") for v in _list(body.get("outputs"), "outputs")],

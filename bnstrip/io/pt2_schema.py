@@ -92,6 +92,8 @@ class Emitter:
         self.segments: dict[str, str] = {}
         self.symbols = SymbolTable()
         self.graph_inputs: set[str] = set()
+        """Placeholders, and values that may be views of them (in-place ops may not write these)."""
+        self.defined: set[str] = set()
         self.module_attrs = set(dir(torch.nn.Module()))  # instance: `training` is set in __init__
 
     # ----------------------------------------------------------------- names
