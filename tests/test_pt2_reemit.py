@@ -8,8 +8,12 @@ from pathlib import Path
 import hostile_pt2
 import pytest
 import sympy
+import torch
+import torch.nn.functional as F
+import torch.utils._pytree as pytree
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch import nn
 
 from bnstrip.errors import InputError
 from bnstrip.io.pt2 import load_program
@@ -158,3 +162,63 @@ def test_a_value_made_twice_is_refused(good, tmp_path):
 
     with pytest.raises(InputError, match="made twice"):
         load_program(hostile_pt2.edit_program(good, tmp_path / "twice.pt2", edit))
+
+
+class _Varied(nn.Module):
+    """Keyword input, lifted constant, non-persistent buffer, chunk/cat, max-pool indices, view on a dynamic batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8 * 4 * 4, 10)
+        self.register_buffer("scale", torch.ones(1), persistent=False)
+        self.const = torch.tensor([2.0])
+
+    def forward(self, x, *, bias):
+        a, b = F.relu(self.bn(self.conv(x))).chunk(2, dim=1)
+        y, idx = F.max_pool2d(torch.cat([b, a], 1), 2, return_indices=True)
+        return self.fc(y.view(y.size(0), -1)) * self.scale * self.const + bias, idx.float().mean()
+
+
+class _Attention(nn.Module):
+    """LayerNorm, GELU, softmax, matmul; a derived dynamic dim (2*t) whose strides torch writes with Pow."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ln, self.q = nn.LayerNorm(16), nn.Linear(16, 16)
+
+    def forward(self, x):
+        h = F.gelu(self.ln(x))
+        q = self.q(h)
+        return (torch.softmax(q @ q.transpose(1, 2) / 4.0, -1) @ h)[:, : x.shape[1] // 2]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["varied", "attention"])
+def test_reemitted_program_computes_what_torch_loads(case, tmp_path):
+    """Ground truth: torch.export.load of the same (trusted) file; same outputs, same symbol ranges."""
+    batch = torch.export.Dim("b", min=1, max=32)
+    if case == "varied":
+        model, args, kwargs = _Varied().eval(), (torch.randn(2, 3, 8, 8),), {"bias": torch.randn(10)}
+        shapes = {"x": {0: batch}, "bias": None}
+    else:
+        model, args, kwargs = _Attention().eval(), (torch.randn(2, 6, 16),), {}
+        shapes = ({0: batch, 1: 2 * torch.export.Dim("t", min=1, max=64)},)
+    path = tmp_path / "p.pt2"
+    torch.export.save(torch.export.export(model, args, kwargs, dynamic_shapes=shapes), path)
+    trusted, ours = torch.export.load(path), load_program(path)
+    for a, b in zip(pytree.tree_leaves(trusted.module()(*args, **kwargs)), pytree.tree_leaves(ours.module()(*args, **kwargs))):
+        assert torch.equal(a, b)
+    symbols = {str(k): (int(v.lower), int(v.upper)) for k, v in trusted.range_constraints.items() if k.is_Symbol}
+    assert {str(k): (int(v.lower), int(v.upper)) for k, v in ours.range_constraints.items()} == symbols
+
+
+@pytest.mark.parametrize("text, ok", [("Pow(Symbol('s0', integer=True, positive=True), Integer(2))", True),
+                                      ("Pow(s0, 8)", True), ("Pow(s0, 9)", False), ("Pow(s0, 0009)", False),
+                                      ("Pow(Pow(s0, 2), 2)", False), ("Pow(s0, -1)", False)])
+def test_small_powers_only(text, ok):
+    if ok:
+        assert canonical_expr(text, SymbolTable()).startswith("Pow(")
+    else:
+        with pytest.raises(ExprError):
+            canonical_expr(text, SymbolTable())

@@ -10,8 +10,9 @@ one torch.export.save writes), so only integers, size symbols and the operators 
     atom  := INT | SYMBOL | "(" expr ")" | CALL
     CALL  := Integer(INT) | Symbol('SYMBOL', flag=True|False, ...) | Add(e, ...) | Mul(e, ...)
              | Max(e, ...) | Min(e, ...) | FloorDiv(e, e) | Mod(e, e) | PythonMod(e, e)
+             | Pow(e, K)      (K an integer literal 0..8; no power inside the base: s0**2 strides)
 
-No powers, no floats, no other names. Bounds: `MAX_CHARS` characters, `MAX_DEPTH` nesting, `MAX_NODES` terms,
+No `**`, no floats, no other names. Bounds: `MAX_CHARS` characters, `MAX_DEPTH` nesting, `MAX_NODES` terms,
 integers below 2**62 in magnitude. Parsing is linear in the text, so `9**9**9` or `1e999999` fail in microseconds.
 """
 from __future__ import annotations
@@ -23,6 +24,7 @@ MAX_CHARS = 4096
 MAX_DEPTH = 32
 MAX_NODES = 512
 MAX_INT = 2 ** 62
+MAX_POWER = 8
 SYMBOL = re.compile(r"[su]\d{1,9}")
 """Size symbols torch.export writes: backed (`s3`) and unbacked (`u0`)."""
 _FLAGS = ("integer", "positive", "nonnegative", "real", "finite")
@@ -60,6 +62,7 @@ class _Parser:
         self.position = 0
         self.nodes = 0
         self.symbols = symbols
+        self.in_power = False
 
     @staticmethod
     def _tokenize(text: str) -> list[tuple[str, str]]:
@@ -149,6 +152,8 @@ class _Parser:
             return f"Integer({'-' if negative else ''}{_bounded(value[1])})"
         if name == "Symbol":
             return self.symbol()
+        if name == "Pow":
+            return self.power(depth)
         if name not in _NARY and name not in _BINARY:
             raise ExprError(f"function {name!r} is not in bnstrip's shape grammar")
         args = [self.expr(depth + 1)]
@@ -161,6 +166,23 @@ class _Parser:
         if name in _NARY and len(args) < 2:
             raise ExprError(f"{name} takes at least two arguments")
         return f"{_NARY.get(name) or _BINARY[name]}({', '.join(args)})"
+
+    def power(self, depth: int) -> str:
+        """Pow(base, k): a small literal exponent (torch writes strides like s0**2 this way), never nested."""
+        if self.in_power:
+            raise ExprError("a power inside a power")
+        self.in_power = True
+        base = self.expr(depth + 1)
+        self.in_power = False
+        self.take(",")
+        wrapped = self.peek()[1] == "Integer" and bool(self.take()) and bool(self.take("("))
+        exponent = self.take()
+        if wrapped:
+            self.take(")")
+        self.take(")")
+        if exponent[0] != "int" or len(exponent[1]) > 2 or int(exponent[1]) > MAX_POWER:
+            raise ExprError(f"only integer powers up to {MAX_POWER} are part of bnstrip's shape grammar")
+        return f"Pow({base}, Integer({int(exponent[1])}))"
 
     def symbol(self) -> str:
         kind, quoted = self.take()

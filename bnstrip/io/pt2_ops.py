@@ -39,6 +39,9 @@ ATEN_OPS: dict[str, str] = {
                            "chunk", "slice", "select", "narrow", "unbind", "alias", "detach", "pad",
                            "constant_pad_nd", "_to_copy", "to", "type_as", "sym_size", "sym_numel", "sym_stride",
                            "dropout", "feature_dropout", "channel_shuffle", "pixel_shuffle", "pixel_unshuffle")},
+    # checks torch.export inserts (they raise on a mismatch, nothing else)
+    **{op: _ALL for op in ("_assert_tensor_metadata", "_assert_scalar", "sym_constrain_range_for_size",
+                           "sym_constrain_range")},
     # pooling
     **{op: _ALL for op in ("adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d", "avg_pool1d",
                            "avg_pool2d", "avg_pool3d", "max_pool1d", "max_pool2d", "max_pool3d",

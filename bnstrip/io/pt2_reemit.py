@@ -229,9 +229,12 @@ def _call_graph(e: Emitter, value: Any) -> list[dict[str, Any]]:
 
 
 def _ranges(value: Any) -> dict[str, dict[str, int | None]]:
+    """Each size symbol's range. Ranges torch also writes for derived sizes (`2*s0`) are dropped: they follow
+    from the symbols' own, and their keys would be expressions handed on as text."""
     out = {}
     for name, bounds in _dict(value or {}, "range constraints").items():
-        _need(bool(SYMBOL.fullmatch(name)), f"range constraint on {str(name)[:40]!r}, which is not a size symbol")
+        if not SYMBOL.fullmatch(name):
+            continue
         body = _dict(bounds, "range constraint", {"min_val", "max_val"})
         low, high = (None if body.get(k) is None else _int(body.get(k), "range bound") for k in ("min_val", "max_val"))
         out[name] = {"min_val": low, "max_val": high}

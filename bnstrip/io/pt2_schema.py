@@ -29,7 +29,9 @@ STRIDED = 7
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
 _SEGMENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}|\d{1,9}")
 _DOTTED = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,99}(\.[A-Za-z_][A-Za-z0-9_]{0,99}){0,20}")
-_STRING_ARG = re.compile(r"[A-Za-z0-9_ .\-]{0,64}")
+_STRING_ARG = re.compile(r"[ -~]{0,256}")
+"""String arguments (padding="same", approximate="tanh", an assert's message): printable ASCII, no control
+characters; torch passes them to the op as values (generated code holds their repr)."""
 _VERIFIERS = {"ATEN", "TRAINING", ""}
 
 
@@ -198,7 +200,7 @@ def _items(check: Callable[[Emitter, Any, str], Any]) -> Callable[[Emitter, Any,
 
 
 def _string(_: Emitter, value: Any, what: str) -> str:
-    _need(isinstance(value, str) and bool(_STRING_ARG.fullmatch(value)), f"{what}: string argument is not a plain word")
+    _need(isinstance(value, str) and bool(_STRING_ARG.fullmatch(value)), f"{what}: string argument is not printable ASCII of at most 256 characters")
     return value
 
 
