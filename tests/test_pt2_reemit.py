@@ -222,3 +222,44 @@ def test_small_powers_only(text, ok):
     else:
         with pytest.raises(ExprError):
             canonical_expr(text, SymbolTable())
+
+
+@pytest.mark.parametrize("train, refused", [(False, False), (True, True)])
+def test_dropout_is_allowed_only_as_the_eval_identity(good, tmp_path, train, refused):
+    """torchvision's MobileNetV3/EfficientNet export `aten.dropout_(x, p, train=False)`; train=True is random."""
+    def edit(doc):
+        graph = doc["graph_module"]["graph"]
+        last = graph["nodes"][-1]["outputs"][0]["as_tensor"]["name"]
+        graph["tensor_values"]["dropped"] = graph["tensor_values"][last]
+        graph["nodes"].append({"target": "torch.ops.aten.dropout_.default", "name": "dropped", "metadata": {},
+                               "inputs": [{"name": "self", "arg": {"as_tensor": {"name": last}}, "kind": 1},
+                                          {"name": "p", "arg": {"as_float": 0.2}, "kind": 1},
+                                          {"name": "train", "arg": {"as_bool": train}, "kind": 1}],
+                               "outputs": [{"as_tensor": {"name": "dropped"}}]})
+        graph["outputs"] = [{"as_tensor": {"name": "dropped"}}]
+        doc["graph_module"]["signature"]["output_specs"][0]["user_output"]["arg"] = {"as_tensor": {"name": "dropped"}}
+
+    path = hostile_pt2.edit_program(good, tmp_path / "dropout.pt2", edit)
+    if refused:
+        with pytest.raises(InputError, match="dropout_.default: it is random"):
+            load_program(path)
+    else:
+        program = load_program(path)
+        x = program.example_inputs[0][0]
+        assert torch.equal(program.module()(x), torch.export.load(good).module()(x))
+
+
+def test_a_program_torch_cannot_rebuild_is_one_line_with_the_cause(good, tmp_path):
+    """torch.export.load logs its reason and raises "check the warnings above"; bnstrip says the reason, once."""
+    from click.testing import CliRunner
+
+    from bnstrip.cli import main
+
+    def edit(doc):
+        doc["graph_module"]["graph"]["nodes"][0]["inputs"][0]["name"] = "not_the_schema_name"
+
+    path = hostile_pt2.edit_program(good, tmp_path / "mismatch.pt2", edit)
+    result = CliRunner().invoke(main, ["fuse", str(path), str(tmp_path / "out.pt2")])
+    assert result.exit_code == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "mismatch.pt2" in lines[0] and "cause KeyError" in lines[0], result.stderr

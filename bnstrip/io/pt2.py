@@ -17,9 +17,12 @@ Only that archive is given to torch.export.load; every other record of the file 
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import json
+import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -143,6 +146,42 @@ def canonical_archive(parsed: CanonicalProgram) -> bytes:
     return buffer.getvalue()
 
 
+class _FirstError(logging.Handler):
+    """torch.export.load logs why it failed and raises a generic error; keep the logged reason for the one line."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.error: BaseException | None = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.error is None and record.exc_info and record.exc_info[1] is not None:
+            self.error = record.exc_info[1]
+
+
+@contextlib.contextmanager
+def _torch_export_reason() -> Iterator[_FirstError]:
+    logger = logging.getLogger("torch.export")
+    handler, saved = _FirstError(), (logger.level, logger.propagate, list(logger.handlers))
+    logger.handlers = [handler]  # nothing reaches the user's terminal; the reason goes into the one line
+    logger.setLevel(logging.WARNING)
+    logger.propagate = False
+    try:
+        yield handler
+    finally:
+        logger.level, logger.propagate, logger.handlers = saved
+
+
+def _reason(exc: BaseException) -> str:
+    """What torch said, and the innermost cause when it wrapped one (`KeyError: 'self'` under a SerializeError)."""
+    root = exc
+    while root.__cause__ is not None and root.__cause__ is not root:
+        root = root.__cause__
+    text = f"{type(exc).__name__}: {first_line(exc, 120, '')}"
+    if root is not exc:
+        text += f"; cause {type(root).__name__}: {first_line(root, 80, '')}"
+    return printable(text)
+
+
 def load_program(path: str | os.PathLike[str]) -> Any:
     """The ExportedProgram in `path`, loaded from bnstrip's canonical archive; InputError (one line) otherwise."""
     import torch
@@ -153,14 +192,14 @@ def load_program(path: str | os.PathLike[str]) -> Any:
     with open_regular_file(path) as f:
         parsed = read_program(f, os.fstat(f.fileno()).st_size, path)
     data = canonical_archive(parsed)
-    try:
-        with _quiet_torch_logs():
+    with _quiet_torch_logs(), _torch_export_reason() as reason:
+        try:
             program = torch.export.load(io.BytesIO(data))
             if parsed.example_inputs is not None:
                 program.example_inputs = parsed.example_inputs
-    except Exception as exc:  # noqa: BLE001 - torch raises many types on a program it cannot rebuild
-        raise InputError(f"{printable(path)}: torch cannot rebuild the program bnstrip re-emitted from it "
-                         f"({type(exc).__name__}: {printable(first_line(exc, 200, ''))}); {_FIX}") from None
+        except Exception as exc:  # noqa: BLE001 - torch raises many types on a program it cannot rebuild
+            raise InputError(f"{printable(path)}: torch cannot rebuild the program bnstrip re-emitted from it "
+                             f"({_reason(reason.error or exc)}); {_FIX}") from None
     return program
 
 

@@ -38,7 +38,10 @@ ATEN_OPS: dict[str, str] = {
                            "expand", "expand_as", "unsqueeze", "squeeze", "cat", "stack", "split", "split_with_sizes",
                            "chunk", "slice", "select", "narrow", "unbind", "alias", "detach", "pad",
                            "constant_pad_nd", "_to_copy", "to", "type_as", "sym_size", "sym_numel", "sym_stride",
-                           "dropout", "feature_dropout", "channel_shuffle", "pixel_shuffle", "pixel_unshuffle")},
+                           "channel_shuffle", "pixel_shuffle", "pixel_unshuffle")},
+    # dropout: the identity when `train` is literally False (eval export), random otherwise (see _RANDOM_ARGS)
+    **{op: _ALL for op in ("dropout", "dropout_", "feature_dropout", "feature_dropout_", "alpha_dropout",
+                           "alpha_dropout_", "feature_alpha_dropout", "feature_alpha_dropout_")},
     # checks torch.export inserts (they raise on a mismatch, nothing else)
     **{op: _ALL for op in ("_assert_tensor_metadata", "_assert_scalar", "sym_constrain_range_for_size",
                            "sym_constrain_range")},
@@ -56,11 +59,12 @@ PYTHON_TARGETS = frozenset({"_operator.getitem", "_operator.add", "_operator.sub
 MAY_ALIAS = frozenset({
     "view", "reshape", "flatten", "unflatten", "permute", "transpose", "t", "contiguous", "expand", "expand_as",
     "unsqueeze", "squeeze", "split", "split_with_sizes", "chunk", "slice", "select", "narrow", "unbind", "alias",
-    "detach", "to", "_to_copy", "type_as", "dropout", "feature_dropout"})
+    "detach", "to", "_to_copy", "type_as", "dropout", "feature_dropout", "alpha_dropout", "feature_alpha_dropout"})
 """Ops whose output may share memory with their first argument: a graph input seen through one is still an input
 (an in-place op on it would write into the caller's tensor)."""
 
-_RANDOM_ARGS = {"dropout": "train", "feature_dropout": "train"}
+_RANDOM_ARGS = {op: "train" for op in ("dropout", "dropout_", "feature_dropout", "feature_dropout_", "alpha_dropout",
+                                        "alpha_dropout_", "feature_alpha_dropout", "feature_alpha_dropout_")}
 """Ops that are random unless the named boolean argument is False (eval-mode dropout is the identity)."""
 _ATEN = re.compile(r"torch\.ops\.aten\.([A-Za-z_][A-Za-z0-9_]*)\.([A-Za-z_][A-Za-z0-9_]*)")
 
