@@ -11,6 +11,7 @@ Tensors that share a record keep sharing one.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
@@ -57,9 +58,9 @@ def _entries(doc: Any, folder: str, e: Emitter) -> dict[str, tuple[str, bool, di
         what = f"{folder} entry {str(fqn)[:60]!r}"
         body = _dict(meta, what, {"path_name", "is_param", "use_pickle", "tensor_meta"})
         source = body.get("path_name")
-        _need(isinstance(source, str) and source.startswith(_PREFIXES[folder]) and source[len(_PREFIXES[folder]):]
-              .isdigit() and len(source) < 32, f"{what} is a pickled Python/TorchScript object or names "
-                                               f"record {str(source)[:40]!r}")
+        _need(isinstance(source, str) and bool(re.fullmatch(_PREFIXES[folder] + r"[0-9]{1,9}", source)),
+              f"{what} is a pickled Python/TorchScript object or names record {str(source)[:40]!r}")
+        assert isinstance(source, str)
         _need(body.get("use_pickle") is False, f"{what} is pickled (a tensor subclass or Python object)")
         name = e.fqn(fqn, what)
         _need(name not in out, f"{what} appears twice")

@@ -55,7 +55,7 @@ def _treespec(text: Any, what: str) -> tuple[str, Any]:
         _need(kind in _CONTAINERS, f"{what}: container type {str(kind)[:60]!r} is not supported")
         context = "null"
         if kind == "builtins.dict":
-            keys = json.loads(body.get("context")) if isinstance(body.get("context"), str) else None
+            keys = _json_list(body.get("context"), what)
             _need(isinstance(keys, list) and len(keys) == len(children) and all(safe_identifier(k) for k in keys),
                   f"{what}: dict keys must be plain identifiers")
             context = json.dumps(keys)
@@ -65,6 +65,13 @@ def _treespec(text: Any, what: str) -> tuple[str, Any]:
 
     rebuilt = node(root, 0)
     return json.dumps([1, rebuilt]), rebuilt
+
+
+def _json_list(text: Any, what: str) -> Any:
+    try:
+        return json.loads(text) if isinstance(text, str) and len(text) <= 1 << 16 else None
+    except (ValueError, RecursionError):
+        raise SchemaError(f"{what}: dict keys are not JSON") from None
 
 
 def _arg_names(in_spec: dict[str, Any]) -> list[str]:
@@ -199,7 +206,8 @@ def _input_spec(e: Emitter, value: Any) -> dict[str, Any]:
     fields = {"parameter": "parameter_name", "buffer": "buffer_name", "tensor_constant": "tensor_constant_name"}
     _need(kind in fields, f"input spec {kind!r} (custom objects, tokens) is not supported")
     body = _dict(inner, kind, {"arg", fields[kind], "persistent"})
-    out = {"arg": e.tensor_arg(body.get("arg"), kind), fields[kind]: e.fqn(body.get(fields[kind]), f"{kind} name")}
+    out: dict[str, Any] = {"arg": e.tensor_arg(body.get("arg"), kind),
+                           fields[kind]: e.fqn(body.get(fields[kind]), f"{kind} name")}
     if kind == "buffer":
         out["persistent"] = _bool(body.get("persistent"), "buffer persistent")
     return {kind: out}

@@ -195,6 +195,11 @@ class Emitter:
         return {kind: handler(self, inner, f"{what} ({kind})")}
 
 
+def _literal_true(value: Any, what: str) -> bool:
+    _need(value is True, f"{what} is not true")
+    return True
+
+
 def _items(check: Callable[[Emitter, Any, str], Any]) -> Callable[[Emitter, Any, str], list[Any]]:
     return lambda e, v, w: [check(e, item, w) for item in _list(v, w)]
 
@@ -216,7 +221,7 @@ def _enum(allowed: set[int]) -> Callable[[Emitter, Any, str], int]:
 
 
 _ARGUMENTS: dict[str, Callable[[Emitter, Any, str], Any]] = {
-    "as_none": lambda _, v, w: _need(v is True, f"{w} is not true") or True,
+    "as_none": lambda _, v, w: _literal_true(v, w),
     "as_tensor": Emitter.tensor_arg,
     "as_tensors": _items(Emitter.tensor_arg),
     "as_int": _literal(_int), "as_ints": _items(_literal(_int)),
