@@ -75,7 +75,7 @@ class OpRefused(ValueError):
 
 def known_target(target: object) -> tuple[str, str] | None:
     """(packet, overload) of an allowlisted aten target, None for an allowed Python target; OpRefused otherwise."""
-    if target in PYTHON_TARGETS:
+    if isinstance(target, str) and target in PYTHON_TARGETS:
         return None
     match = _ATEN.fullmatch(target) if isinstance(target, str) else None
     if match is None:

@@ -21,6 +21,7 @@ from bnstrip.io.pt2_schema import (
     _bool,
     _dict,
     _int,
+    _is_int_in,
     _list,
     _need,
     _union,
@@ -147,7 +148,7 @@ def _node(e: Emitter, value: Any, index: int) -> dict[str, Any]:
         _need(safe_identifier(named.get("name")) or named.get("name") == "self",
               f"{what}: argument name {str(named.get('name'))[:40]!r}")
         kind = named.get("kind")
-        _need(kind in (None, 1, 2), f"{what}: argument kind {str(kind)[:10]}")
+        _need(kind is None or _is_int_in(kind, {1, 2}), f"{what}: argument kind {str(kind)[:10]}")
         arg = e.argument(named.get("arg"), f"{what} argument {named['name']}")
         if position == 0:
             self_arg = next(iter(_tensor_names([arg])), None)

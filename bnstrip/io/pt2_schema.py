@@ -72,6 +72,11 @@ def _float(value: Any, what: str) -> float:
     return float(value)
 
 
+def _is_int_in(value: Any, allowed: Any) -> bool:
+    """An int (not a bool, which JSON `true` would be) among `allowed`."""
+    return type(value) is int and value in allowed
+
+
 def _union(value: Any, what: str) -> tuple[str, Any]:
     _need(isinstance(value, dict) and len(value) == 1, f"{what} is not a one-field union")
     (kind, inner), = value.items()
@@ -150,14 +155,14 @@ class Emitter:
 
     def device(self, value: Any, what: str) -> dict[str, Any]:
         body = _dict(value, what, {"type", "index"})
-        _need(body.get("type") == "cpu" and body.get("index") in (None, 0),
+        _need(body.get("type") == "cpu" and (body.get("index") is None or _is_int_in(body.get("index"), {0})),
               f"{what}: device {str(body.get('type'))[:20]!r} (bnstrip loads programs on the CPU; export on CPU)")
         return {"type": "cpu", "index": body.get("index")}
 
     def tensor_meta(self, value: Any, what: str, concrete: bool = False) -> dict[str, Any]:
         body = _dict(value, what, {"dtype", "sizes", "requires_grad", "device", "strides", "storage_offset", "layout"})
-        _need(body.get("dtype") in SCALAR_TYPES, f"{what}: dtype {str(body.get('dtype'))[:10]} is not supported")
-        _need(body.get("layout") == STRIDED, f"{what}: only strided (dense) tensors are supported")
+        _need(_is_int_in(body.get("dtype"), SCALAR_TYPES), f"{what}: dtype {str(body.get('dtype'))[:10]} is not supported")
+        _need(_is_int_in(body.get("layout"), {STRIDED}), f"{what}: only strided (dense) tensors are supported")
         sizes = [self.sym_int(s, f"{what} size") for s in _list(body.get("sizes"), f"{what} sizes")]
         strides = [self.sym_int(s, f"{what} stride") for s in _list(body.get("strides"), f"{what} strides")]
         _need(len(sizes) == len(strides) <= 64, f"{what}: sizes and strides disagree")
@@ -215,7 +220,7 @@ def _literal(check: Callable[[Any, str], Any]) -> Callable[[Emitter, Any, str], 
 
 def _enum(allowed: set[int]) -> Callable[[Emitter, Any, str], int]:
     def check(_: Emitter, value: Any, what: str) -> int:
-        _need(value in allowed and type(value) is int, f"{what}: value {str(value)[:10]} is not supported")
+        _need(_is_int_in(value, allowed), f"{what}: value {str(value)[:10]} is not supported")
         return int(value)
     return check
 
