@@ -53,7 +53,7 @@ def _treespec(text: Any, what: str) -> tuple[str, Any]:
         if kind is None:
             _need(body.get("context") is None and not children, f"{what}: a leaf with children")
             return {"type": None, "context": None, "children_spec": []}
-        _need(kind in _CONTAINERS, f"{what}: container type {str(kind)[:60]!r} is not supported")
+        _need(isinstance(kind, str) and kind in _CONTAINERS, f"{what}: container type {str(kind)[:60]!r} is not supported")
         context = "null"
         if kind == "builtins.dict":
             keys = _json_list(body.get("context"), what)
@@ -262,7 +262,7 @@ def reemit_program(doc: Any) -> tuple[dict[str, Any], Emitter]:
     signature = _dict(module.get("signature"), "signature", {"input_specs", "output_specs"})
     version = _dict(body.get("schema_version"), "schema version", {"major", "minor"})
     verifiers = _list(body.get("verifiers") or [], "verifiers")
-    _need(all(v in _VERIFIERS for v in verifiers), "unknown verifier dialect")
+    _need(all(isinstance(v, str) and v in _VERIFIERS for v in verifiers), "unknown verifier dialect")
     opset = _dict(body.get("opset_version") or {}, "opset version")
     new = {
         "graph_module": {
