@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import signal
 from pathlib import Path
 
@@ -263,3 +264,42 @@ def test_a_program_torch_cannot_rebuild_is_one_line_with_the_cause(good, tmp_pat
     assert result.exit_code == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "mismatch.pt2" in lines[0] and "cause KeyError" in lines[0], result.stderr
+
+
+def _paths(value, prefix=()):
+    yield prefix
+    if isinstance(value, dict):
+        for key, child in value.items():
+            yield from _paths(child, (*prefix, key))
+    elif isinstance(value, list):
+        for index, child in enumerate(value[:3]):
+            yield from _paths(child, (*prefix, index))
+
+
+_JUNK = [None, True, 0, -1, 2 ** 70, 1.5, float("inf"), "", "s0", "__import__('os')", [], [1], [[]], {}, {"a": 1},
+         {"as_int": 1}, {"name": 1}, {"as_expr": {"expr_str": "s0", "hint": None}}]
+
+
+@given(st.data())
+@settings(max_examples=80, deadline=None)
+def test_any_mutation_is_reemitted_or_refused_by_name(good, data):
+    """Whatever a file puts anywhere in the program JSON, the re-emit returns a document or raises SchemaError
+    (a one-line refusal), never another exception."""
+    from bnstrip.io.pt2_reemit import reemit_program
+    from bnstrip.io.pt2_schema import SchemaError
+
+    doc = hostile_pt2.program_doc(good)
+    paths = [p for p in _paths(doc) if p]
+    for _ in range(data.draw(st.integers(1, 3))):
+        path = data.draw(st.sampled_from(paths))
+        target = doc
+        try:
+            for key in path[:-1]:
+                target = target[key]
+            target[path[-1]] = copy.deepcopy(data.draw(st.sampled_from(_JUNK)))
+        except (KeyError, IndexError, TypeError):
+            continue
+    try:
+        reemit_program(doc)
+    except SchemaError:
+        pass
