@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import signal
 from pathlib import Path
 
@@ -303,3 +304,17 @@ def test_any_mutation_is_reemitted_or_refused_by_name(good, data):
         reemit_program(doc)
     except SchemaError:
         pass
+
+
+@pytest.mark.parametrize("key", ["x=__import__('os').system('true')", "torch", "__class__", "lambda", "a b"])
+def test_keyword_input_names_must_be_plain_identifiers(good, tmp_path, key):
+    """Keyword inputs keep their names (they are the program's calling convention), so they must be harmless."""
+    def edit(doc):
+        signature = doc["graph_module"]["module_call_graph"][0]["signature"]
+        spec = json.loads(signature["in_spec"])
+        spec[1]["children_spec"][1] = {"type": "builtins.dict", "context": json.dumps([key]),
+                                       "children_spec": [{"type": None, "context": None, "children_spec": []}]}
+        signature["in_spec"] = json.dumps(spec)
+
+    with pytest.raises(InputError, match="dict keys must be plain identifiers"):
+        load_program(hostile_pt2.edit_program(good, tmp_path / "kw.pt2", edit))

@@ -83,10 +83,14 @@ def _union(value: Any, what: str) -> tuple[str, Any]:
     return str(kind), inner
 
 
+_CODEGEN_GLOBALS = frozenset({"self", "torch", "fx_pytree", "pytree", "inf", "nan", "device", "builtins"})
+"""Names the forward torch generates relies on: an argument may not shadow them."""
+
+
 def safe_identifier(name: Any) -> bool:
-    """A plain Python identifier that cannot be code and shadows nothing (no keyword, no dunder)."""
+    """A plain Python identifier that cannot be code and shadows nothing the generated forward uses."""
     return isinstance(name, str) and bool(_IDENT.fullmatch(name)) and not keyword.iskeyword(name) \
-        and not name.startswith("__") and name != "self"
+        and not name.startswith("__") and name not in _CODEGEN_GLOBALS
 
 
 class Emitter:
