@@ -86,8 +86,6 @@ def widened(model: Any) -> Any:
             array = onnx.numpy_helper.to_array(tensor).astype("float64")
             tensor.CopyFrom(onnx.numpy_helper.from_array(array, tensor.name))
     for graph in iter_graphs(wide.graph):
-        for tensor in graph.initializer:
-            pass
         for value in list(graph.input) + list(graph.output) + list(graph.value_info):
             if value.type.tensor_type.elem_type in narrow:
                 value.type.tensor_type.elem_type = onnx.TensorProto.DOUBLE
@@ -103,9 +101,11 @@ def reference64(model: Any, feeds: dict[str, Any]) -> list[Any] | None:
     """The original's outputs evaluated in float64 by onnx's reference evaluator; None where it cannot run it."""
     from onnx.reference import ReferenceEvaluator
 
+    from bnstrip.onnxfold.reference import NEW_OPS
+
     wide_feeds = {k: (v.astype("float64") if v.dtype.kind == "f" else v) for k, v in feeds.items()}
     try:
-        return list(ReferenceEvaluator(widened(model)).run(None, wide_feeds))
+        return list(ReferenceEvaluator(widened(model), new_ops=NEW_OPS).run(None, wide_feeds))
     except Exception:  # noqa: BLE001 - an op the evaluator lacks: fall back to comparing in the model's dtype
         return None
 
