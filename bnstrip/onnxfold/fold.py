@@ -188,15 +188,15 @@ def _bisect(original: Any, done: _Applied, reference: Any, allow_overflow: bool)
 
 def fold_onnx(model: Any, *, check: bool = True, allow_overflow: bool = False,
               feeds: list[dict[str, Any]] | None = None) -> OnnxFoldResult:
-    """Fold a ModelProto or an `.onnx` path (never changed); see the module docstring.
+    """Fold a ModelProto or an `.onnx` path (never changed; or a LoadedOnnx); see the module docstring.
 
     `feeds` (a list of {input name: numpy array}) replace the seeded inputs of the check.
     Raises InputError for a file that is not a model bnstrip reads, CheckFailed when even
     the remaining folds do not pass the check or the folded model fails onnx's checker.
     """
-    from bnstrip.onnxfold.load import load_onnx
+    from bnstrip.onnxfold.load import LoadedOnnx, load_onnx
 
-    loaded = load_onnx(model)
+    loaded = model if isinstance(model, LoadedOnnx) else load_onnx(model)
     original = loaded.model
     done = apply_folds(original, None, allow_overflow, custom_domain_issue(original))
     report: SelfCheck | str | None = None
