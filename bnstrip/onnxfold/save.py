@@ -29,6 +29,8 @@ class OnnxFuseReport:
     manifest: str
     result: Any
     data_file: str | None = None
+    arch: str | None = None
+    input_shape: list[int] = field(default_factory=list)
     seconds: float = 0.0
     warnings: list[str] = field(default_factory=list)
 
@@ -40,8 +42,8 @@ class OnnxFuseReport:
         entries = self.result.manifest_entries()
         check = self.result.check
         return {
-            "input": self.input, "output": self.output, "manifest": self.manifest, "arch": None, "input_shape": [],
-            "form": "onnx", "tracer": "onnx", "eps": None, "dtype": "keep", "format": "onnx",
+            "input": self.input, "output": self.output, "manifest": self.manifest, "arch": self.arch,
+            "input_shape": self.input_shape, "form": entries["form"], "tracer": entries["tracer"], "eps": None, "dtype": "keep", "format": "onnx",
             "folded": entries["folded"], "skipped": entries["skipped"], "gained_bias": entries["gained_bias"],
             "merged": [], "merge_refused": [], "external_data": self.data_file,
             "self_check_max_abs_diff": check.max_abs_diff, "self_check_output_scale": check.output_scale,
