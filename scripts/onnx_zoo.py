@@ -150,7 +150,11 @@ def main() -> None:
         except Exception as exc:  # noqa: BLE001 - an export that fails is reported, not fatal
             rows.append({"model": name, "export_error": f"{type(exc).__name__}: {str(exc)[:100]}"})
             continue
-        reference = Reference(model)
+        try:
+            reference = Reference(model)
+        except Exception as exc:  # noqa: BLE001 - an exported file onnxruntime cannot run is reported
+            rows.append({"model": name, "export_error": f"the exported original does not run: {str(exc)[:150]}"})
+            continue
         row = {"model": name, "bn": bn_left(model), "opset": model.opset_import[0].version}
         for tool, (module, fn) in TOOLS.items():
             row[tool] = run_tool(fn, model, reference) if available(module) else None

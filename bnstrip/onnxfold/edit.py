@@ -43,6 +43,27 @@ def scale_axis(weight: Any, scale: Any, axis: int, groups: int, name: str) -> An
     return (grouped * s).reshape(weight.shape)
 
 
+def materialize(scope: Scope, ws: Workspace, node: Any, index: int) -> str:
+    """node.input[index] as an initializer: a Constant node's value or a value computed from constants only
+    (Transpose of a weight, weight standardisation) is evaluated once by onnx's reference evaluator."""
+    import onnx
+
+    name = node.input[index]
+    if name in scope.inits and name not in scope.graph_inputs:
+        return name
+    nodes = scope.computed_from_constants(name)
+    if nodes is None:
+        raise InputError(f"'{name}' is not computed from constants only")
+    value = scope.evaluate(name)
+    tensor = scope.graph.initializer.add()
+    tensor.CopyFrom(onnx.numpy_helper.from_array(value, ws.fresh_name(scope, name.strip("/").replace("/", "_"))))
+    node.input[index] = tensor.name
+    scope.shapes[tensor.name] = list(value.shape)
+    ws.dead |= {id(n) for n in nodes}
+    scope.rebuild()
+    return tensor.name
+
+
 def private(scope: Scope, ws: Workspace, node: Any, index: int) -> str:
     """The initializer at node.input[index], copied under a new name first if anything else reads it."""
     name = node.input[index]
@@ -53,6 +74,7 @@ def private(scope: Scope, ws: Workspace, node: Any, index: int) -> str:
     copy.CopyFrom(original)
     copy.name = ws.fresh_name(scope, name)
     node.input[index] = copy.name
+    scope.shapes[copy.name] = list(original.dims)
     ws.set(scope, copy.name, ws.get(scope, name).clone(), torch_dtype(original))
     scope.rebuild()
     return copy.name
@@ -66,6 +88,7 @@ def new_initializer(scope: Scope, ws: Workspace, stem: str, value64: Any, dtype:
     tensor = scope.graph.initializer.add()
     tensor.CopyFrom(onnx.numpy_helper.from_array(np.zeros(tuple(value64.shape), dtype=np.float32), ""))
     tensor.name = ws.fresh_name(scope, stem)
+    scope.shapes[tensor.name] = list(value64.shape)
     ws.set(scope, tensor.name, value64, dtype)
     scope.rebuild()
     return tensor.name
@@ -92,12 +115,14 @@ def _consumer_extra(weight: Any, shift: Any, match: Match) -> Any:
 
 def _fold_producer(scope: Scope, ws: Workspace, bn: Any, match: Match, scale: Any, shift: Any, name: str) -> bool:
     layer = match.layer
-    scaled = scale_axis(ws.get(scope, layer.input[match.weight]), scale, match.axis, match.groups, name)
+    scaled = scale_axis(ws.get(scope, materialize(scope, ws, layer, match.weight)), scale, match.axis, match.groups,
+                        name)
     wname = private(scope, ws, layer, match.weight)
     dtype = torch_dtype(scope.inits[wname])
     ws.set(scope, wname, scaled)
     s, t = scale.reshape(match.channel_shape), shift.reshape(match.channel_shape)
     if match.bias_node is not None:
+        materialize(scope, ws, match.bias_node, match.bias_index)
         bname = private(scope, ws, match.bias_node, match.bias_index)
         ws.set(scope, bname, ws.get(scope, bname) * s + t / match.beta)
     elif layer.op_type == "MatMul":  # the BatchNorm node becomes the bias: Add(X, t)
@@ -120,7 +145,7 @@ def _fold_consumer(scope: Scope, ws: Workspace, bn: Any, match: Match, scale: An
     import onnx
 
     layer = match.layer
-    weight = ws.get(scope, layer.input[match.weight])
+    weight = ws.get(scope, materialize(scope, ws, layer, match.weight))
     scaled = scale_axis(weight, scale, match.axis, match.groups, name)
     extra = _consumer_extra(weight, shift, match)
     wname = private(scope, ws, layer, match.weight)
@@ -128,6 +153,7 @@ def _fold_consumer(scope: Scope, ws: Workspace, bn: Any, match: Match, scale: An
     ws.set(scope, wname, scaled)
     gained = match.bias_node is None
     if match.bias_node is not None:
+        materialize(scope, ws, match.bias_node, match.bias_index)
         bname = private(scope, ws, match.bias_node, match.bias_index)
         ws.set(scope, bname, ws.get(scope, bname) + extra)
     elif layer.op_type == "MatMul":
@@ -135,6 +161,7 @@ def _fold_consumer(scope: Scope, ws: Workspace, bn: Any, match: Match, scale: An
         inner = ws.fresh_name(scope, layer.output[0])
         add = onnx.helper.make_node("Add", [inner, bias], [layer.output[0]], name=ws.fresh_name(scope, "Add"))
         layer.output[0] = inner
+        scope.shapes[inner] = scope.shapes.get(add.output[0])
         scope.insert_after(layer, add)
     else:
         _set_input(layer, 2, new_initializer(scope, ws, f"{layer.name or layer.op_type}_bias", extra, dtype))
@@ -155,6 +182,7 @@ def apply_match(scope: Scope, ws: Workspace, bn: Any, match: Match, name: str) -
     if match.padded and bool((shift != 0).any()):
         return "the Conv after it pads its input, and the BatchNorm's shift is not zero, so the border would change"
     fold = _fold_producer if match.into == INTO_PRODUCER else _fold_consumer
+    ws.dead |= {id(scope.producers[n]) for n in bn.input[1:5] if n in scope.producers}
     try:
         gained = fold(scope, ws, bn, match, scale, shift, name)
     except InputError as exc:

@@ -128,6 +128,7 @@ def apply_folds(model: Any, allowed: dict[str, str] | None = None, allow_overflo
     before = _unused(work)
     all_scopes = scopes(work, inferred_shapes(work))
     ws = Workspace(allow_overflow)
+    ws.opsets = list(work.opset_import)
     done = _Applied(work, [], {}, {}, [], [])
     for scope, bn, label in _labels(all_scopes):
         done.order.append(label)
@@ -147,6 +148,7 @@ def apply_folds(model: Any, allowed: dict[str, str] | None = None, allow_overflo
             done.gained_bias.append(scope.where + layer)
     ws.finish()
     for scope in reversed(all_scopes):
+        scope.drop_dead(ws.dead)
         scope.commit()
     _prune(work, before)
     return done

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 STANDARD_DOMAINS = ("", "ai.onnx")
+MAX_CONSTANT_NODES = 64
+"""Nodes a weight may be computed by from constants (Transpose, weight standardisation) and still fold."""
 
 
 def subgraphs(node: Any) -> Iterator[Any]:
@@ -43,6 +45,7 @@ class Scope:
     inits: dict[str, Any] = field(default_factory=dict)
     graph_inputs: set[str] = field(default_factory=set)
     graph_outputs: set[str] = field(default_factory=set)
+    opsets: list[Any] = field(default_factory=list)
     nodes: list[Any] = field(default_factory=list)
     """The graph's nodes as edited (removed ones dropped, inserted ones in place); `commit` writes them back."""
 
@@ -96,10 +99,63 @@ class Scope:
         return readers[0][0]
 
     def constant(self, name: str) -> Any | None:
-        """The initializer called `name` if it is a constant of this graph (not overridable as a graph input)."""
+        """The tensor called `name` if it is a constant of this graph: an initializer (not overridable as a graph
+        input) or a Constant node's `value`."""
         if name in self.graph_inputs:
             return None
-        return self.inits.get(name)
+        if name in self.inits:
+            return self.inits[name]
+        node = self.producers.get(name)
+        if node is not None and node.op_type == "Constant" and node.domain in STANDARD_DOMAINS:
+            for entry in node.attribute:
+                if entry.name == "value" and entry.HasField("t"):
+                    return entry.t
+        return None
+
+    def computed_from_constants(self, name: str) -> list[Any] | None:
+        """The nodes (in graph order) computing `name` from constants only (a Transpose of a weight, weight
+        standardisation), or None if it depends on a graph input, a random op or more than MAX_CONSTANT_NODES."""
+        needed, stack = set(), [name]
+        while stack:
+            value = stack.pop()
+            if value in self.inits and value not in self.graph_inputs:
+                continue
+            node = self.producers.get(value)
+            if value in self.graph_inputs or node is None or node.op_type.startswith("Random") \
+                    or node.domain not in STANDARD_DOMAINS or any(True for _ in subgraphs(node)):
+                return None
+            if id(node) not in needed:
+                needed.add(id(node))
+                if len(needed) > MAX_CONSTANT_NODES:
+                    return None
+                stack.extend(n for n in node.input if n)
+        return [node for node in self.nodes if id(node) in needed]
+
+    def evaluate(self, name: str) -> Any:
+        """The value of `name` (computed from constants only) by onnx's reference evaluator, in its own dtype."""
+        import onnx
+        from onnx.reference import ReferenceEvaluator
+
+        nodes = self.computed_from_constants(name)
+        if nodes is None:
+            raise ValueError(f"'{name}' is not computed from constants only")
+        if not nodes:
+            return onnx.numpy_helper.to_array(self.inits[name])
+        read = {n for node in nodes for n in node.input}
+        graph = onnx.helper.make_graph(nodes, "constant", [], [onnx.helper.make_empty_tensor_value_info(name)],
+                                       initializer=[t for t in self.graph.initializer if t.name in read])
+        return ReferenceEvaluator(onnx.helper.make_model(graph, opset_imports=self.opsets)).run(None, {})[0]
+
+    def drop_dead(self, candidates: set[int]) -> None:
+        """Remove candidate nodes none of whose outputs is read any more (repeatedly: a chain dies together)."""
+        changed = True
+        while changed:
+            changed = False
+            for node in list(self.nodes):
+                if id(node) in candidates and not any(self.uses(out) for out in node.output if out):
+                    self.remove(node)
+                    self.rebuild()
+                    changed = True
 
     def rank(self, name: str) -> int | None:
         shape = self.shapes.get(name)
@@ -151,7 +207,7 @@ def scopes(model: Any, shapes: dict[str, list[int | None] | None]) -> list[Scope
     found: list[Scope] = []
 
     def walk(graph: Any, where: str) -> None:
-        scope = Scope(graph, where, shapes)
+        scope = Scope(graph, where, shapes, opsets=list(model.opset_import))
         scope.rebuild()
         found.append(scope)
         for node in graph.node:
@@ -172,6 +228,10 @@ class Workspace:
         """(scope, initializer name) -> (scope, float64 torch tensor, torch dtype to round to)."""
         self.allow_overflow = allow_overflow
         self.counter = 0
+        self.opsets: list[Any] = []
+        """The model's opset imports (to evaluate weights computed from constants)."""
+        self.dead: set[int] = set()
+        """Nodes that may have lost their last reader (Constant statistics, weight computations)."""
 
     def get(self, scope: Scope, name: str) -> Any:
         """The initializer's current value in float64 (torch)."""
@@ -180,7 +240,7 @@ class Workspace:
         held = self.values.get((scope.where, name))
         if held is not None:
             return held[1]
-        return torch.from_numpy(_to_array(scope.inits[name]).astype("float64", copy=True))
+        return torch.from_numpy(_to_array(scope.constant(name)).astype("float64", copy=True))
 
     def set(self, scope: Scope, name: str, value64: Any, dtype: Any = None) -> None:
         held = self.values.get((scope.where, name))

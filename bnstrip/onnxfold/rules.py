@@ -64,8 +64,29 @@ def _reshape_issue(node: Any, scope: Scope) -> str | None:
     return None
 
 
+def _pad_issue(node: Any, scope: Scope) -> str | None:
+    """Edge/reflect/wrap padding of the spatial axes repeats values, so a per-channel affine map commutes with it."""
+    mode = attr(node, "mode", b"constant")
+    mode = mode.decode() if isinstance(mode, bytes) else str(mode)
+    if mode not in ("edge", "reflect", "wrap"):
+        return f"mode={mode} pads with a value the BatchNorm would have changed"
+    if len(node.input) > 3 and node.input[3]:
+        return "it pads selected axes"
+    if len(node.input) > 1 and node.input[1]:
+        if scope.computed_from_constants(node.input[1]) is None:
+            return "its pads are not constant"
+        pads = [int(v) for v in scope.evaluate(node.input[1]).ravel()]
+    else:
+        pads = [int(v) for v in attr(node, "pads", [])]
+    rank = len(pads) // 2
+    if rank < 2 or any(pads[i] for i in (0, 1, rank, rank + 1)):
+        return "it pads the batch or channel axis"
+    return None
+
+
 PASS_THROUGH: dict[str, Callable[[Any, Scope], str | None]] = {
     "Identity": lambda node, scope: None,
+    "Pad": _pad_issue,
     "Dropout": _dropout_issue,
     "Flatten": _reshape_issue,
     "Reshape": _reshape_issue,
@@ -84,9 +105,9 @@ def bn_issue(bn: Any, scope: Scope) -> str | None:
     for name, what in zip(bn.input[1:5], ("scale", "B", "input_mean", "input_var")):
         if name in scope.graph_inputs:
             return f"its {what} '{name}' is a graph input, so it can change at run time"
-        tensor = scope.inits.get(name)
+        tensor = scope.constant(name)
         if tensor is None:
-            return f"its {what} '{name}' is computed in the graph, not an initializer"
+            return f"its {what} '{name}' is computed in the graph, not a constant"
         if not is_float_tensor(tensor):
             return f"its {what} '{name}' is not float16/32/64"
     rank = scope.rank(bn.input[0])
@@ -132,14 +153,21 @@ def _walk_down(name: str, scope: Scope, chain: list[Any]) -> tuple[Any, str] | s
 def _weight(node: Any, index: int, scope: Scope, rank: int | None = None) -> str | None:
     if len(node.input) <= index or not node.input[index]:
         return "it has no weight"
-    tensor = scope.constant(node.input[index])
-    if tensor is None:
-        return f"its weight '{node.input[index]}' is not a constant initializer"
-    if not is_float_tensor(tensor):
-        return f"its weight '{tensor.name}' is not float16/32/64"
-    if rank is not None and len(tensor.dims) != rank:
-        return f"its weight has rank {len(tensor.dims)}, not {rank}"
+    name = node.input[index]
+    if not is_constant(scope, name):
+        return f"its weight '{name}' is not computed from constants only"
+    tensor = scope.constant(name)
+    if tensor is not None and not is_float_tensor(tensor):
+        return f"its weight '{name}' is not float16/32/64"
+    shape = scope.shapes.get(name)
+    if rank is not None and (shape is None or len(shape) != rank):
+        return f"its weight has rank {None if shape is None else len(shape)}, not {rank}"
     return None
+
+
+def is_constant(scope: Scope, name: str) -> bool:
+    """An initializer, a Constant node, or computed from those only (edit.materialize evaluates it once)."""
+    return scope.constant(name) is not None or scope.computed_from_constants(name) is not None
 
 
 def _bias(match: Match, node: Any, index: int, scope: Scope) -> Match | str:
@@ -175,9 +203,9 @@ def producer_gemm(layer: Any, scope: Scope, channels: int) -> Match | str:
 def producer_matmul(layer: Any, scope: Scope, channels: int, add: Any = None) -> Match | str:
     """MatMul(X, W) with a 2-D output (channels are W's columns) or MatMul(W, X) with a 3-D one (W's rows)."""
     out_rank = scope.rank(layer.output[0])
-    if scope.constant(layer.input[1]) is not None and out_rank == 2:
+    if is_constant(scope, layer.input[1]) and out_rank == 2:
         weight, axis, shape = 1, 1, (channels,)
-    elif scope.constant(layer.input[0]) is not None and out_rank == 3:
+    elif is_constant(scope, layer.input[0]) and out_rank == 3:
         weight, axis, shape = 0, 0, (channels, 1)
     else:
         return f"its constant operand does not carry the BatchNorm's channel axis (output rank {out_rank})"
@@ -303,7 +331,8 @@ def decide(bn: Any, scope: Scope) -> Match | str:
     """The first pattern that folds `bn`, or every direction's reason why not."""
     if issue := bn_issue(bn, scope):
         return issue
-    channels = int(scope.inits[bn.input[3]].dims[0]) if scope.inits[bn.input[3]].dims else 1
+    mean = scope.constant(bn.input[3])
+    channels = int(mean.dims[0]) if mean.dims else 1
     before = producer_match(bn, scope, channels)
     if isinstance(before, Match):
         return before
