@@ -7,9 +7,9 @@ bnstrip.onnxfold.samples (patterns exporters never produce: grouped ConvTranspos
 3-D MatMul, shared weights, opset 9, subgraphs).
 
 Each tool's output is checked the same way: BatchNormalization nodes left (in every subgraph),
-outputs against a float64 evaluation of the original (bnstrip.onnxfold.check's rule: wrong
-when the error is beyond a small multiple of the original's own rounding), crashes, and the
-tool's own time (not the check's). Peers that are not installed are reported as such.
+outputs against a float64 evaluation of the original (bnstrip.onnxfold.check's rule: WRONG
+when the error is beyond a small multiple of the original's own rounding; BROKEN when the
+output model does not run in onnxruntime), crashes, and the tool's own time (not the check's). Peers that are not installed are reported as such.
 
     python scripts/onnx_zoo.py [--json] [--only NAME ...]
 """
@@ -111,8 +111,8 @@ def run_tool(tool: Callable[[Any], Any], model: Any, reference: Any) -> dict[str
         return {"crash": f"{type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}"}
     seconds = time.perf_counter() - started
     report = reference.check(out)
-    wrong = isinstance(report, str) or not report.passed
-    return {"left": bn_left(out), "wrong": wrong, "seconds": seconds,
+    broken = isinstance(report, str)  # the tool's output does not run (or has other outputs)
+    return {"left": bn_left(out), "broken": broken, "wrong": not broken and not report.passed, "seconds": seconds,
             "error": report if isinstance(report, str) else report.max_abs_diff,
             "tolerance": None if isinstance(report, str) else report.tolerance}
 
@@ -131,7 +131,7 @@ def cell(row: dict[str, Any]) -> str:
         return "not installed"
     if "crash" in row:
         return "crash"
-    return f"{row['left']}" + (" WRONG" if row["wrong"] else "")
+    return f"{row['left']}" + (" WRONG" if row["wrong"] else "") + (" BROKEN" if row["broken"] else "")
 
 
 def main() -> None:
@@ -176,16 +176,18 @@ def print_markdown(rows: list[dict[str, Any]]) -> None:
             continue
         print(f"| {row['model']} | {row['bn']} | " + " | ".join(cell(row[t]) for t in tools) + " |")
     print()
-    print("| tool | BN left (total) | files with BN left | wrong outputs | crashes | time (total) |")
-    print("|---|---|---|---|---|---|")
+    print("| tool | BN left (total) | files with BN left | wrong outputs | broken (does not run) | crashes | "
+          "time (total) |")
+    print("|---|---|---|---|---|---|---|")
     for tool in tools:
         done = [r[tool] for r in rows if "export_error" not in r and r.get(tool) is not None]
         if not done:
-            print(f"| {tool} | not installed | | | | |")
+            print(f"| {tool} | not installed | | | | | |")
             continue
         ok = [d for d in done if "crash" not in d]
         print(f"| {tool} | {sum(d['left'] for d in ok)} | {sum(d['left'] > 0 for d in ok)} | "
-              f"{sum(d['wrong'] for d in ok)} | {len(done) - len(ok)} | {sum(d['seconds'] for d in ok):.2f} s |")
+              f"{sum(d['wrong'] for d in ok)} | {sum(d['broken'] for d in ok)} | {len(done) - len(ok)} | "
+              f"{sum(d['seconds'] for d in ok):.2f} s |")
 
 
 if __name__ == "__main__":
