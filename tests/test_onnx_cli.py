@@ -11,10 +11,10 @@ import pytest
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
-from click.testing import CliRunner  # noqa: E402
+from click.testing import CliRunner
 
-from bnstrip.cli import main  # noqa: E402
-from bnstrip.onnxfold import samples  # noqa: E402
+from bnstrip.cli import main
+from bnstrip.onnxfold import samples
 
 
 def _save(model, path):

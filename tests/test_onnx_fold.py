@@ -11,10 +11,10 @@ import pytest
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
-from onnx import helper, numpy_helper  # noqa: E402
+from onnx import helper, numpy_helper
 
-from bnstrip.onnxfold import samples  # noqa: E402
-from bnstrip.onnxfold.fold import fold_onnx  # noqa: E402
+from bnstrip.onnxfold import samples
+from bnstrip.onnxfold.fold import fold_onnx
 
 BUGGY_IN_ONNX_REFERENCE = {"convtranspose_g2_bn", "opset9"}
 """onnx 1.23's reference evaluator gets these wrong itself (grouped ConvTranspose reshape, BN-9 momentum)."""
@@ -162,7 +162,7 @@ def test_a_wrong_fold_is_caught_and_undone(monkeypatch):
     """Break the consumer maths (lose the shift): the check sees it and bisection undoes exactly that fold."""
     import torch
 
-    import bnstrip.onnxfold.edit as edit
+    from bnstrip.onnxfold import edit
 
     monkeypatch.setattr(edit, "_consumer_extra",
                         lambda weight, shift, match: torch.zeros(weight.shape[1 - match.axis], dtype=torch.float64))

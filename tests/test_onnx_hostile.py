@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pytest
@@ -17,10 +17,10 @@ import pytest
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
-from click.testing import CliRunner  # noqa: E402
+from click.testing import CliRunner
 
-from bnstrip.cli import main  # noqa: E402
-from bnstrip.onnxfold import samples  # noqa: E402
+from bnstrip.cli import main
+from bnstrip.onnxfold import samples
 
 
 def _external(tmp: Path, location: str, offset: int = 0, length: int | None = None, blob: bytes | None = None) -> Path:
@@ -136,7 +136,7 @@ def test_hostile_onnx_is_one_line_and_exit_2(name, tmp_path):
 
 
 def test_node_count_bomb_is_refused_before_parsing(tmp_path, monkeypatch):
-    import bnstrip.onnxfold.load as load
+    from bnstrip.onnxfold import load
 
     monkeypatch.setattr(load, "MAX_ONNX_NODES", 1)
     source = _write(samples.shared_weight().SerializeToString())(tmp_path)

@@ -6,7 +6,15 @@ from typing import Any
 
 import click
 
-from bnstrip.cli.common import core_json, emit_json, fmt, make_table, plain, stdout_console, warn
+from bnstrip.cli.common import (
+    core_json,
+    emit_json,
+    fmt,
+    make_table,
+    plain,
+    stdout_console,
+    warn,
+)
 
 MISSING_EXTRA = "ONNX support needs the onnx extra: pip install 'bnstrip[onnx]'"
 

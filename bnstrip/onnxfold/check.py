@@ -11,7 +11,8 @@ bytes bnstrip serialised, never as the input file.
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from bnstrip.core.compare import SelfCheck
 from bnstrip.errors import InputError, first_line

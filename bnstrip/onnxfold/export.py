@@ -32,7 +32,13 @@ def prove_file(data: bytes, original: Any, example: Any, shown: str) -> Any:
     """The exported bytes against the original module: core.compare's rule on ORT's outputs; the model proto."""
     import torch
 
-    from bnstrip.core.compare import compare_outputs, float64_outputs, model_dtype, output_leaves, seeded_outputs
+    from bnstrip.core.compare import (
+        compare_outputs,
+        float64_outputs,
+        model_dtype,
+        output_leaves,
+        seeded_outputs,
+    )
     from bnstrip.onnxfold.check import run_ort
     from bnstrip.onnxfold.load import check_model, parse_model
 

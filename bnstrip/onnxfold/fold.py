@@ -12,8 +12,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bnstrip.core.compare import SelfCheck
-from bnstrip.errors import CheckFailed, InputError, first_line, printable
-from bnstrip.onnxfold.graph import STANDARD_DOMAINS, Scope, Workspace, inferred_shapes, names_read, scopes
+from bnstrip.errors import CheckFailed, first_line, printable
+from bnstrip.onnxfold.graph import (
+    STANDARD_DOMAINS,
+    Scope,
+    Workspace,
+    inferred_shapes,
+    names_read,
+    scopes,
+)
 from bnstrip.onnxfold.rules import INTO_PRODUCER, decide
 
 KNOWN_DOMAINS = STANDARD_DOMAINS + ("ai.onnx.ml",)

@@ -7,8 +7,9 @@ into one layer round once, at the end (`finish`).
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 STANDARD_DOMAINS = ("", "ai.onnx")
 MAX_CONSTANT_NODES = 64

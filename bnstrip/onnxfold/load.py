@@ -12,13 +12,19 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from bnstrip.errors import InputError, printable
-from bnstrip.io.limits import (MAX_ONNX_BYTES, MAX_ONNX_INITIALIZERS, MAX_ONNX_NODES, MAX_TENSOR_ELEMENTS,
-                               MAX_TENSOR_RANK)
+from bnstrip.io.limits import (
+    MAX_ONNX_BYTES,
+    MAX_ONNX_INITIALIZERS,
+    MAX_ONNX_NODES,
+    MAX_TENSOR_ELEMENTS,
+    MAX_TENSOR_RANK,
+)
 
 MIN_OPSET = 7
 """BatchNormalization-7 is the oldest one onnxruntime runs; its `spatial` attribute (1 = per channel) is honoured."""
@@ -166,7 +172,7 @@ def element_bytes(data_type: int, count: int) -> int | None:
     return (count * bits + 7) // 8
 
 
-def _FOUR_BIT_TYPES() -> set[int]:  # noqa: N802 - a constant needing onnx, read lazily
+def _FOUR_BIT_TYPES() -> set[int]:
     import onnx
 
     return {getattr(onnx.TensorProto, name) for name in ("INT4", "UINT4", "FLOAT4E2M1") if hasattr(onnx.TensorProto, name)}

@@ -33,7 +33,7 @@ def _plain_pads(pads: Any, dims: int) -> list[int] | None:
 class Conv(OpRun):
     op_domain = ""
 
-    def _run(self, X, W, B=None, auto_pad=None, dilations=None, group=None, kernel_shape=None, pads=None,  # noqa: N803
+    def _run(self, X, W, B=None, auto_pad=None, dilations=None, group=None, kernel_shape=None, pads=None,
              strides=None):
         import torch.nn.functional as F
 
@@ -51,7 +51,7 @@ class Conv(OpRun):
 class ConvTranspose(OpRun):
     op_domain = ""
 
-    def _run(self, X, W, B=None, auto_pad=None, dilations=None, group=None, kernel_shape=None,  # noqa: N803
+    def _run(self, X, W, B=None, auto_pad=None, dilations=None, group=None, kernel_shape=None,
              output_padding=None, output_shape=None, pads=None, strides=None):
         import torch.nn.functional as F
 

@@ -8,8 +8,9 @@ accepts only rewrites that are exact; `bnstrip.onnxfold.edit` applies them in fl
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from bnstrip.onnxfold.graph import STANDARD_DOMAINS, Scope, attr, is_float_tensor
 

@@ -6,7 +6,8 @@ sane (positive variance), so a fold with a wrong axis or a lost shift shows in t
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
