@@ -187,3 +187,20 @@ def test_opset7_spatial_attribute():
     per_activation = samples.conv_bn(opset=7, bn_attrs={"spatial": 0})
     result = fold_onnx(per_activation, check=False)
     assert not result.folded and "spatial=0" in result.skipped[0][1]
+
+
+def test_subgraph_reading_outer_statistics_is_refused_not_broken():
+    """A BN inside an If branch whose statistics live in the main graph: listed with the reason, graph intact."""
+    model = samples.in_subgraph()
+    then_branch = model.graph.node[0].attribute[0].g
+    outer = [t for t in then_branch.initializer if t.name.startswith("bnT.")]
+    for tensor in outer:
+        then_branch.initializer.remove(tensor)
+    model.graph.initializer.extend(outer)
+    onnx.checker.check_model(model, full_check=True)
+    result = fold_onnx(model)
+    reasons = dict(result.skipped)
+    assert [bn for _, bn in result.folded] == ["if.else_branch/bnE"]
+    assert "outer graph" in reasons["if.then_branch/bnT"]
+    onnx.checker.check_model(result.model, full_check=True)
+    assert result.check.passed

@@ -107,6 +107,8 @@ def bn_issue(bn: Any, scope: Scope) -> str | None:
         if name in scope.graph_inputs:
             return f"its {what} '{name}' is a graph input, so it can change at run time"
         tensor = scope.constant(name)
+        if tensor is None and name not in scope.producers:
+            return f"its {what} '{name}' comes from an outer graph, not a constant of its own"
         if tensor is None:
             return f"its {what} '{name}' is computed in the graph, not a constant"
         if not is_float_tensor(tensor):
