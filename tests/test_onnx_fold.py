@@ -192,11 +192,12 @@ def test_opset7_spatial_attribute():
 def test_subgraph_reading_outer_statistics_is_refused_not_broken():
     """A BN inside an If branch whose statistics live in the main graph: listed with the reason, graph intact."""
     model = samples.in_subgraph()
-    then_branch = model.graph.node[0].attribute[0].g
+    then_branch = next(a.g for a in model.graph.node[0].attribute if a.name == "then_branch")
     outer = [t for t in then_branch.initializer if t.name.startswith("bnT.")]
-    for tensor in outer:
-        then_branch.initializer.remove(tensor)
+    kept = [t for t in then_branch.initializer if not t.name.startswith("bnT.")]
     model.graph.initializer.extend(outer)
+    del then_branch.initializer[:]
+    then_branch.initializer.extend(kept)
     onnx.checker.check_model(model, full_check=True)
     result = fold_onnx(model)
     reasons = dict(result.skipped)
