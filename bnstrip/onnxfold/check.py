@@ -153,7 +153,8 @@ def compare(original: list[Any], folded: list[Any], original64: list[Any] | None
 
 def merge(checks: list[SelfCheck]) -> SelfCheck:
     """One report for several input sets: the worst fold error against the smallest tolerance."""
-    rounding = None if any(c.rounding is None for c in checks) else max(c.rounding for c in checks)
+    own = [c.rounding for c in checks if c.rounding is not None]
+    rounding = max(own) if len(own) == len(checks) else None
     return SelfCheck(max_abs_diff=max(c.max_abs_diff for c in checks), output_scale=max(c.output_scale for c in checks),
                      tolerance=min(c.tolerance for c in checks), samples=len(checks), rounding=rounding)
 

@@ -23,8 +23,8 @@ def export_bytes(model: Any, example: Any, opset: int | None = None) -> bytes:
 
     buffer = io.BytesIO()
     with torch.no_grad():
-        torch.onnx.export(model, (example,), buffer, dynamo=False, opset_version=opset, input_names=["input"],
-                          output_names=None, do_constant_folding=True)
+        torch.onnx.export(model, (example,), buffer,  # type: ignore[arg-type]
+                          dynamo=False, opset_version=opset, input_names=["input"], do_constant_folding=True)
     return buffer.getvalue()
 
 

@@ -62,7 +62,8 @@ def is_batchnorm(node: Any) -> bool:
 
 def _labels(all_scopes: list[Scope]) -> list[tuple[Scope, Any, str]]:
     """(scope, node, label) for every BatchNormalization, labels unique and stable across copies of the model."""
-    found, seen = [], set()
+    found: list[tuple[Scope, Any, str]] = []
+    seen: set[str] = set()
     for scope in all_scopes:
         for node in scope.nodes:
             if is_batchnorm(node):

@@ -145,7 +145,8 @@ class Scope:
         read = {n for node in nodes for n in node.input}
         graph = onnx.helper.make_graph(nodes, "constant", [], [onnx.helper.make_empty_tensor_value_info(name)],
                                        initializer=[t for t in self.graph.initializer if t.name in read])
-        return ReferenceEvaluator(onnx.helper.make_model(graph, opset_imports=self.opsets)).run(None, {})[0]
+        outputs = ReferenceEvaluator(onnx.helper.make_model(graph, opset_imports=self.opsets)).run(None, {})
+        return next(iter(outputs))
 
     def drop_dead(self, candidates: set[int]) -> None:
         """Remove candidate nodes none of whose outputs is read any more (repeatedly: a chain dies together)."""

@@ -206,6 +206,7 @@ def producer_gemm(layer: Any, scope: Scope, channels: int) -> Match | str:
 def producer_matmul(layer: Any, scope: Scope, channels: int, add: Any = None) -> Match | str:
     """MatMul(X, W) with a 2-D output (channels are W's columns) or MatMul(W, X) with a 3-D one (W's rows)."""
     out_rank = scope.rank(layer.output[0])
+    shape: tuple[int, ...]
     if is_constant(scope, layer.input[1]) and out_rank == 2:
         weight, axis, shape = 1, 1, (channels,)
     elif is_constant(scope, layer.input[0]) and out_rank == 3:
@@ -335,7 +336,7 @@ def decide(bn: Any, scope: Scope) -> Match | str:
     if issue := bn_issue(bn, scope):
         return issue
     mean = scope.constant(bn.input[3])
-    channels = int(mean.dims[0]) if mean.dims else 1
+    channels = int(mean.dims[0]) if mean is not None and mean.dims else 1
     before = producer_match(bn, scope, channels)
     if isinstance(before, Match):
         return before

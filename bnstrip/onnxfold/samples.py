@@ -59,7 +59,7 @@ def conv_bn(groups: int = 1, pads: tuple[int, ...] = (1, 1, 1, 1), bias: bool = 
             opset: int = 17, bn_attrs: dict[str, Any] | None = None) -> Any:
     import onnx
 
-    rng, inits = _rng(seed), []
+    rng, inits = _rng(seed), list[Any]()
     cin, cout = 4, 8
     inits.append(init("W", rng.normal(0, 0.5, (cout, cin // groups, 3, 3)).astype(np.float32)))
     inputs = ["x", "W"]
@@ -79,7 +79,7 @@ def conv_bn(groups: int = 1, pads: tuple[int, ...] = (1, 1, 1, 1), bias: bool = 
 def convtranspose_bn(groups: int = 2, seed: int = SEED, bias: bool = False) -> Any:
     import onnx
 
-    rng, inits = _rng(seed), []
+    rng, inits = _rng(seed), list[Any]()
     cin, cout = 4, 6
     inits.append(init("W", rng.normal(0, 0.5, (cin, cout // groups, 3, 3)).astype(np.float32)))
     inputs = ["x", "W"] + (["b"] if bias else [])
@@ -94,7 +94,7 @@ def convtranspose_bn(groups: int = 2, seed: int = SEED, bias: bool = False) -> A
 def gemm_bn(trans_b: int = 1, alpha: float = 0.7, beta: float = 1.5, bias: bool = True, seed: int = SEED) -> Any:
     import onnx
 
-    rng, inits = _rng(seed), []
+    rng, inits = _rng(seed), list[Any]()
     k, n = 6, 5
     inits.append(init("W", rng.normal(0, 0.5, (n, k) if trans_b else (k, n)).astype(np.float32)))
     inputs = ["x", "W"] + (["C"] if bias else [])
@@ -109,12 +109,12 @@ def matmul_bn(add: bool = True, three_d: bool = False, seed: int = SEED) -> Any:
     """MatMul(x, W) (+ b) -> BN on 2-D, or MatMul(W, x) (+ b) -> BN on 3-D (channels are W's rows)."""
     import onnx
 
-    rng, inits = _rng(seed), []
+    rng, inits = _rng(seed), list[Any]()
     if three_d:
         m, k, length = 5, 4, 7
         inits.append(init("W", rng.normal(0, 0.5, (m, k)).astype(np.float32)))
         mm = onnx.helper.make_node("MatMul", ["W", "x"], ["m"], name="matmul")
-        shape, channels, bias_shape = [2, k, length], m, (m, 1)
+        shape, channels, bias_shape = [2, k, length], m, (m, 1)  # type: tuple[list[int], int, tuple[int, ...]]
     else:
         k, n = 6, 5
         inits.append(init("W", rng.normal(0, 0.5, (k, n)).astype(np.float32)))
@@ -133,7 +133,7 @@ def matmul_bn(add: bool = True, three_d: bool = False, seed: int = SEED) -> Any:
 def bn_conv(pads: tuple[int, ...] = (0, 0, 0, 0), groups: int = 1, seed: int = SEED, zero_shift: bool = False) -> Any:
     import onnx
 
-    rng, inits = _rng(seed), []
+    rng, inits = _rng(seed), list[Any]()
     cin, cout = 4, 6
     bn = bn_node("x", "n", cin, rng, inits)
     if zero_shift:  # mean = B = 0: the shift is exactly zero, so padding stays exact
@@ -148,7 +148,7 @@ def bn_conv(pads: tuple[int, ...] = (0, 0, 0, 0), groups: int = 1, seed: int = S
 def bn_gemm(trans_b: int = 0, alpha: float = 1.3, beta: float = 0.5, seed: int = SEED) -> Any:
     import onnx
 
-    rng, inits = _rng(seed), []
+    rng, inits = _rng(seed), list[Any]()
     k, n = 6, 4
     bn = bn_node("x", "n", k, rng, inits)
     inits.append(init("W", rng.normal(0, 0.5, (n, k) if trans_b else (k, n)).astype(np.float32)))
@@ -161,7 +161,7 @@ def bn_gemm(trans_b: int = 0, alpha: float = 1.3, beta: float = 0.5, seed: int =
 def bn_matmul(three_d: bool = False, seed: int = SEED) -> Any:
     import onnx
 
-    rng, inits = _rng(seed), []
+    rng, inits = _rng(seed), list[Any]()
     if three_d:
         k, m, length = 4, 5, 7
         bn = bn_node("x", "n", k, rng, inits)
@@ -181,7 +181,7 @@ def conv_through(op: str, seed: int = SEED) -> Any:
     """Conv -> Identity/Dropout/Flatten/Reshape -> BN (Flatten/Reshape keep the channel axis: 1x1 spatial)."""
     import onnx
 
-    rng, inits = _rng(seed), []
+    rng, inits = _rng(seed), list[Any]()
     inits.append(init("W", rng.normal(0, 0.5, (8, 4, 3, 3)).astype(np.float32)))
     conv = onnx.helper.make_node("Conv", ["x", "W"], ["c"], name="conv")
     if op == "Flatten":
@@ -200,7 +200,7 @@ def shared_weight(seed: int = SEED) -> Any:
     """Two Convs reading one weight, each followed by its own BN: the weight is copied, never folded twice."""
     import onnx
 
-    rng, inits = _rng(seed), []
+    rng, inits = _rng(seed), list[Any]()
     inits.append(init("W", rng.normal(0, 0.5, (4, 4, 3, 3)).astype(np.float32)))
     nodes = [onnx.helper.make_node("Conv", ["x", "W"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
              bn_node("c1", "h", 4, rng, inits, prefix="bn1"),

@@ -78,6 +78,10 @@ def externalize(model: Any, location: str) -> bytes:
     return bytes(blob)
 
 
+def _write_bytes(path: str, data: bytes) -> None:
+    Path(path).write_bytes(data)
+
+
 def check_onnx_outputs(output: str, inputs: list[str], force: bool, external: bool) -> None:
     """Every path the ONNX job writes, checked before any work (io.write.check_output_path)."""
     from bnstrip.io.manifest import manifest_path
@@ -104,14 +108,14 @@ def write_onnx(model: Any, output: str, force: bool, external: bool, manifest: d
     if external:
         data_file = data_path(output)
         blob = externalize(final, data_file.name)
-        write_atomically(data_file, lambda tmp: Path(tmp).write_bytes(blob), replace=force)
+        write_atomically(data_file, lambda tmp: _write_bytes(tmp, blob), replace=force)
     payload = final.SerializeToString()
 
     def manifest_first(tmp_name: str) -> None:
         if manifest is not None:
             write_manifest(output, {**manifest, "output_sha256": hashlib.sha256(payload).hexdigest()}, force=force)
 
-    write_atomically(Path(output), lambda tmp: Path(tmp).write_bytes(payload), replace=force,
+    write_atomically(Path(output), lambda tmp: _write_bytes(tmp, payload), replace=force,
                      before_replace=manifest_first)
     return None if data_file is None else str(data_file)
 
@@ -129,6 +133,7 @@ def fuse_onnx_file(input_path: str, output_path: str, *, force: bool = False, al
     check_onnx_outputs(output_path, [input_path], force, loaded.external)
     result = fold_onnx(loaded, allow_overflow=allow_overflow, feeds=feeds)
     check = result.check
+    assert check is not None  # fold_onnx checks unless told not to
     manifest = {
         "bnstrip_version": __version__, "architecture": "onnx", "input_shape": [], "source": str(input_path),
         "source_sha256": loaded.sha256, "output": Path(output_path).name, **result.manifest_entries(),
