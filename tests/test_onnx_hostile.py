@@ -96,7 +96,39 @@ def _old_opset(tmp: Path) -> Path:
     return _write(model.SerializeToString())(tmp)
 
 
+def _huge_input(tmp: Path) -> Path:
+    model = samples.conv_bn()
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    dims[0].dim_value = 1 << 40
+    return _write(model.SerializeToString())(tmp)
+
+
+def _field(number: int, payload: bytes) -> bytes:
+    """One length-delimited protobuf field (the API itself cannot build messages this deep)."""
+    length, size = b"", len(payload)
+    while True:
+        byte = size & 0x7F
+        size >>= 7
+        length += bytes([byte | (0x80 if size else 0)])
+        if not size:
+            break
+    return bytes([number << 3 | 2]) + length + payload
+
+
+def _deep(tmp: Path) -> Path:
+    """If nodes nested 300 deep, written on the wire: protobuf's depth limit refuses it while parsing."""
+    graph = _field(2, b"leaf")
+    for _ in range(300):
+        attribute = _field(1, b"then_branch") + _field(6, graph) + bytes([20 << 3, 5])
+        node = _field(4, b"If") + _field(5, attribute)
+        graph = _field(1, node) + _field(2, b"g")
+    model = bytes([0x08, 8]) + _field(7, graph) + _field(8, bytes([0x10, 17]))
+    return _write(model)(tmp)
+
+
 CASES: dict[str, tuple[Callable[[Path], Path], str]] = {
+    "graph input 2**40": (_huge_input, "elements"),
+    "nested 200 deep": (_deep, "onnx model"),
     "external ..": (lambda tmp: _external(tmp, "../data.bin"), "inside the model's folder"),
     "external absolute": (lambda tmp: _external(tmp, "/etc/passwd"), "inside the model's folder"),
     "external symlink out": (_symlink_out, "outside the model's folder"),

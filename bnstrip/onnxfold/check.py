@@ -14,8 +14,8 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from bnstrip.core.compare import SelfCheck
-from bnstrip.errors import InputError, first_line
+from bnstrip.core.compare import MAX_EXAMPLE_ELEMENTS, SelfCheck
+from bnstrip.errors import InputError, first_line, printable
 
 SAMPLES = 2
 """Seeded input sets per check; symbolic dimensions are 1 (DIM_PARAM_SIZE)."""
@@ -56,6 +56,9 @@ def seeded_feeds(model: Any, seed: int, shapes: dict[str, Sequence[int]] | None 
             dims = list(shapes[value.name])
         else:
             dims = [d.dim_value if d.HasField("dim_value") else DIM_PARAM_SIZE for d in tensor_type.shape.dim]
+        if any(d < 0 for d in dims) or math.prod(dims) > MAX_EXAMPLE_ELEMENTS:
+            raise InputError(f"graph input '{printable(value.name)}' declares shape {dims[:8]}, over "
+                             f"{MAX_EXAMPLE_ELEMENTS:,} elements; a check needs one small batch: pass inputs")
         dtype = _np_type(tensor_type.elem_type)
         feeds[value.name] = (rng.random(dims).astype(dtype) if dtype.kind == "f" else np.zeros(dims, dtype=dtype))
     return feeds
