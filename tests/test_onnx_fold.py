@@ -205,3 +205,13 @@ def test_subgraph_reading_outer_statistics_is_refused_not_broken():
     assert "outer graph" in reasons["if.then_branch/bnT"]
     onnx.checker.check_model(result.model, full_check=True)
     assert result.check.passed
+
+
+def test_computed_weight_and_constant_statistics_leave_no_dead_nodes():
+    result = fold_onnx(samples.transposed_weight_constant_stats())
+    assert result.folded and [n.op_type for n in result.model.graph.node] == ["MatMul", "Add"]
+
+
+def test_constant_pad_is_not_folded_through():
+    result = fold_onnx(samples.bn_pad_conv(mode="constant"))
+    assert not result.folded and "mode=constant" in result.skipped[0][1]

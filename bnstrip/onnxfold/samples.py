@@ -209,6 +209,38 @@ def shared_weight(seed: int = SEED) -> Any:
     return model(nodes, inits, {"x": [2, 4, 6, 6]}, {"y": None})
 
 
+def bn_pad_conv(mode: str = "reflect", seed: int = SEED) -> Any:
+    """BN -> Pad(reflect/edge) -> unpadded Conv: padding that repeats values commutes with a per-channel affine map."""
+    import onnx
+
+    rng, inits = _rng(seed), list[Any]()
+    bn = bn_node("x", "n", 4, rng, inits)
+    inits.append(init("pads", np.array([0, 0, 1, 1, 0, 0, 1, 1], dtype=np.int64)))
+    inits.append(init("W", rng.normal(0, 0.5, (6, 4, 3, 3)).astype(np.float32)))
+    nodes = [bn, onnx.helper.make_node("Pad", ["n", "pads"], ["p"], name="pad", mode=mode),
+             onnx.helper.make_node("Conv", ["p", "W"], ["y"], name="conv")]
+    return model(nodes, inits, {"x": [2, 4, 6, 6]}, {"y": None})
+
+
+def transposed_weight_constant_stats(seed: int = SEED) -> Any:
+    """MatMul(x, Transpose(W)) -> BN whose scale and B are Constant nodes (what torch exports for a bias-free
+    Linear and an affine=False BatchNorm1d): the weight is evaluated once, the Constants go with the BN."""
+    import onnx
+
+    rng, inits = _rng(seed), list[Any]()
+    inits.append(init("W", rng.normal(0, 0.5, (5, 6)).astype(np.float32)))
+    bn = bn_node("m", "y", 5, rng, inits)
+    constants = []
+    for index, value in ((1, np.ones(5, np.float32)), (2, np.zeros(5, np.float32))):
+        name = f"const{index}"
+        constants.append(onnx.helper.make_node("Constant", [], [name], value=init(name, value)))
+        inits = [t for t in inits if t.name != bn.input[index]]
+        bn.input[index] = name
+    nodes = [onnx.helper.make_node("Transpose", ["W"], ["Wt"], name="transpose"),
+             onnx.helper.make_node("MatMul", ["x", "Wt"], ["m"], name="matmul"), *constants, bn]
+    return model(nodes, inits, {"x": [3, 6]}, {"y": None})
+
+
 def opset9(seed: int = SEED) -> Any:
     return conv_bn(seed=seed, opset=9)
 
@@ -252,6 +284,9 @@ SAMPLES: dict[str, Callable[[], Any]] = {
     "conv_dropout_bn": lambda: conv_through("Dropout"),
     "conv_flatten_bn": lambda: conv_through("Flatten"),
     "conv_reshape_bn": lambda: conv_through("Reshape"),
+    "bn_reflectpad_conv": bn_pad_conv,
+    "bn_edgepad_conv": lambda: bn_pad_conv("edge"),
+    "transposed_weight_constant_stats": transposed_weight_constant_stats,
     "shared_weight": shared_weight,
     "opset9": opset9,
     "if_subgraph": in_subgraph,
