@@ -95,3 +95,18 @@ def test_fuse_arch_exports_a_proven_onnx(tmp_path):
     exported = onnx.load(str(tmp_path / "m.onnx"))
     assert not any(n.op_type == "BatchNormalization" for n in exported.graph.node)
     assert json.loads(result.stdout)["self_check_max_abs_diff"] <= json.loads(result.stdout)["self_check_tolerance"]
+
+
+def test_custom_domain_model_lists_every_bn_and_writes_it_unchanged(tmp_path):
+    from onnx import helper
+
+    model = samples.conv_bn()
+    model.graph.node.append(helper.make_node("Mystery", ["y"], ["q"], domain="com.example"))
+    model.graph.output.append(helper.make_tensor_value_info("q", onnx.TensorProto.FLOAT, None))
+    model.opset_import.append(helper.make_opsetid("com.example", 1))
+    src = _save(model, tmp_path / "in.onnx")
+    result = invoke("fuse", src, tmp_path / "out.onnx")
+    assert result.exit_code == 0, result.stderr
+    assert "custom domain" in result.stdout and "nothing to check" in result.stdout
+    assert "none of its 1 BatchNorm(s) could be folded" in result.stderr
+    assert onnx.load(str(tmp_path / "out.onnx")).graph == model.graph

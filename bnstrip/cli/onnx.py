@@ -91,9 +91,10 @@ def _print(report: Any) -> None:
         console.print(make_table(f"Not folded ({len(result.skipped)})", ["BatchNorm", "reason"],
                                  [[bn, reason] for bn, reason in result.skipped], markup=False))
     data = f"; external data {report.data_file}" if getattr(report, "data_file", None) else ""
-    console.print(plain(f"self-check: max |diff| {fmt(check.max_abs_diff)} vs output scale {fmt(check.output_scale)} "
-                        f"on {check.samples} random inputs (tolerance {fmt(check.tolerance)}); manifest "
-                        f"{report.manifest}{data}; {report.seconds:.2f} s"))
+    figures = (f"max |diff| {fmt(check.max_abs_diff)} vs output scale {fmt(check.output_scale)} on {check.samples} "
+               f"random inputs (tolerance {fmt(check.tolerance)})" if check.samples else
+               "nothing folded, nothing to check")
+    console.print(plain(f"self-check: {figures}; manifest {report.manifest}{data}; {report.seconds:.2f} s"))
 
 
 def verify_onnx(first: str, second: str, inputs_file: str | None, as_json: bool) -> None:
