@@ -179,6 +179,8 @@ def apply_match(scope: Scope, ws: Workspace, bn: Any, match: Match, name: str) -
         scale, shift = bn_scale_shift64(bn, scope, ws, name)
     except InputError as exc:
         return f"its statistics cannot be folded: {exc}"
+    if match.repeat > 1:  # a Flatten between: channel c is features [c*k, (c+1)*k) of the layer after
+        scale, shift = scale.repeat_interleave(match.repeat), shift.repeat_interleave(match.repeat)
     if match.padded and bool((shift != 0).any()):
         return "the Conv after it pads its input, and the BatchNorm's shift is not zero, so the border would change"
     fold = _fold_producer if match.into == INTO_PRODUCER else _fold_consumer

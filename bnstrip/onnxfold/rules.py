@@ -9,6 +9,7 @@ accepts only rewrites that are exact; `bnstrip.onnxfold.edit` applies them in fl
 from __future__ import annotations
 
 from collections.abc import Callable
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,6 +41,8 @@ class Match:
     """The pass-through nodes between the layer and the BatchNorm, in data order."""
     padded: bool = False
     """A consumer Conv that reads padding: exact only when the BatchNorm's shift is zero."""
+    repeat: int = 1
+    """Each BatchNorm channel covers this many consecutive input features of the layer (a Flatten between them)."""
 
 
 def _dropout_issue(node: Any, scope: Scope) -> str | None:
@@ -137,8 +140,22 @@ def _walk_up(name: str, scope: Scope, chain: list[Any]) -> tuple[Any, str] | str
     return node, name
 
 
-def _walk_down(name: str, scope: Scope, chain: list[Any]) -> tuple[Any, str] | str:
-    """The single reader of `name` past pass-through ops, and the value it reads."""
+def flatten_repeat(node: Any, scope: Scope) -> int | None:
+    """k when Flatten/Reshape maps static (N, C, d1, ...) to (N, C*k), k = d1*...: channel c becomes features
+    [c*k, (c+1)*k), so a BatchNorm before it acts on the next layer's inputs as its (s, t) repeated k times."""
+    if node.op_type not in ("Flatten", "Reshape"):
+        return None
+    before, after = scope.shapes.get(node.input[0]), scope.shapes.get(node.output[0])
+    if not before or not after or len(before) < 3 or len(after) != 2 or None in before[1:]:
+        return None
+    if node.op_type == "Flatten" and attr(node, "axis", 1) != 1:
+        return None
+    k = math.prod(before[2:])
+    return k if before[0] == after[0] and after[1] == before[1] * k else None
+
+
+def _walk_down(name: str, scope: Scope, chain: list[Any], repeat: list[int] | None = None) -> tuple[Any, str] | str:
+    """The single reader of `name` past pass-through ops, and the value it reads (`repeat` collects flatten_repeat)."""
     while True:
         if name in scope.graph_outputs:
             return "its output is a graph output"
@@ -147,7 +164,10 @@ def _walk_down(name: str, scope: Scope, chain: list[Any]) -> tuple[Any, str] | s
             return "its output has several readers (or one inside a subgraph)"
         if node.op_type not in PASS_THROUGH or node.domain not in STANDARD_DOMAINS or node.input[0] != name:
             return node, name
-        if issue := PASS_THROUGH[node.op_type](node, scope):
+        k = flatten_repeat(node, scope) if repeat is not None else None
+        if k is not None and repeat is not None:
+            repeat[0] *= k
+        elif issue := PASS_THROUGH[node.op_type](node, scope):
             return f"{node.op_type} '{node.name}' after it: {issue}"
         chain.append(node)
         name = node.output[0]
@@ -313,10 +333,12 @@ def producer_match(bn: Any, scope: Scope, channels: int) -> Match | str:
 
 def consumer_match(bn: Any, scope: Scope, channels: int) -> Match | str:
     chain: list[Any] = []
-    found = _walk_down(bn.output[0], scope, chain)
+    repeat = [1]
+    found = _walk_down(bn.output[0], scope, chain, repeat)
     if isinstance(found, str):
         return found
     layer, name = found
+    channels *= repeat[0]
     for pattern in PATTERNS:
         if pattern.into == INTO_CONSUMER and layer.op_type in pattern.ops and layer.domain in STANDARD_DOMAINS:
             if layer.op_type == "MatMul":
@@ -326,7 +348,7 @@ def consumer_match(bn: Any, scope: Scope, channels: int) -> Match | str:
             else:
                 match = pattern.matcher(layer, scope, channels)
             if isinstance(match, Match):
-                match.chain = chain
+                match.chain, match.repeat = chain, repeat[0]
             return match
     return f"the layer after it is {layer.op_type}"
 

@@ -241,6 +241,19 @@ def transposed_weight_constant_stats(seed: int = SEED) -> Any:
     return model(nodes, inits, {"x": [3, 6]}, {"y": None})
 
 
+def bn_flatten_gemm(seed: int = SEED) -> Any:
+    """BN on (N, C, H, W) -> Flatten -> Gemm: each channel's (s, t) covers H*W consecutive Gemm inputs."""
+    import onnx
+
+    rng, inits = _rng(seed), list[Any]()
+    bn = bn_node("x", "n", 3, rng, inits)
+    inits.append(init("W", rng.normal(0, 0.5, (5, 3 * 2 * 2)).astype(np.float32)))
+    inits.append(init("C", rng.normal(0, 0.5, 5).astype(np.float32)))
+    nodes = [bn, onnx.helper.make_node("Flatten", ["n"], ["f"], name="flatten", axis=1),
+             onnx.helper.make_node("Gemm", ["f", "W", "C"], ["y"], name="gemm", transB=1)]
+    return model(nodes, inits, {"x": [2, 3, 2, 2]}, {"y": None})
+
+
 def opset9(seed: int = SEED) -> Any:
     return conv_bn(seed=seed, opset=9)
 
@@ -287,6 +300,7 @@ SAMPLES: dict[str, Callable[[], Any]] = {
     "bn_reflectpad_conv": bn_pad_conv,
     "bn_edgepad_conv": lambda: bn_pad_conv("edge"),
     "transposed_weight_constant_stats": transposed_weight_constant_stats,
+    "bn_flatten_gemm": bn_flatten_gemm,
     "shared_weight": shared_weight,
     "opset9": opset9,
     "if_subgraph": in_subgraph,
