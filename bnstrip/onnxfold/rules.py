@@ -8,8 +8,8 @@ accepts only rewrites that are exact; `bnstrip.onnxfold.edit` applies them in fl
 """
 from __future__ import annotations
 
-from collections.abc import Callable
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
