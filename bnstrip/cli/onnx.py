@@ -42,6 +42,15 @@ def fuse_onnx_job(input_path: str, output_path: str, *, arch: str | None, input_
     """Run `bnstrip fuse` for ONNX (IN.onnx -> OUT.onnx, or --arch IN -> OUT.onnx); False when it is not such a job."""
     if not is_onnx_job(input_path, output_path):
         return False
+    from bnstrip.io.sniff import is_onnx_file
+
+    if arch is None and not is_onnx_file(input_path) and Path(input_path).suffix.lower() != ".onnx":
+        from bnstrip.errors import InputError
+        from bnstrip.io.write import SAFETENSORS_SUFFIXES, TORCH_SUFFIXES
+
+        names = ", ".join(s for s in TORCH_SUFFIXES + SAFETENSORS_SUFFIXES if s)
+        raise InputError(f"{output_path}: an .onnx OUT needs an ONNX model as IN, or --arch to export the folded "
+                         f"checkpoint; for a checkpoint OUT use one of {names}")
     _require_onnx()
     if arch is not None:
         from bnstrip.onnxfold.export import fuse_arch_to_onnx

@@ -65,6 +65,8 @@ def _reshape_issue(node: Any, scope: Scope) -> str | None:
         return "its shapes are unknown"
     if before[0] != after[0] or before[1] is None or before[1] != after[1]:
         return f"it maps shape {before} to {after}, which moves the channel axis"
+    if None in before[2:] or None in after[2:] or math.prod(before[2:]) != math.prod(after[2:]):
+        return f"it maps shape {before} to {after}: the batch may be regrouped"
     return None
 
 
