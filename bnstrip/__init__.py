@@ -12,6 +12,7 @@ _LAZY = {
     "load_folded": ("bnstrip.fold.load", "load_folded"),
     "FoldResult": ("bnstrip.fold.model", "FoldResult"),
     "fold_program": ("bnstrip.fold.program", "fold_program"),
+    "fold_onnx": ("bnstrip.onnxfold.fold", "fold_onnx"),
     "load_program": ("bnstrip.io.pt2", "load_program"),
     "fuse_file": ("bnstrip.pipeline", "fuse_file"),
     "register_batchnorm": ("bnstrip.trace.bn_registry", "register_batchnorm"),

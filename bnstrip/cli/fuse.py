@@ -30,9 +30,16 @@ def fuse(input_path: str, output_path: str, eps: float | None, arch: str | None,
     """Fold every BatchNorm of the checkpoint IN and write the folded state_dict to OUT (.pt or .safetensors).
 
     Without --arch, IN is a smallNetTrain checkpoint and OUT a smallNetTest state_dict.
+    An ONNX model IN folds into OUT.onnx; with --arch, OUT.onnx is the folded model exported.
     The folded model is checked against the original on random inputs before anything is written.
     """
+    from bnstrip.cli.onnx import fuse_onnx_job  # issue 20: IN.onnx (by content) or OUT.onnx
     from bnstrip.cli.program import fuse_program_job  # issue 13: IN.pt2 (by content) or OUT.pt2
+
+    if fuse_onnx_job(input_path, output_path, arch=arch, input_shape=input_shape, eps=eps,
+                     keep_structure=keep_structure, reparameterize=reparameterize, dtype=dtype, force=force,
+                     allow_overflow=allow_overflow, as_json=as_json, strict=strict):
+        return
 
     if fuse_program_job(input_path, output_path, arch=arch, input_shape=input_shape, keep_structure=keep_structure,
                         reparameterize=reparameterize, eps=eps, force=force, allow_overflow=allow_overflow,

@@ -72,7 +72,7 @@ def _fused_dtypes(path: str | None) -> set[str]:
 @click.option("--limit", default=None, type=click.IntRange(min=1), help="Use only the first N test images.")
 @click.option("--threads", default=None, type=click.IntRange(min=1), help="torch threads for the comparison (default 1, so the figures do not depend on the machine's core count).")
 @click.option("--no-download", is_flag=True, help="Fail instead of downloading CIFAR-10 when no local copy is found.")
-@click.option("--inputs", "inputs_file", default=None, type=click.Path(path_type=str), help="With two exported programs (.pt2): run both on these inputs (a .pt tensor/tuple or a .safetensors file) instead of the program's example inputs.")
+@click.option("--inputs", "inputs_file", default=None, type=click.Path(path_type=str), help="With two exported programs (.pt2): run both on these inputs (a .pt tensor/tuple or a .safetensors file) instead of the program's example inputs. With two ONNX models: an .npz or .safetensors file of arrays named after the graph inputs.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 @handle_errors
 def verify(files: tuple[str, ...], checkpoint: str | None, fused: str | None, data_dir: str | None, batch_size: int,
@@ -95,11 +95,17 @@ def verify(files: tuple[str, ...], checkpoint: str | None, fused: str | None, da
     checkpoint, fused = _files(files, checkpoint, fused)
     from bnstrip.cli.program import _is_program, verify_programs  # issue 13: two exported programs
 
+    from bnstrip.cli.onnx import verify_onnx  # issue 20: two ONNX models
+    from bnstrip.io.sniff import is_onnx_file
+
+    if fused is not None and (is_onnx_file(checkpoint) or is_onnx_file(fused)):
+        verify_onnx(checkpoint, fused, inputs_file, as_json)
+        return
     if fused is not None and (_is_program(checkpoint) or _is_program(fused)):
         verify_programs(checkpoint, fused, inputs_file, as_json)
         return
     if inputs_file is not None:
-        raise click.UsageError("--inputs goes with two exported programs (.pt2)")
+        raise click.UsageError("--inputs goes with two exported programs (.pt2) or two ONNX models")
     try:
         bn_model, folded_model, notes = load_smallnet_pair(checkpoint, fused, SMALLNET_EPS if eps is None else eps)
     except InputError as exc:

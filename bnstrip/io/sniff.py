@@ -89,6 +89,24 @@ def describe_non_checkpoint(head: bytes, path: Path) -> InputError:
                       "pass a file written by torch.save or safetensors")
 
 
+ONNX_SECOND_FIELDS = frozenset({0x12, 0x1A, 0x22, 0x28, 0x32, 0x3A, 0x42, 0x72})
+"""Tags of the ModelProto fields that follow ir_version in a serialised model (producer, domain, graph, opsets...)."""
+
+
+def looks_like_onnx(head: bytes) -> bool:
+    """A serialised ONNX ModelProto: field 1 (ir_version, a small varint) first, then another ModelProto field."""
+    return len(head) >= 3 and head[0] == 0x08 and 1 <= head[1] <= 64 and head[2] in ONNX_SECOND_FIELDS
+
+
+def is_onnx_file(path: str | os.PathLike[str]) -> bool:
+    """Whether `path` is a regular file whose first bytes are an ONNX model (False for anything unreadable)."""
+    try:
+        with open_regular_file(path) as f:
+            return looks_like_onnx(f.read(8))
+    except (InputError, OSError):
+        return False
+
+
 def looks_like_safetensors(head: bytes) -> bool:
     """8-byte little-endian header length followed by a JSON object."""
     return len(head) >= 9 and head[8:9] == b"{"
