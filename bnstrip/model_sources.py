@@ -14,9 +14,11 @@ models); the message names the fix, a torchvision build that matches the install
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import re
+import sys
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -90,8 +92,10 @@ def import_failure(package: str, spec: str, exc: BaseException) -> InputError:
 
 
 def _import(package: str, spec: str, module: str | None = None) -> Any:
+    """Import the package; what it prints while importing (ultralytics' settings notice) goes to stderr."""
     try:
-        return importlib.import_module(module or package)
+        with contextlib.redirect_stdout(sys.stderr):
+            return importlib.import_module(module or package)
     except Exception as exc:  # noqa: BLE001 - any import failure is one line naming the package
         raise import_failure(package, spec, exc) from None
 
@@ -133,6 +137,9 @@ def _ultralytics_builder(name: str, spec: str) -> Callable[..., Any]:
         model = ultralytics.YOLO(name).model
         if kwargs:  # e.g. {"nc": 10}: the task's model class (DetectionModel, ...) built again from the same config
             model = type(model)(model.yaml, **kwargs)
+        for module in model.modules():  # Detect heads cache their anchor grid per input shape; a traced run would
+            if hasattr(module, "dynamic") and hasattr(module, "anchors"):  # leave a traced grid behind: rebuild it
+                module.dynamic = True  # on every call instead (the same values, as ultralytics' own export does)
         return model
 
     return build

@@ -109,10 +109,14 @@ def build_loaded(model_factory: Callable[[], nn.Module], state: dict[str, torch.
     """
     from bnstrip.fold.load import load_state_strict
 
-    with torch.device("meta"):
-        model = model_factory()
-    load_state_strict(model, state, source, assign=True)
-    if any(t.is_meta for t in list(model.parameters()) + list(model.buffers())):
+    try:
+        with torch.device("meta"):
+            model = model_factory()
+    except Exception:  # noqa: BLE001 - a constructor that runs the model (ultralytics' stride probe): build it normally
+        model = None
+    if model is not None:
+        load_state_strict(model, state, source, assign=True)
+    if model is None or any(t.is_meta for t in list(model.parameters()) + list(model.buffers())):
         model = model_factory()
         dtype = _state_dtype(state)
         if dtype is not None:
