@@ -183,3 +183,11 @@ def test_cli_bad_arch_kwargs_exit_2_with_one_line(fakes: list, tmp_path: Path, a
     assert result.exit_code == 2, result.output
     assert fragment in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "o.pt").exists()
+
+
+def test_cli_bench_takes_a_source_and_kwargs(fakes: list) -> None:
+    result = CliRunner().invoke(main, ["bench", "--arch", "timm:tinynet", "--arch-kwargs", '{"num_classes": 3}',
+                                       "--input-shape", "1,3,8,8", "--batch-size", "2", "--repeat", "1",
+                                       "--warmup", "0", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["folded"] == 1 and fakes == [("timm", False)]
