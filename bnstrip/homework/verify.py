@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from bnstrip.bench import torch_threads
+from bnstrip.threads import available_cores
 from bnstrip.homework.data import to_float_tensor
 
 
@@ -34,16 +35,6 @@ class VerifyResult:
 
     def to_dict(self) -> dict:
         return {**asdict(self), "passed": self.passed}
-
-
-def available_cores() -> int:
-    """The cores this process may run on (its CPU affinity, which containers and taskset narrow), at least 1."""
-    import os
-
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):
-        return max(1, os.cpu_count() or 1)
 
 
 DEFAULT_THREADS = None
