@@ -197,8 +197,7 @@ def fuse_file(input_path: str, output_path: str, model_factory: Callable[[], nn.
 
     `example_inputs` (a tensor or tuple) trace and check the generic job; `arch` names the model
     in messages and metadata. `dtype` ('keep', 'float32', 'float64') converts IN before folding.
-    `reparameterize` also merges parallel branches (fold_model's option; generic job only).
-    `dry_run` does everything but write: OUT is neither checked nor written (the report's manifest is None).
+    `reparameterize` also merges parallel branches (generic job only); `dry_run` does all but check and write OUT.
     """
     from bnstrip import __version__
     from bnstrip.homework.models import SmallNetTrain

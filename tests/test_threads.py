@@ -31,5 +31,5 @@ def test_the_callers_grad_and_inference_modes_hold_in_the_workers() -> None:
 
 
 def test_nested_calls_run_in_turn_inside_a_worker() -> None:
-    inner = lambda x: sum(map_single_threaded(lambda y: y * 2, [x, x + 1], workers=4))  # noqa: E731
+    inner = lambda x: sum(map_single_threaded(lambda y: y * 2, [x, x + 1], workers=4))
     assert map_single_threaded(inner, [1, 2, 3], workers=3) == [6, 10, 14]

@@ -8,7 +8,6 @@ import functools
 import json
 import math
 import os
-import re
 import sys
 import time
 from typing import Any, Callable, TypeVar
