@@ -76,3 +76,14 @@ def test_dry_run_with_strict_exits_1_and_writes_nothing(tmp_path: Path, at_repo_
 def test_out_is_required_without_dry_run(tmp_path: Path) -> None:
     result = CliRunner().invoke(main, ["fuse", str(tmp_path / "in.pt")])
     assert result.exit_code == 2 and "Missing argument 'OUT' (only --dry-run goes without it)" in result.stderr
+
+
+@pytest.mark.slow  # two smallNet folds
+def test_smallnet_dry_run_reports_the_pairs_and_writes_nothing(tmp_path: Path, random_smallnet_file: Path) -> None:
+    work = random_smallnet_file.parent
+    before = sorted(os.listdir(work))
+    code, dry, _ = _fuse([str(random_smallnet_file), "--dry-run"])
+    assert code == 0 and dry["dry_run"] is True and dry["output"] is None and sorted(os.listdir(work)) == before
+    code, real, _ = _fuse([str(random_smallnet_file), str(work / "out.pt")])
+    assert code == 0 and dry["pairs"] == real["pairs"] and (work / "out.pt").is_file()
+    assert dry["self_check_max_abs_diff"] == real["self_check_max_abs_diff"]
