@@ -1,8 +1,8 @@
-"""Build a user's model from a "MODULE:CALLABLE" spec, as `--arch` takes it.
+"""Build a user's model from a "MODULE:CALLABLE" spec, as `--arch` takes it (or a library's model by name).
 
 The CLI only has a checkpoint (a state_dict); the code that defines the network
 lives in the user's own module. `--arch` runs that code, by design. We import it
-from the current directory, call the class or factory with no arguments, and insist
+from the current directory, call the class or factory (with `--arch-kwargs`, if given), and insist
 on an nn.Module, so every failure is one line that says what to fix.
 
 The current directory is importable only for that: only while MODULE is imported and
@@ -11,6 +11,9 @@ made by files in the current directory.  torch and the libraries it imports lazi
 (sympy, gmpy2, tabulate, ...) never pick up a same-named file lying beside the
 checkpoint, and the current directory is taken off sys.path for the rest of the run
 (`python -m bnstrip` puts it first).
+
+`torchvision:NAME`, `timm:NAME` and `ultralytics:CONFIG.yaml` name a model through that
+library instead (bnstrip.model_sources); `--arch-kwargs` passes keyword arguments to either.
 """
 from __future__ import annotations
 
@@ -127,24 +130,77 @@ def _required_parameters(target: Callable[..., Any]) -> list[str]:
                            inspect.Parameter.KEYWORD_ONLY)]
 
 
-def import_arch(spec: str) -> "nn.Module":
-    """Import MODULE:CALLABLE, call it with no arguments and return the nn.Module it builds."""
+def parse_arch_kwargs(text: str | None) -> dict[str, Any]:
+    """`--arch-kwargs '{"num_classes": 10}'` -> {'num_classes': 10}; InputError for anything but a JSON object."""
+    import json
+
+    if text is None or not text.strip():
+        return {}
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise InputError(f"--arch-kwargs {text!r}: not JSON ({first_line(exc)}); "
+                         "write a JSON object, e.g. --arch-kwargs '{\"num_classes\": 10}'") from None
+    if not isinstance(value, dict):
+        raise InputError(f"--arch-kwargs {text!r}: a JSON object of keyword arguments is needed, not a "
+                         f"{type(value).__name__}, e.g. --arch-kwargs '{{\"num_classes\": 10}}'")
+    return value
+
+
+def _resolve(spec: str) -> tuple[Callable[..., Any], str, str | None]:
+    """(callable, its name for messages, MODULE to make importable while it runs or None for a library source)."""
+    from bnstrip.model_sources import parse_source, source_builder
+
+    source = parse_source(spec)
+    if source is not None:
+        return source_builder(source, spec), spec, None
+    return import_callable(spec), spec.partition(":")[2], spec.partition(":")[0]
+
+
+def import_arch(spec: str, kwargs: dict[str, Any] | None = None) -> "nn.Module":
+    """Build the nn.Module that `spec` names (MODULE:CALLABLE, torchvision:NAME, timm:NAME, ultralytics:CONFIG.yaml).
+
+    `kwargs` go to the class or factory (`--arch-kwargs`). Whatever the model's code prints goes to
+    stderr, so stdout keeps only bnstrip's result (one JSON object with --json).
+    """
+    target, shown, module_name = _resolve(spec)
+    return _build(spec, target, shown, module_name, dict(kwargs or {}))
+
+
+def arch_factory(spec: str, kwargs: dict[str, Any] | None = None) -> Callable[[], "nn.Module"]:
+    """A no-argument factory for `spec`, resolved now: a wrong spec or a missing package is named before any file is
+    read, and no model is built yet (memory)."""
+    target, shown, module_name = _resolve(spec)
+    arguments = dict(kwargs or {})
+    if module_name is not None:
+        _refuse_missing_arguments(spec, target, shown, arguments)
+    return lambda: _build(spec, target, shown, module_name, arguments)
+
+
+def _refuse_missing_arguments(spec: str, target: Callable[..., Any], shown: str, kwargs: dict[str, Any]) -> None:
+    required = [name for name in _required_parameters(target) if name not in kwargs]
+    if required:
+        raise InputError(f"--arch {spec!r}: {shown} needs arguments ({', '.join(required)}); pass them with "
+                         "--arch-kwargs JSON or wrap it in a factory function that takes none")
+
+
+def _build(spec: str, target: Callable[..., Any], shown: str, module_name: str | None,
+           kwargs: dict[str, Any]) -> "nn.Module":
     from torch import nn
 
-    target = import_callable(spec)
-    required = _required_parameters(target)
-    if required:
-        raise InputError(f"--arch {spec!r}: {spec.partition(':')[2]} needs arguments ({', '.join(required)}); "
-                         "wrap it in a factory function that takes none")
+    if module_name is not None:
+        _refuse_missing_arguments(spec, target, shown, kwargs)
+    importable = user_code_importable(module_name) if module_name is not None else contextlib.nullcontext()
     try:
-        with user_code_importable(spec.partition(":")[0]):
-            model = target()
-    except Exception as exc:  # the user's constructor raised
-        raise InputError(f"--arch {spec!r}: calling {spec.partition(':')[2]}() raised {type(exc).__name__}: "
+        with importable, contextlib.redirect_stdout(sys.stderr):
+            model = target(**kwargs)
+    except InputError:
+        raise
+    except Exception as exc:  # the user's (or the library's) constructor raised
+        given = f"**{kwargs}" if kwargs else ""
+        raise InputError(f"--arch {spec!r}: calling {shown}({given}) raised {type(exc).__name__}: "
                          f"{first_line(exc)}") from None
     if not isinstance(model, nn.Module):
-        raise InputError(f"--arch {spec!r}: {spec.partition(':')[2]}() returned a {type(model).__name__}, not a "
+        raise InputError(f"--arch {spec!r}: {shown}() returned a {type(model).__name__}, not a "
                          "torch.nn.Module; point --arch at the model class or a factory that returns one")
     return model
-
-

@@ -302,8 +302,9 @@ def smallnet_pair(checkpoint: str, eps: float | None = None) -> ModelPair:
     return ModelPair(bn_model, folded_model, tuple(SMALLNET_INPUT_SHAPE), len(SMALLNET_PAIRS), notes)
 
 
-def arch_pair(spec: str, sample_shape: Sequence[int], checkpoint: str | None = None, seed: int = 0) -> ModelPair:
-    """A user's model (`MODULE:CALLABLE`) and bnstrip's fold of it.
+def arch_pair(spec: str, sample_shape: Sequence[int], checkpoint: str | None = None, seed: int = 0,
+              kwargs: dict[str, Any] | None = None) -> ModelPair:
+    """A user's model (`MODULE:CALLABLE`, or torchvision:/timm:/ultralytics: by name, with `kwargs`) and its fold.
 
     Without a checkpoint the model keeps its random initialisation and gets
     randomised BatchNorm statistics, which is enough for timing.
@@ -312,7 +313,7 @@ def arch_pair(spec: str, sample_shape: Sequence[int], checkpoint: str | None = N
     from bnstrip.fold import fold_model, load_state_strict
 
     torch.manual_seed(seed)
-    model = import_arch(spec)
+    model = import_arch(spec, kwargs)
     notes: list[str] = []
     if checkpoint is not None:
         from bnstrip.io.checkpoint import load_checkpoint

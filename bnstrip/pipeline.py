@@ -109,10 +109,14 @@ def build_loaded(model_factory: Callable[[], nn.Module], state: dict[str, torch.
     """
     from bnstrip.fold.load import load_state_strict
 
-    with torch.device("meta"):
-        model = model_factory()
-    load_state_strict(model, state, source, assign=True)
-    if any(t.is_meta for t in list(model.parameters()) + list(model.buffers())):
+    try:
+        with torch.device("meta"):
+            model = model_factory()
+    except Exception:  # noqa: BLE001 - a constructor that runs the model (ultralytics' stride probe): build it normally
+        model = None
+    if model is not None:
+        load_state_strict(model, state, source, assign=True)
+    if model is None or any(t.is_meta for t in list(model.parameters()) + list(model.buffers())):
         model = model_factory()
         dtype = _state_dtype(state)
         if dtype is not None:
@@ -188,12 +192,12 @@ def _fold_smallnet(state: dict[str, Any], eps: float | None, input_path: str,
 def fuse_file(input_path: str, output_path: str, model_factory: Callable[[], nn.Module],
               example_inputs: Any = None, *, eps: float | None = None, keep_structure: bool = False,
               allow_overflow: bool = False, force: bool = False, dtype: str = "keep",
-              arch: str | None = None, reparameterize: bool = False) -> FuseReport:
+              arch: str | None = None, reparameterize: bool = False, dry_run: bool = False) -> FuseReport:
     """Load IN, fold it into `model_factory`'s model, check once, write OUT (see the module docstring).
 
     `example_inputs` (a tensor or tuple) trace and check the generic job; `arch` names the model
     in messages and metadata. `dtype` ('keep', 'float32', 'float64') converts IN before folding.
-    `reparameterize` also merges parallel branches (fold_model's option; generic job only).
+    `reparameterize` also merges parallel branches (generic job only); `dry_run` does all but check and write OUT.
     """
     from bnstrip import __version__
     from bnstrip.homework.models import SmallNetTrain
@@ -213,7 +217,8 @@ def fuse_file(input_path: str, output_path: str, model_factory: Callable[[], nn.
             raise InputError("smallNet has no parallel branches to merge: reparameterize=True goes with an arch model")
     elif example_inputs is None:
         raise InputError(f"{name}: example_inputs are required to trace and check the model")
-    check_outputs(output_path, input_path, force, with_manifest=not smallnet)
+    if not dry_run:
+        check_outputs(output_path, input_path, force, with_manifest=not smallnet)
     metadata = {"source_sha256": loaded.sha256, "bnstrip_version": __version__, "architecture": name}
     if smallnet:
         folded, eps_used = _fold_smallnet(state, eps, input_path, allow_overflow)
@@ -235,11 +240,12 @@ def fuse_file(input_path: str, output_path: str, model_factory: Callable[[], nn.
         metadata["form"] = entries["form"]
     shape = list(map(int, inputs[0].shape)) if not smallnet and isinstance(inputs[0], torch.Tensor) else []
     manifest = None if smallnet else _manifest(folded, name, shape, input_path, output_path, loaded.sha256, entries)
-    _write(folded, output_path, input_path, force, metadata, manifest)
+    if not dry_run:
+        _write(folded, output_path, input_path, force, metadata, manifest)
     return FuseReport(input=str(input_path), output=str(output_path), arch=name,
                       dtype=str(written_dtype).replace("torch.", ""), source_format=loaded.format,
                       self_check=folded.check, pairs=folded.pairs, eps=eps_used,
-                      manifest=None if smallnet else str(manifest_path(output_path)), input_shape=shape,
+                      manifest=None if smallnet or dry_run else str(manifest_path(output_path)), input_shape=shape,
                       result=folded.result, unwrapped=list(loaded.unwrapped), warnings=folded.warnings,
                       seconds=time.perf_counter() - started)
 
@@ -291,41 +297,87 @@ def write_program(program: Any, output_path: str, input_path: str, force: bool) 
 
 
 def fuse_program_file(input_path: str, output_path: str, *, eps: float | None = None, allow_overflow: bool = False,
-                      force: bool = False) -> ProgramReport:
-    """IN.pt2 -> fold_program (its own check) -> OUT.pt2; IN is validated before anything else runs."""
+                      force: bool = False, dry_run: bool = False) -> ProgramReport:
+    """IN.pt2 -> fold_program (its own check) -> OUT.pt2; IN is validated before anything else runs.
+
+    `dry_run`: everything but the write (OUT is neither checked nor written)."""
     from bnstrip.fold.program import fold_program
     from bnstrip.io.pt2 import load_program
     from bnstrip.io.write import check_output_path
 
     started = time.perf_counter()
     program = load_program(input_path)
-    check_output_path(output_path, [input_path], force, what="program", checkpoint=False)
+    if not dry_run:
+        check_output_path(output_path, [input_path], force, what="program", checkpoint=False)
     result = fold_program(program, eps=eps, allow_overflow=allow_overflow, name=str(input_path))
     assert result.self_check is not None
-    write_program(result.program, output_path, input_path, force)
+    if not dry_run:
+        write_program(result.program, output_path, input_path, force)
     return ProgramReport(input=str(input_path), output=str(output_path), arch="program", self_check=result.self_check,
                          result=result, dynamic_dims=result.dynamic_dims, seconds=time.perf_counter() - started)
 
 
+def _export_batch(model: nn.Module, folded: nn.Module, inputs: tuple[Any, ...], name: str,
+                  dynamic_batch: bool) -> tuple[Any, SelfCheck, list[str], list[str]]:
+    """Export the folded module with dim 0 of every tensor input as one dynamic `batch` (>= 1), or static.
+
+    A model whose code fixes the batch (a reshape to a constant, say) does not export with a dynamic
+    batch: then it is exported with the example's batch, and the warning says so.
+    (program, check, dynamic dim names, warnings)
+    """
+    from bnstrip.errors import first_line
+    from bnstrip.fold.program import export_folded
+
+    if dynamic_batch:
+        batch = torch.export.Dim("batch", min=1)
+        spec = tuple({0: batch} if isinstance(t, torch.Tensor) and t.dim() else None for t in inputs)
+        try:
+            program, check = export_folded(model, folded, inputs, name=name, dynamic=spec)
+            return program, check, ["batch"], []
+        except InputError as exc:
+            note = (f"{name}: the folded model does not export with a dynamic batch dimension ({first_line(exc, 160)}); "
+                    f"OUT.pt2 takes batches of {int(inputs[0].shape[0])} only")
+            program, check = export_folded(model, folded, inputs, name=name)
+            return program, check, [], [note]
+    program, check = export_folded(model, folded, inputs, name=name)
+    return program, check, [], []
+
+
+def _with_batch_two(example_inputs: Any) -> tuple[Any, ...]:
+    """torch.export fixes a dim whose example size is 1: a dynamic batch is exported from a batch of 2."""
+    items = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+    return tuple(torch.cat([t, t.flip(0) * 0.5]) if isinstance(t, torch.Tensor) and t.dim() and t.shape[0] == 1
+                 else t for t in items)
+
+
 def fuse_arch_to_program(input_path: str, output_path: str, model_factory: Callable[[], nn.Module],
                          example_inputs: Any, *, arch: str, eps: float | None = None, allow_overflow: bool = False,
-                         force: bool = False, dtype: str = "keep") -> ProgramReport:
-    """--arch IN -> fold_model (its check) -> export the folded module -> check the program -> OUT.pt2."""
+                         force: bool = False, dtype: str = "keep", dynamic_batch: bool = True,
+                         dry_run: bool = False) -> ProgramReport:
+    """--arch IN -> fold_model (its check) -> export the folded module -> check the program -> OUT.pt2.
+
+    `dynamic_batch` (the default) exports dim 0 of the inputs as a dynamic batch (from a batch of at least 2,
+    see _with_batch_two); False fixes it at the example's size. `dry_run`: everything but the write.
+    """
     from bnstrip.fold.model import fold_model
-    from bnstrip.fold.program import export_folded
     from bnstrip.io.checkpoint import load_checkpoint
     from bnstrip.io.write import check_output_path
 
     started = time.perf_counter()
     loaded = load_checkpoint(input_path)
     state = _converted(loaded.state_dict, dtype)
-    check_output_path(output_path, [input_path], force, what="program", checkpoint=False)
+    if not dry_run:
+        check_output_path(output_path, [input_path], force, what="program", checkpoint=False)
     model = build_loaded(model_factory, state, input_path)
     del state
+    if dynamic_batch:
+        example_inputs = _with_batch_two(example_inputs)
     inputs = _as_model_dtype(example_inputs, model_dtype(model))
     result = fold_model(model, inputs, eps=eps, allow_overflow=allow_overflow)
-    program, check = export_folded(model, result.model, inputs, name=f"{input_path} ({arch})")
-    write_program(program, output_path, input_path, force)
+    program, check, dims, notes = _export_batch(model, result.model, inputs, f"{input_path} ({arch})", dynamic_batch)
+    result.warnings.extend(notes)
+    if not dry_run:
+        write_program(program, output_path, input_path, force)
     shape = list(map(int, inputs[0].shape)) if isinstance(inputs[0], torch.Tensor) else []
     return ProgramReport(input=str(input_path), output=str(output_path), arch=arch, self_check=check, result=result,
-                         input_shape=shape, seconds=time.perf_counter() - started)
+                         dynamic_dims=dims, input_shape=shape, seconds=time.perf_counter() - started)

@@ -110,8 +110,15 @@ def test_not_callable(user_module: str) -> None:
 
 
 def test_needs_arguments_names_them(user_module: str) -> None:
-    with pytest.raises(InputError, match=r"NeedsArgs needs arguments \(width\); wrap it in a factory"):
+    with pytest.raises(InputError, match=r"NeedsArgs needs arguments \(width\); pass them with --arch-kwargs JSON"):
         import_arch(f"{user_module}:NeedsArgs")
+
+
+def test_arch_kwargs_reach_the_factory(user_module: str) -> None:
+    assert import_arch(f"{user_module}:NeedsArgs", {"width": 3}) is not None
+    assert import_arch(f"{user_module}:Small", {"width": 7}).fc.in_features == 7
+    with pytest.raises(InputError, match=r"calling Small\(\*\*\{'depth': 2\}\) raised TypeError"):
+        import_arch(f"{user_module}:Small", {"depth": 2})
 
 
 def test_constructor_error_is_one_line(user_module: str) -> None:

@@ -193,7 +193,9 @@ def test_every_command_json_has_the_core_keys(tmp_path: Path, random_smallnet_st
     batch = fake_cifar_dir / "cifar-10-batches-py" / "test_batch"
     import hashlib
 
-    assert verify["data_md5"] == hashlib.md5(batch.read_bytes()).hexdigest() and verify["threads"] == 1
+    from bnstrip.homework.verify import available_cores
+
+    assert verify["data_md5"] == hashlib.md5(batch.read_bytes()).hexdigest() and verify["threads"] == available_cores()
 
 
 def test_verify_takes_the_two_files_as_positionals(tmp_path: Path, random_smallnet_state, random_smallnet_file: Path,
@@ -297,3 +299,12 @@ def test_shell_completion_lists_commands() -> None:
                          env={**os.environ, "_BNSTRIP_COMPLETE": "bash_complete", "COMP_WORDS": "bnstrip ve",
                               "COMP_CWORD": "1"})
     assert "verify" in out.stdout
+
+
+def test_verify_looks_for_its_data_before_reading_any_model(tmp_path: Path) -> None:
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint")  # loading it would fail: the data error must come first
+    result = run("verify", str(garbage), "--data-dir", str(tmp_path / "nodata"))
+    assert result.exit_code == 2 and "nodata" in result.stderr and "garbage" not in result.stderr
+    missing = run("verify", str(tmp_path / "nope.pt"), "--data-dir", str(tmp_path / "nodata"))
+    assert missing.exit_code == 2 and "nope.pt: no such file" in missing.stderr  # a missing file is named first

@@ -119,3 +119,19 @@ def test_self_check_failure_refuses(random_smallnet_state, monkeypatch) -> None:
     monkeypatch.setattr(smallnet, "fold_state_dict", broken_fold)
     with pytest.raises(CheckFailed, match="differs"):
         smallnet.fuse_smallnet(random_smallnet_state)
+
+
+@pytest.mark.slow  # a smallNet fold and self-check, twice
+def test_self_check_figures_do_not_depend_on_the_thread_count(random_smallnet_state) -> None:
+    """fuse's self-check runs its parts on one intra-op thread each (bnstrip.threads): same bits at any count."""
+    before = torch.get_num_threads()
+    figures = []
+    try:
+        for threads in (1, 3):
+            torch.set_num_threads(threads)
+            check = fuse_smallnet(random_smallnet_state).self_check
+            figures.append((check.max_abs_diff, check.rounding, check.tolerance))
+            assert torch.get_num_threads() == threads
+    finally:
+        torch.set_num_threads(before)
+    assert figures[0] == figures[1] and figures[0][0] > 0

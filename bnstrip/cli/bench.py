@@ -25,9 +25,12 @@ def _ms(seconds: float) -> str:
 
 
 @click.command()
-@click.option("--arch", default="smallnet", show_default=True, metavar="MODULE:CALLABLE | smallnet",
-              help="The model: smallNet (folded from --checkpoint, default smallNetSaved) or a class/factory; "
-                   "without --checkpoint it gets random weights and randomised BatchNorm statistics.")
+@click.option("--arch", default="smallnet", show_default=True, metavar="SOURCE | smallnet",
+              help="The model: smallNet (folded from --checkpoint, default smallNetSaved), MODULE:CALLABLE, "
+                   "torchvision:NAME, timm:NAME or ultralytics:CONFIG.yaml; without --checkpoint it gets random "
+                   "weights and randomised BatchNorm statistics.")
+@click.option("--arch-kwargs", default=None, metavar="JSON",
+              help="Keyword arguments for the --arch class or factory, a JSON object, e.g. '{\"num_classes\": 10}'.")
 @click.option("--checkpoint", default=None, type=click.Path(dir_okay=False, path_type=str),
               help="Weights to load (smallNet: a smallNetTrain checkpoint; default smallNetSaved).")
 @click.option("--input-shape", default=None, metavar="N,C,H,W",
@@ -42,8 +45,8 @@ def _ms(seconds: float) -> str:
 @click.option("--warmup", default=3, show_default=True, type=click.IntRange(min=0), help="Untimed calls per model first.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 @handle_errors
-def bench(arch: str, checkpoint: str | None, input_shape: str | None, batch_sizes: str, threads: int | None,
-          repeat: int, warmup: int, as_json: bool) -> None:
+def bench(arch: str, arch_kwargs: str | None, checkpoint: str | None, input_shape: str | None, batch_sizes: str,
+          threads: int | None, repeat: int, warmup: int, as_json: bool) -> None:
     """Time the BatchNorm model (eval) against bnstrip's folded model, interleaved A B A B.
 
     Per batch size: median and min latency of each, and the speed-up (median of the
@@ -60,25 +63,9 @@ def bench(arch: str, checkpoint: str | None, input_shape: str | None, batch_size
                                      "batch first as for `bnstrip fuse`", param_hint="--input-shape")
         shape = full[1:]
 
-    from bnstrip.bench import DEFAULT_SAMPLE_SHAPE, SMALLNET_ARCH, arch_pair, bench_pair, smallnet_pair
-    from bnstrip.errors import InputError
+    from bnstrip.bench import bench_pair
 
-    if arch.strip().lower() == SMALLNET_ARCH:
-        if shape is not None and shape != DEFAULT_SAMPLE_SHAPE:
-            raise click.BadParameter(f"smallNet takes N,3,32,32 inputs, not {input_shape}", param_hint="--input-shape")
-        path = checkpoint or DEFAULT_CHECKPOINT
-        if not os.path.exists(path):
-            raise InputError(f"{path}: no smallNet checkpoint here; pass --checkpoint FILE (a smallNetTrain state_dict) "
-                             "or --arch MODULE:CALLABLE")
-        click.echo(f"bnstrip: loading and folding {path}", err=True)
-        pair = smallnet_pair(path)
-        used_checkpoint: str | None = path
-        label = f"smallNet ({path})"
-    else:
-        click.echo(f"bnstrip: building {arch} and folding it", err=True)
-        pair = arch_pair(arch, shape or DEFAULT_SAMPLE_SHAPE, checkpoint)
-        used_checkpoint = checkpoint
-        label = f"{arch} ({checkpoint or 'random weights, randomised BatchNorm statistics'})"
+    pair, used_checkpoint, label = _pair(arch, arch_kwargs, shape, input_shape, checkpoint)
     for note in pair.notes:
         warn(note)
     with Progress("timing") as progress:
@@ -100,3 +87,28 @@ def bench(arch: str, checkpoint: str | None, input_shape: str | None, batch_size
     console.print("ms per call: median (min) over the rounds; speed-up: BN time / folded time, median (min-max) of "
                   "the rounds' paired ratios; 'within noise': the two timings' interquartile ranges overlap, or the ratios' contains 1.")
 
+
+
+def _pair(arch: str, arch_kwargs: str | None, shape: tuple[int, ...] | None, input_shape: str | None,
+          checkpoint: str | None):  # noqa: ANN202 - (ModelPair, checkpoint used, label)
+    """The BN model and its fold: smallNet from its checkpoint, or the --arch model (with --arch-kwargs)."""
+    from bnstrip.bench import DEFAULT_SAMPLE_SHAPE, SMALLNET_ARCH, arch_pair, smallnet_pair
+    from bnstrip.errors import InputError
+
+    if arch.strip().lower() == SMALLNET_ARCH:
+        if arch_kwargs is not None:
+            raise click.UsageError("--arch-kwargs goes with a model given by --arch")
+        if shape is not None and shape != DEFAULT_SAMPLE_SHAPE:
+            raise click.BadParameter(f"smallNet takes N,3,32,32 inputs, not {input_shape}", param_hint="--input-shape")
+        path = checkpoint or DEFAULT_CHECKPOINT
+        if not os.path.exists(path):
+            raise InputError(f"{path}: no smallNet checkpoint here; pass --checkpoint FILE (a smallNetTrain state_dict) "
+                             "or --arch MODULE:CALLABLE")
+        click.echo(f"bnstrip: loading and folding {path}", err=True)
+        return smallnet_pair(path), path, f"smallNet ({path})"
+    from bnstrip.arch import parse_arch_kwargs
+
+    kwargs = parse_arch_kwargs(arch_kwargs)
+    click.echo(f"bnstrip: building {arch} and folding it", err=True)
+    pair = arch_pair(arch, shape or DEFAULT_SAMPLE_SHAPE, checkpoint, kwargs=kwargs)
+    return pair, checkpoint, f"{arch} ({checkpoint or 'random weights, randomised BatchNorm statistics'})"

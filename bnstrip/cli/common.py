@@ -183,22 +183,96 @@ def plain(text: str):
     return Text(printable(text))
 
 
+def _is_number(token: str) -> bool:
+    """A whitespace-free piece of a cell that holds a number (1.157e-09, -0.0887983, 70.42%, U(+-0.353553), 17/48,
+    [0.608,): digits with at most three letters around them. It is never cut or folded, whatever the terminal's
+    width; dotted names with digits (layer1.0.conv1) are labels and may fold."""
+    return any(c.isdigit() for c in token) and sum(c.isalpha() for c in token) <= 3
+
+
+def _number_width(cell: str) -> int:
+    """The longest number in the cell: the narrowest its column may be."""
+    return max((len(token) for token in cell.split() if _is_number(token)), default=0)
+
+
+def _grow(widths: list[int], target: list[int], room: int) -> int:
+    """Widen `widths` towards `target` within `room`, in proportion to what each lacks; the room left."""
+    lacking = [max(t - w, 0) for w, t in zip(widths, target)]
+    total = sum(lacking)
+    if total <= room:
+        widths[:] = [max(w, t) for w, t in zip(widths, target)]
+        return room - total
+    for index, lack in enumerate(lacking):
+        widths[index] += room * lack // total
+    return 0
+
+
+def _fit(tiers: list[list[int]], available: int) -> list[int] | None:
+    """Column widths that fit `available`, from tiers of wishes (numbers, longest words, whole cells): None when
+    the last tier fits as it is (Rich lays it out) or the first does not (the caller stacks the rows); else the
+    numbers' widths, then the room left given to each tier in turn, in proportion to what each column lacks."""
+    if sum(tiers[-1]) <= available or sum(tiers[0]) > available:
+        return None
+    widths = list(tiers[0])
+    room = available - sum(widths)
+    for target in tiers[1:]:
+        room = _grow(widths, target, room)
+    return widths
+
+
+class FittingTable:
+    """A Rich table whose numbers keep every digit at any width.
+
+    Each column is at least as wide as its longest number; labels fold (`overflow="fold"`) into the room
+    that is left, never ending in "...". When even the numbers do not fit side by side, the rows are shown
+    one after another as (column, value) pairs, which fit any width that one number fits in.
+    """
+
+    def __init__(self, columns: list[str], cells: list[list[Any]], texts: list[list[str]]) -> None:
+        self.columns, self.cells = columns, cells
+        by_column = list(zip(*texts)) if texts else [() for _ in columns]
+        self.natural = [max([len(c) for c in column] + [len(name), 1]) for name, column in zip(columns, by_column)]
+        self.minimum = [max([_number_width(c) for c in column] + [_number_width(name), 1])
+                        for name, column in zip(columns, by_column)]
+        self.words = [max([len(word) for c in (name, *column) for word in c.split()] + [1])
+                      for name, column in zip(columns, by_column)]
+
+    @staticmethod
+    def _table(columns: list[str], rows: list[list[Any]], widths: list[int] | None, sections: int = 0):
+        from rich.table import Table
+
+        table = Table()
+        for index, name in enumerate(columns):
+            table.add_column(name, overflow="fold", width=widths[index] if widths else None)
+        for index, row in enumerate(rows):
+            table.add_row(*row, end_section=bool(sections) and (index + 1) % sections == 0)
+        return table
+
+    def __rich_console__(self, console: Any, options: Any):
+        available = options.max_width - (3 * len(self.columns) + 1)
+        if sum(self.minimum) <= available or not self.cells:
+            yield self._table(self.columns, self.cells, _fit([self.minimum, self.words, self.natural], available))
+            return
+        pairs = [[name, cell] for row in self.cells for name, cell in zip(self.columns, row)]
+        names = max(len(name) for name in self.columns)
+        widths = _fit([[1, max(self.minimum)], [names, max(self.words)], [names, max(self.natural)]],
+                      options.max_width - 7)
+        yield self._table(["column", "value"], pairs, widths, sections=len(self.columns))
+
+
 def make_table(title: str, columns: list[str], rows: list[list[Any]], markup: bool = True):
     """A Rich table with the given columns (cells str()-ed); the title is a line of its own above it, so a long
-    title is never wrapped to the table's width.
+    title is never wrapped to the table's width. Numbers are never cut (see FittingTable).
 
     markup=False for tables of names from files and paths: title and cells are shown as they are (no Rich
     markup), with control characters escaped.
     """
     from rich.console import Group
-    from rich.table import Table
     from rich.text import Text
 
-    table = Table()
-    for column in columns:
-        table.add_column(column)
-    for row in rows:
-        table.add_row(*[str(cell) if markup else Text(printable(cell)) for cell in row])
+    texts = [[Text.from_markup(str(cell)).plain if markup else printable(cell) for cell in row] for row in rows]
+    cells = [[str(cell) if markup else Text(printable(cell)) for cell in row] for row in rows]
+    table = FittingTable(columns, cells, texts)
     heading = Text.from_markup(title, style="italic") if markup else Text(printable(title), style="italic")
     return Group(heading, table) if title else table
 

@@ -14,11 +14,12 @@ def _is_program(path: str) -> bool:
 
 def fuse_program_job(input_path: str, output_path: str, *, arch: str | None, input_shape: str | None,
                      keep_structure: bool, reparameterize: bool, eps: float | None, force: bool,
-                     allow_overflow: bool, dtype: str, as_json: bool) -> bool:
+                     allow_overflow: bool, dtype: str, as_json: bool, arch_kwargs: str | None = None,
+                     dry_run: bool = False, dynamic_batch: bool = True, strict: bool = False) -> bool:
     """Run `bnstrip fuse` when IN is a program (by content) or OUT ends in .pt2; False when it is not such a job."""
     import click
 
-    from bnstrip.errors import InputError
+    from bnstrip.errors import InputError, printable
     from bnstrip.pipeline import fuse_arch_to_program, fuse_program_file, is_program_path
 
     program_in = arch is None and (_is_program(input_path) or is_program_path(output_path))
@@ -30,36 +31,42 @@ def fuse_program_job(input_path: str, output_path: str, *, arch: str | None, inp
         if input_shape or dtype != "keep":
             raise click.UsageError("IN is an exported program: its own example inputs and dtype are used "
                                    "(no --input-shape, no --dtype)")
-        if not is_program_path(output_path):
+        if not is_program_path(output_path) and not dry_run:
             raise InputError(f"{output_path}: IN is an exported program, so OUT is one too; name it *.pt2")
-        report = fuse_program_file(input_path, output_path, eps=eps, allow_overflow=allow_overflow, force=force)
+        report = fuse_program_file(input_path, output_path, eps=eps, allow_overflow=allow_overflow, force=force,
+                                   dry_run=dry_run)
     else:
-        from bnstrip.arch import import_arch
-        from bnstrip.cli.common import parse_int_list
+        from bnstrip.cli.fuse import arch_input_shape, arch_model_factory
         from bnstrip.core.compare import seeded_inputs
-        import functools
 
-        if not input_shape:
-            raise InputError(f"--arch {arch}: --input-shape is required to export and check the model")
-        shape = parse_int_list(input_shape, "--input-shape")
-        import_arch(arch)
-        report = fuse_arch_to_program(input_path, output_path, functools.partial(import_arch, arch),
-                                      (seeded_inputs(shape, seed=0),), arch=arch, eps=eps,
-                                      allow_overflow=allow_overflow, force=force, dtype=dtype)
-    _print_fuse(report, as_json)
+        shape = arch_input_shape(arch, input_shape)
+        factory = arch_model_factory(arch, arch_kwargs)
+        report = fuse_arch_to_program(input_path, output_path, factory, (seeded_inputs(shape, seed=0),), arch=arch,
+                                      eps=eps, allow_overflow=allow_overflow, force=force, dtype=dtype,
+                                      dynamic_batch=dynamic_batch, dry_run=dry_run)
+        click.echo(f"bnstrip: {printable(output_path)}: " + (f"dynamic batch dimension (any N >= 1; exported from N={report.input_shape[0]})"
+                                   if report.dynamic_dims else
+                                   f"static batch: the program takes N={report.input_shape[0]} only"
+                                   + ("" if dynamic_batch else " (--static-batch)")), err=True)
+    _print_fuse(report, as_json, dry_run)
+    from bnstrip.cli.fuse import strict_gate
+
+    strict_gate(input_path, output_path, report.result, strict, dry_run)
     return True
 
 
-def _print_fuse(report: Any, as_json: bool) -> None:
+def _print_fuse(report: Any, as_json: bool, dry_run: bool = False) -> None:
     for note in report.result.warnings:
         warn(note)
     if as_json:
-        emit_json({**core_json("fuse", True, report.seconds), **report.to_dict()})
+        emit_json({**core_json("fuse", True, report.seconds), **report.to_dict(), "dry_run": dry_run,
+                   **({"output": None} if dry_run else {})})
         return
     result, check = report.result, report.self_check
     console = stdout_console()
     dynamic = f", dynamic dims {', '.join(report.dynamic_dims)}" if report.dynamic_dims else ""
-    console.print(make_table(f"Folded {report.input} -> {report.output} (exported program{dynamic})",
+    done = f"Would fold {report.input} (dry run, nothing written)" if dry_run else f"Folded {report.input} -> {report.output}"
+    console.print(make_table(f"{done} (exported program{dynamic})",
                              ["layer", "BatchNorm", "folded into"],
                              [[layer, bn, ("layer before" if result.into.get(bn, "producer") == "producer"
                                            else "layer after") + (", gained bias" if layer in result.gained_bias

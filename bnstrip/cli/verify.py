@@ -26,6 +26,16 @@ def _files(positional: tuple[str, ...], checkpoint: str | None, fused: str | Non
     return first, second
 
 
+def _exists(*paths: str | None) -> None:
+    """A missing CHECKPOINT or FUSED is named before the data is looked for (or downloaded)."""
+    from bnstrip.io.sniff import open_regular_file
+
+    for path in paths:
+        if path is not None:
+            with open_regular_file(path):
+                pass
+
+
 def _is_bn_checkpoint(path: str) -> bool:
     """Whether `path` holds a smallNetTrain state_dict (BatchNorm statistics), i.e. the file for --checkpoint."""
     from bnstrip.io.checkpoint import load_checkpoint
@@ -70,7 +80,7 @@ def _fused_dtypes(path: str | None) -> set[str]:
 @click.option("--tolerance", default=1e-8, show_default=True, type=click.FloatRange(min=0, min_open=True), help="Pass if max over batches of ||diff||^2 is below this.")
 @click.option("--eps", type=float, default=None, help="BatchNorm eps of the checkpoint (default 1e-5).")
 @click.option("--limit", default=None, type=click.IntRange(min=1), help="Use only the first N test images.")
-@click.option("--threads", default=None, type=click.IntRange(min=1), help="torch threads for the comparison (default 1, so the figures do not depend on the machine's core count).")
+@click.option("--threads", default=None, type=click.IntRange(min=1), help="Workers for the comparison, each on one torch thread (default: one per core); the figures are the same at any count.")
 @click.option("--no-download", is_flag=True, help="Fail instead of downloading CIFAR-10 when no local copy is found.")
 @click.option("--inputs", "inputs_file", default=None, type=click.Path(path_type=str), help="With two exported programs (.pt2): run both on these inputs (a .pt tensor/tuple or a .safetensors file) instead of the program's example inputs. With two ONNX models: an .npz or .safetensors file of arrays named after the graph inputs.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
@@ -88,9 +98,6 @@ def verify(files: tuple[str, ...], checkpoint: str | None, fused: str | None, da
     --tolerance, 1 when it is not, 2 on bad input.
     """
     from bnstrip.homework.data import load_split
-    from bnstrip.homework.models import SMALLNET_EPS
-    from bnstrip.homework.smallnet import load_smallnet_pair
-    from bnstrip.homework.verify import DEFAULT_THREADS, verify_models
 
     checkpoint, fused = _files(files, checkpoint, fused)
     from bnstrip.cli.program import _is_program, verify_programs  # issue 13: two exported programs
@@ -106,6 +113,13 @@ def verify(files: tuple[str, ...], checkpoint: str | None, fused: str | None, da
         return
     if inputs_file is not None:
         raise click.UsageError("--inputs goes with two exported programs (.pt2) or two ONNX models")
+    _exists(checkpoint, fused)
+    with Progress("downloading CIFAR-10 (about 163 MB)", enabled=not as_json or sys.stderr.isatty()) as download:
+        split = load_split("test", data_dir, allow_download=not no_download, progress=download)  # before torch
+    from bnstrip.homework.models import SMALLNET_EPS
+    from bnstrip.homework.smallnet import load_smallnet_pair
+    from bnstrip.homework.verify import DEFAULT_THREADS, verify_models
+
     try:
         bn_model, folded_model, notes = load_smallnet_pair(checkpoint, fused, SMALLNET_EPS if eps is None else eps)
     except InputError as exc:
@@ -119,8 +133,6 @@ def verify(files: tuple[str, ...], checkpoint: str | None, fused: str | None, da
         raise InputError(str(exc).replace(" or use --arch", "")) from None  # verify has no --arch
     for note in notes:
         warn(note)
-    with Progress("downloading CIFAR-10 (about 163 MB)", enabled=not as_json or sys.stderr.isatty()) as download:
-        split = load_split("test", data_dir, allow_download=not no_download, progress=download)
     images, labels = split.images, split.labels
     if limit is not None:
         images, labels = images[:limit], labels[:limit]
@@ -153,7 +165,7 @@ def _print_table(result, checkpoint: str, fused: str | None, source: str, md5: s
         ["accuracy, BN model", f"{result.accuracy_bn:.2%}", ""],
         ["accuracy, folded model", f"{result.accuracy_folded:.2%}", ""],
         ["images (batch size)", f"{result.images} ({result.batch_size})", ""],
-        ["torch threads (CPU kernels)", f"{result.threads} ({_cpu_capability()})", ""],
+        ["workers x torch threads (CPU kernels)", f"{result.threads} x 1 ({_cpu_capability()})", ""],
         ["verify time", f"{result.seconds:.2f} s", ""],
     ]
     console = stdout_console()

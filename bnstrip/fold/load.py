@@ -83,11 +83,41 @@ def load_state_strict(model: nn.Module, state: dict[str, torch.Tensor], source: 
         raise InputError(f"{source}: does not load into {type(model).__name__} ({text[0] if text else exc})") from None
 
 
-def load_folded(model: nn.Module, path: str | Path) -> nn.Module:
-    """Rebuild the folded module written by `bnstrip fuse --arch`: `model` is a fresh instance of the original class."""
+def _model_and_path(first: Any, second: Any) -> tuple[nn.Module, str | Path]:
+    """load_folded(PATH, ModelClass_or_factory) or load_folded(model_instance, PATH): the model built, and the path."""
+    import os
+
+    path, model = (first, second) if isinstance(first, (str, os.PathLike)) else (second, first)
+    if not isinstance(path, (str, os.PathLike)):
+        raise InputError(f"load_folded: expected a path and the model's class or factory, got {type(first).__name__} "
+                         f"and {type(second).__name__}")
+    if isinstance(model, nn.Module):
+        return model, path
+    if not callable(model):
+        raise InputError(f"{path}: load_folded needs the model's class, a factory that builds it, or a fresh "
+                         f"instance, not a {type(model).__name__}")
+    built = model()
+    if not isinstance(built, nn.Module):
+        raise InputError(f"{path}: {getattr(model, '__name__', model)!r}() returned a {type(built).__name__}, not a "
+                         "torch.nn.Module; pass the model's class or a factory that returns one")
+    return built, path
+
+
+def load_folded(first: Any, second: Any) -> nn.Module:
+    """The folded module saved by `FoldResult.save(PATH)` or `bnstrip fuse --arch`, rebuilt from PATH and its manifest.
+
+    `load_folded(PATH, ModelClass)` (a class or a factory with no required arguments), or
+    `load_folded(model, PATH)` with a fresh instance of the original class.
+    """
     from bnstrip.io.checkpoint import load_checkpoint
     from bnstrip.io.manifest import manifest_path, read_manifest
 
+    model, path = _model_and_path(first, second)
+    if not manifest_path(path).exists() and Path(path).is_file():
+        raise InputError(f"{path}: no manifest ({manifest_path(path).name}) says which BatchNorms were folded into "
+                         "it, so it cannot be rebuilt (and load_state_dict(strict=False) into the original class "
+                         "would give a wrong model); save folds with result.save(PATH) or fuse_file, or fold a "
+                         "fresh model with bnstrip.fold_model and load this file into result.model strictly")
     manifest = read_manifest(path)
     loaded = load_checkpoint(path)
     expected_sha = manifest.get("output_sha256")

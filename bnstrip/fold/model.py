@@ -56,6 +56,12 @@ class FoldResult:
             "merged": [merge.to_dict() for merge in self.merged],
         }
 
+    def save(self, path: Any, *, force: bool = False) -> Any:
+        """Write the folded state_dict and its manifest, for `bnstrip.load_folded(path, ModelClass)` (fold.save)."""
+        from bnstrip.fold.save import save_result
+
+        return save_result(self, path, force=force)
+
 
 def _as_inputs(example_inputs: Any) -> tuple[Any, ...] | None:
     if example_inputs is None:

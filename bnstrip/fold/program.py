@@ -226,14 +226,15 @@ def fold_program(ep: Any, example_inputs: Any = None, *, eps: float | None = Non
 
 
 def export_folded(original: nn.Module, folded: nn.Module, example_inputs: Sequence[Any],
-                  name: str = "model") -> tuple[Any, SelfCheck]:
+                  name: str = "model", dynamic: Any = None) -> tuple[Any, SelfCheck]:
     """Export a module folded by fold_model as a program, checked against the original module on the inputs.
 
     For `bnstrip fuse --arch ... OUT.pt2`: the user ships a folded program without the model's code.
+    `dynamic` is torch.export's dynamic_shapes (e.g. a dynamic batch dimension).
     """
     args = tuple(example_inputs)
     try:
-        program = _export(folded, args, {}, None)
+        program = _export(folded, args, {}, dynamic)
     except Exception as exc:  # noqa: BLE001 - torch.export raises many types; the user gets one line
         raise InputError(f"{name}: the folded model does not export with torch.export ({type(exc).__name__}: "
                          f"{first_line(exc, 200, '')}); write a .pt or .safetensors checkpoint instead") from None

@@ -12,6 +12,7 @@ from bnstrip.errors import CheckFailed, InputError
 from bnstrip.core.foldmath import all_finite, bn_scale_shift, bn_stats_from_state, fold_state_dict
 from bnstrip.homework.models import SMALLNET_EPS, SMALLNET_INPUT_SHAPE, SMALLNET_PAIRS, SmallNetTest, SmallNetTrain
 from bnstrip.core.compare import SelfCheck, compare_outputs, seeded_inputs, seeded_outputs
+from bnstrip.threads import map_single_threaded
 
 
 @dataclass
@@ -159,12 +160,14 @@ class _FewSamplesAtATime(torch.nn.Module):
     smallNet's conv2), which alone would be a third of fuse's memory headroom.
     """
 
-    def __init__(self, model: torch.nn.Module, samples: int = 4) -> None:
+    def __init__(self, model: torch.nn.Module, samples: int = 4, workers: int = 2) -> None:
         super().__init__()
-        self.model, self.samples = model, samples
+        self.model, self.samples, self.workers = model, samples, workers
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([self.model(part) for part in x.split(self.samples)])
+        # Each part on one intra-op thread, up to `workers` at once: the same figures at any core count
+        # (bnstrip.threads); `workers` bounds the activations alive at once (fuse's memory goal).
+        return torch.cat(map_single_threaded(self.model, x.split(self.samples), workers=self.workers))
 
 
 def _float64_model(model: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> torch.nn.Module:
@@ -182,7 +185,7 @@ def _float64_model(model: torch.nn.Module, state: Mapping[str, torch.Tensor]) ->
     for module in list(model.modules()):
         for child_name, child in list(module.named_children()):
             if isinstance(child, torch.nn.Conv2d):
-                setattr(module, child_name, _FewSamplesAtATime(child, samples=2))
+                setattr(module, child_name, _FewSamplesAtATime(child, samples=2, workers=1))
     return model.eval()
 
 
@@ -199,7 +202,7 @@ def self_check_smallnet(state: Mapping[str, torch.Tensor], folded: Mapping[str, 
     dtype = state["fc1.0.weight"].dtype
     inputs = seeded_inputs((samples, *SMALLNET_INPUT_SHAPE), seed=seed)
     bn64 = _float64_model(_meta_models(eps)[0], state)
-    original64 = seeded_outputs(_FewSamplesAtATime(bn64, samples=2), [inputs])  # float64 activations of 2 at a time
+    original64 = seeded_outputs(_FewSamplesAtATime(bn64, samples=2, workers=1), [inputs])  # float64: 2 samples at a time
     del bn64
     if exact is None:
         try:
@@ -213,7 +216,7 @@ def self_check_smallnet(state: Mapping[str, torch.Tensor], folded: Mapping[str, 
         except RuntimeError:  # e.g. no half-precision kernel on this CPU
             pass
     test64 = _float64_model(_meta_models(eps)[1], folded if exact is None else exact)
-    report = compare_outputs(original64, seeded_outputs(_FewSamplesAtATime(test64, samples=2), [inputs]), None,
+    report = compare_outputs(original64, seeded_outputs(_FewSamplesAtATime(test64, samples=2, workers=1), [inputs]), None,
                              dtype, samples)
     if report is None:
         raise CheckFailed("smallNet: the folded model's outputs have other shapes than the original's; not writing it")

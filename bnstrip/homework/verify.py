@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from bnstrip.bench import torch_threads
+from bnstrip.threads import available_cores
 from bnstrip.homework.data import to_float_tensor
 
 
@@ -36,22 +37,32 @@ class VerifyResult:
         return {**asdict(self), "passed": self.passed}
 
 
-DEFAULT_THREADS = 1
-"""torch threads for the comparison.  oneDNN and the BLAS may split a convolution's or a GEMM's sums by thread
-count, and float32 sums then round differently; one thread never splits them, so the figures are the same on
-every run of one machine whatever its core count.  Measured on this project's 2-core EPYC (AVX2 kernels, torch 2.13.0
-CPU, shipped smallNetSaved, 10,000 images): 1.157e-09 and max |diff| 9.537e-06 bit for bit at 1, 2, 3, 4, 8 and
-16 threads.  Another machine reported 9.937e-10 and 6.676e-06: the kernels oneDNN picks for the CPU's instruction
-set (torch.backends.cpu.get_cpu_capability()) and the torch build change the digits after the first; the figures
-stay an order of magnitude below the 1e-8 bar.  `threads=` trades the fixed count for speed."""
-
-
+DEFAULT_THREADS = None
+"""Workers for the comparison; None: one per available core. Every chunk of images runs on one worker with one
+intra-op thread, and the chunks' figures are combined in image order, so every figure is bit-identical whatever the
+worker count: oneDNN and the BLAS never split a sum across threads (which would round float32 sums differently), and
+the chunks are the same at any count.  Measured on this project's 2-core EPYC (AVX2 kernels, torch 2.13.0 CPU,
+shipped smallNetSaved, 10,000 images): 1.157e-09 and max |diff| 9.537e-06 at 1, 2 and 4 workers.  Another machine
+reported 9.937e-10 and 6.676e-06: the kernels oneDNN picks for the CPU's instruction set
+(torch.backends.cpu.get_cpu_capability()) and the torch build change the digits after the first; the figures stay
+an order of magnitude below the 1e-8 bar."""
 
 
 CHUNK_IMAGES = 200
 """Images per forward pass. Measured on smallNet (2-core EPYC, 1,000 images, interleaved): 200 is about 10%
 faster than the course's 100 (larger GEMMs for fc1), while 500 and 1,000 are 20-40% slower, because the conv
 activations (64 KB an image per tensor) no longer fit the last-level cache."""
+
+
+@dataclass
+class _Chunk:
+    """One chunk's figures: squared norm per image (float64), max |diff| and the three counts."""
+
+    row_sq: torch.Tensor
+    max_abs: float
+    agree: int
+    correct_bn: int
+    correct_folded: int
 
 
 def verify_models(bn_model: nn.Module, folded_model: nn.Module, images: np.ndarray, labels: np.ndarray, *,
@@ -63,51 +74,62 @@ def verify_models(bn_model: nn.Module, folded_model: nn.Module, images: np.ndarr
     Images are decoded once per chunk (several batches at once, for throughput) and fed
     to both models; the squared norm is still summed per batch of `batch_size`, exactly
     as the course's loop does, and with the default layout every output is bit-identical
-    to the course's loop.  `channels_last` lays image chunks out NHWC, which oneDNN's
+    to the course's loop run on one thread.  `channels_last` lays image chunks out NHWC, which oneDNN's
     convolutions may run faster, at the price of float32 rounding that differs from the
-    plain loop's in the last bits; the models themselves are not modified.  `threads` (see DEFAULT_THREADS)
-    fixes torch's thread count for the run, so the figures do not vary with the machine's core count.
+    plain loop's in the last bits; the models themselves are not modified.  `threads` workers (default: one per
+    core) run the chunks concurrently, each on one intra-op thread (see DEFAULT_THREADS): the figures do not vary
+    with it.
     """
     if batch_size <= 0:
         raise ValueError("batch_size must be positive")
-    with torch_threads(threads) as used:
+    workers = available_cores() if threads is None else threads
+    with torch_threads(1):
         result = _verify(bn_model, folded_model, images, labels, batch_size, tolerance, chunk_batches, channels_last,
-                         progress)
-    return VerifyResult(**{**asdict(result), "threads": used})
+                         progress, workers)
+    return VerifyResult(**{**asdict(result), "threads": workers})
+
+
+def _run_chunk(bn_model: nn.Module, folded_model: nn.Module, images: np.ndarray, labels: torch.Tensor,
+               channels_last: bool) -> _Chunk:
+    with torch.inference_mode():  # thread-local: entered in the worker
+        x = to_float_tensor(images)
+        if channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        out_bn = bn_model(x)
+        out_folded = folded_model(x)
+        diff = (out_bn - out_folded).to(torch.float64)
+        row_sq = diff.reshape(diff.shape[0], -1).square().sum(1)
+        max_abs = float(diff.abs().max()) if diff.numel() else 0.0
+        pred_bn, pred_folded = out_bn.argmax(1), out_folded.argmax(1)
+        return _Chunk(row_sq, max_abs, int((pred_bn == pred_folded).sum()), int((pred_bn == labels).sum()),
+                      int((pred_folded == labels).sum()))
 
 
 def _verify(bn_model: nn.Module, folded_model: nn.Module, images: np.ndarray, labels: np.ndarray, batch_size: int,
             tolerance: float, chunk_batches: int | None, channels_last: bool,
-            progress: Callable[[int, int], None] | None) -> VerifyResult:
+            progress: Callable[[int, int], None] | None, workers: int) -> VerifyResult:
+    from concurrent.futures import ThreadPoolExecutor
+
     started = time.perf_counter()
     bn_model.eval()
     folded_model.eval()
     n = len(labels)
-    chunk_batches = chunk_batches or max(1, CHUNK_IMAGES // batch_size)
-    chunk = batch_size * chunk_batches
+    chunk = batch_size * (chunk_batches or max(1, CHUNK_IMAGES // batch_size))
     num_batches = (n + batch_size - 1) // batch_size
     batch_sq = torch.zeros(num_batches, dtype=torch.float64)
     labels_t = torch.from_numpy(np.asarray(labels, dtype=np.int64))
     max_abs, agree, correct_bn, correct_folded = 0.0, 0, 0, 0
-    with torch.inference_mode():
-        for start in range(0, n, chunk):
-            x = to_float_tensor(images[start:start + chunk])
-            if channels_last and x.dim() == 4:
-                x = x.contiguous(memory_format=torch.channels_last)
-            out_bn = bn_model(x)
-            out_folded = folded_model(x)
-            diff = (out_bn - out_folded).to(torch.float64)
-            row_sq = diff.reshape(diff.shape[0], -1).square().sum(1)
-            batch_index = torch.arange(start, start + len(x)) // batch_size
-            batch_sq.index_add_(0, batch_index, row_sq)
-            if diff.numel():
-                chunk_max = float(diff.abs().max())
-                max_abs = chunk_max if not chunk_max <= max_abs else max_abs  # keeps NaN visible
-            pred_bn, pred_folded = out_bn.argmax(1), out_folded.argmax(1)
-            y = labels_t[start:start + len(x)]
-            agree += int((pred_bn == pred_folded).sum())
-            correct_bn += int((pred_bn == y).sum())
-            correct_folded += int((pred_folded == y).sum())
+    starts = range(0, n, chunk)
+    with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="bnstrip-verify") as pool:
+        futures = [pool.submit(_run_chunk, bn_model, folded_model, images[start:start + chunk],
+                               labels_t[start:start + chunk], channels_last) for start in starts]
+        for start, future in zip(starts, futures):  # combined in image order: the same sums at any worker count
+            part = future.result()
+            batch_index = torch.arange(start, start + len(part.row_sq)) // batch_size
+            batch_sq.index_add_(0, batch_index, part.row_sq)
+            max_abs = part.max_abs if not part.max_abs <= max_abs else max_abs  # keeps NaN visible
+            agree, correct_bn, correct_folded = (agree + part.agree, correct_bn + part.correct_bn,
+                                                 correct_folded + part.correct_folded)
             if progress:
                 progress(min(start + chunk, n), n)
     if not torch.isfinite(batch_sq).all():
