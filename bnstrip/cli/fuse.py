@@ -46,7 +46,8 @@ def fuse(input_path: str, output_path: str | None, eps: float | None, arch: str 
     output_path = output_path if output_path is not None else "(dry run)"
     if fuse_onnx_job(input_path, output_path, arch=arch, input_shape=input_shape, eps=eps,
                      keep_structure=keep_structure, reparameterize=reparameterize, dtype=dtype, force=force,
-                     allow_overflow=allow_overflow, as_json=as_json, strict=strict):
+                     allow_overflow=allow_overflow, as_json=as_json, strict=strict, arch_kwargs=arch_kwargs,
+                     dry_run=dry_run):
         return
 
     if fuse_program_job(input_path, output_path, arch=arch, input_shape=input_shape, keep_structure=keep_structure,

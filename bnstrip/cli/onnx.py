@@ -38,7 +38,7 @@ def is_onnx_job(input_path: str, output_path: str) -> bool:
 
 def fuse_onnx_job(input_path: str, output_path: str, *, arch: str | None, input_shape: str | None, eps: float | None,
                   keep_structure: bool, reparameterize: bool, dtype: str, force: bool, allow_overflow: bool,
-                  as_json: bool, strict: bool) -> bool:
+                  as_json: bool, strict: bool, arch_kwargs: str | None = None, dry_run: bool = False) -> bool:
     """Run `bnstrip fuse` for ONNX (IN.onnx -> OUT.onnx, or --arch IN -> OUT.onnx); False when it is not such a job."""
     if not is_onnx_job(input_path, output_path):
         return False
@@ -51,12 +51,14 @@ def fuse_onnx_job(input_path: str, output_path: str, *, arch: str | None, input_
         names = ", ".join(s for s in TORCH_SUFFIXES + SAFETENSORS_SUFFIXES if s)
         raise InputError(f"{output_path}: an .onnx OUT needs an ONNX model as IN, or --arch to export the folded "
                          f"checkpoint; for a checkpoint OUT use one of {names}")
+    if dry_run:
+        raise click.UsageError("--dry-run is not available for ONNX yet: fuse to a scratch OUT.onnx instead")
     _require_onnx()
     if arch is not None:
         from bnstrip.onnxfold.export import fuse_arch_to_onnx
 
         report = fuse_arch_to_onnx(input_path, output_path, arch, input_shape, eps=eps, force=force,
-                                   allow_overflow=allow_overflow, dtype=dtype)
+                                   allow_overflow=allow_overflow, dtype=dtype, arch_kwargs=arch_kwargs)
     else:
         if input_shape or keep_structure or reparameterize or eps is not None or dtype != "keep":
             raise click.UsageError("IN is an ONNX model: its own eps, dtype and input shapes are used (no --eps, "

@@ -9,7 +9,6 @@ by design.
 """
 from __future__ import annotations
 
-import functools
 import io
 import time
 from typing import Any
@@ -61,10 +60,10 @@ def prove_file(data: bytes, original: Any, example: Any, shown: str) -> Any:
 
 def fuse_arch_to_onnx(input_path: str, output_path: str, arch: str, input_shape: str | None, *,
                       eps: float | None = None, force: bool = False, allow_overflow: bool = False,
-                      dtype: str = "keep") -> Any:
+                      dtype: str = "keep", arch_kwargs: str | None = None) -> Any:
     """Fold the checkpoint in --arch's model, export the folded module, prove the file, write OUT.onnx."""
     from bnstrip import __version__
-    from bnstrip.arch import import_arch, import_callable
+    from bnstrip.arch import arch_factory, parse_arch_kwargs
     from bnstrip.cli.common import parse_int_list
     from bnstrip.core.compare import model_dtype, seeded_inputs
     from bnstrip.fold.model import fold_model
@@ -77,10 +76,10 @@ def fuse_arch_to_onnx(input_path: str, output_path: str, arch: str, input_shape:
     if not input_shape:
         raise InputError(f"--arch {arch}: --input-shape is required to export and check the model")
     shape = parse_int_list(input_shape, "--input-shape")
-    import_callable(arch)
+    factory = arch_factory(arch, parse_arch_kwargs(arch_kwargs))  # a wrong spec is named before any file is read
     loaded = load_checkpoint(input_path)
     check_onnx_outputs(output_path, [input_path], force, external=False)
-    model = build_loaded(functools.partial(import_arch, arch), _converted(loaded.state_dict, dtype), input_path)
+    model = build_loaded(factory, _converted(loaded.state_dict, dtype), input_path)
     example = seeded_inputs(shape, seed=0).to(model_dtype(model))
     result = fold_model(model, (example,), eps=eps, allow_overflow=allow_overflow)
     if result.check is None or not result.check.passed:
