@@ -36,7 +36,7 @@ def fuse(input_path: str, output_path: str, eps: float | None, arch: str | None,
 
     if fuse_program_job(input_path, output_path, arch=arch, input_shape=input_shape, keep_structure=keep_structure,
                         reparameterize=reparameterize, eps=eps, force=force, allow_overflow=allow_overflow,
-                        dtype=dtype, as_json=as_json):
+                        dtype=dtype, as_json=as_json, strict=strict):
         return
     if arch is not None:
         _fuse_arch(input_path, output_path, arch, input_shape, keep_structure, eps, force, allow_overflow, dtype,
@@ -44,11 +44,21 @@ def fuse(input_path: str, output_path: str, eps: float | None, arch: str | None,
         return
     if keep_structure or input_shape or reparameterize:
         raise click.UsageError("--keep-structure, --reparameterize and --input-shape go with --arch")
-    _fuse_smallnet(input_path, output_path, eps, force, allow_overflow, dtype, as_json)
+    _fuse_smallnet(input_path, output_path, eps, force, allow_overflow, dtype, as_json, strict)
+
+
+def strict_gate(input_path: str, output_path: str, skipped: list[tuple[str, str]], strict: bool) -> None:
+    """--strict on every path: exit 1 (after OUT is written and the report printed) when a BatchNorm stayed."""
+    if strict and skipped:
+        from bnstrip.errors import CheckFailed
+
+        bn, reason = skipped[0]
+        raise CheckFailed(f"{input_path}: --strict: {len(skipped)} BatchNorm(s) not folded ({output_path} "
+                          f"was written), first {bn}: {reason}")
 
 
 def _fuse_smallnet(input_path: str, output_path: str, eps: float | None, force: bool, allow_overflow: bool,
-                   dtype: str, as_json: bool) -> None:
+                   dtype: str, as_json: bool, strict: bool = False) -> None:
     from bnstrip.homework.models import SmallNetTrain
     from bnstrip.pipeline import fuse_file
 
@@ -56,24 +66,21 @@ def _fuse_smallnet(input_path: str, output_path: str, eps: float | None, force: 
                        dtype=dtype)
     for note in result.unwrapped + result.warnings:  # after the write, so a failure stays a single stderr line
         warn(f"{input_path}: {note}")
-    seconds, eps_value, loaded_format = result.seconds, result.eps, result.source_format
+    skipped = result.result.skipped if result.result is not None else []  # smallNet: every pair folds, or it raises
     if as_json:
-        emit_json({
-            **core_json("fuse", True, seconds),
-            "input": input_path, "output": output_path, "format": loaded_format, "eps": eps_value,
-            "dtype": result.dtype,
-            "pairs": [{"producer": p, "bn": b} for p, b in result.pairs],
-            "self_check_max_abs_diff": result.self_check.max_abs_diff,
-            "self_check_tolerance": result.self_check.tolerance,
-            "unwrapped": result.unwrapped, "warnings": result.warnings,
-        })
-        return
+        emit_json({**core_json("fuse", not (strict and skipped), result.seconds), **result.to_dict()})
+    else:
+        _print_smallnet(input_path, output_path, result)
+    strict_gate(input_path, output_path, skipped, strict)
+
+
+def _print_smallnet(input_path: str, output_path: str, result) -> None:  # noqa: ANN001 - a FuseReport
     console = stdout_console()
     console.print(plain(f"folded {input_path} -> {output_path} (smallNetTest state_dict, {result.dtype})"))
     console.print(make_table("", ["producer", "BatchNorm", "folded into"],
                              [[p, b, "weight, bias"] for p, b in result.pairs], markup=False))
     console.print(f"self-check: max |diff| {fmt(result.self_check.max_abs_diff)} on {result.self_check.samples} random "
-                  f"inputs (tolerance {fmt(result.self_check.tolerance)}), {seconds:.2f} s")
+                  f"inputs (tolerance {fmt(result.self_check.tolerance)}), {result.seconds:.2f} s")
 
 
 def _fuse_arch(input_path: str, output_path: str, arch: str, input_shape: str | None, keep_structure: bool,
@@ -100,25 +107,12 @@ def _fuse_arch(input_path: str, output_path: str, arch: str, input_shape: str | 
     for note in report.unwrapped:
         warn(f"{input_path}: {note}")
     for note in report.warnings:
-        warn(note)
-    _warn_unfolded(input_path, report.result)
+        warn(f"{input_path}: {note}")
     if as_json:
         emit_json({**core_json("fuse", not (strict and report.result.skipped), report.seconds), **report.to_dict()})
     else:
         _print_arch(input_path, output_path, arch, report)
-    if strict and report.result.skipped:
-        from bnstrip.errors import CheckFailed
-
-        bn, reason = report.result.skipped[0]
-        raise CheckFailed(f"{input_path}: --strict: {len(report.result.skipped)} BatchNorm(s) not folded ({output_path} "
-                          f"was written), first {bn}: {reason}")
-
-
-def _warn_unfolded(input_path: str, result) -> None:  # noqa: ANN001 - a FoldResult (torch-free module)
-    """A model with BatchNorms of which none folded would otherwise exit 0 in silence."""
-    if result.skipped and not result.folded:
-        warn(f"{input_path}: none of its {len(result.skipped)} BatchNorm(s) could be folded; the reasons are listed "
-             "(use --strict to make this an error)")
+    strict_gate(input_path, output_path, report.result.skipped, strict)
 
 
 def _print_arch(input_path: str, output_path: str, arch: str, report) -> None:  # noqa: ANN001 - a FuseReport

@@ -14,7 +14,7 @@ def _is_program(path: str) -> bool:
 
 def fuse_program_job(input_path: str, output_path: str, *, arch: str | None, input_shape: str | None,
                      keep_structure: bool, reparameterize: bool, eps: float | None, force: bool,
-                     allow_overflow: bool, dtype: str, as_json: bool) -> bool:
+                     allow_overflow: bool, dtype: str, as_json: bool, strict: bool = False) -> bool:
     """Run `bnstrip fuse` when IN is a program (by content) or OUT ends in .pt2; False when it is not such a job."""
     import click
 
@@ -46,15 +46,18 @@ def fuse_program_job(input_path: str, output_path: str, *, arch: str | None, inp
         report = fuse_arch_to_program(input_path, output_path, functools.partial(import_arch, arch),
                                       (seeded_inputs(shape, seed=0),), arch=arch, eps=eps,
                                       allow_overflow=allow_overflow, force=force, dtype=dtype)
-    _print_fuse(report, as_json)
+    _print_fuse(report, as_json, strict)
+    from bnstrip.cli.fuse import strict_gate
+
+    strict_gate(input_path, output_path, report.result.skipped, strict)
     return True
 
 
-def _print_fuse(report: Any, as_json: bool) -> None:
+def _print_fuse(report: Any, as_json: bool, strict: bool = False) -> None:
     for note in report.result.warnings:
-        warn(note)
+        warn(f"{report.input}: {note}")
     if as_json:
-        emit_json({**core_json("fuse", True, report.seconds), **report.to_dict()})
+        emit_json({**core_json("fuse", not (strict and report.result.skipped), report.seconds), **report.to_dict()})
         return
     result, check = report.result, report.self_check
     console = stdout_console()

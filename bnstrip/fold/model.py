@@ -57,6 +57,19 @@ class FoldResult:
         }
 
 
+_NONE_FOLDED = "none of its {} BatchNorm(s) could be folded; the reasons are listed with each"
+
+
+def with_none_folded_warning(warnings: list[str], folded: Sequence[Any], skipped: Sequence[Any]) -> list[str]:
+    """`warnings` with the one that says no BatchNorm folded at all, where that is so (every path says it, once):
+    a model whose BatchNorms all stay would otherwise pass in silence."""
+    prefix = _NONE_FOLDED.split("{}")[0]
+    kept = [w for w in warnings if not w.startswith(prefix)]
+    if skipped and not folded:
+        kept.append(_NONE_FOLDED.format(len(skipped)))
+    return kept
+
+
 def _as_inputs(example_inputs: Any) -> tuple[Any, ...] | None:
     if example_inputs is None:
         return None
@@ -115,6 +128,61 @@ class _Reference:
     outputs64: Any
     dtype: torch.dtype
     samples: int
+    sensitivity: float | None = None
+    """How far one ulp of the folded parameters moves outputs64 (bnstrip.core.perturb), once measured."""
+    measure: Callable[[], float | None] | None = None
+    """Measures `sensitivity`; called (once) only when a check fails without it: it costs two float64 runs."""
+
+
+def _compare(reference: _Reference, got: Any) -> SelfCheck | None:
+    """The one rule on `got`; the sensitivity is measured the first time the rule needs it."""
+    report = compare_outputs(reference.outputs, got, reference.outputs64, reference.dtype, reference.samples,
+                             reference.sensitivity)
+    if report is not None and not report.passed and report.rounding is not None and reference.measure is not None:
+        measure, reference.measure = reference.measure, None
+        reference.sensitivity = measure()
+        report = compare_outputs(reference.outputs, got, reference.outputs64, reference.dtype, reference.samples,
+                                 reference.sensitivity)
+    return report
+
+
+def _sensitivity(model: nn.Module, inputs: tuple[Any, ...], eps: float | None, reference: _Reference,
+                 folded: list[tuple[str, str]], consumers: set[str]) -> float | None:
+    """rounding_sensitivity of a copy of `model` (its forward may cache or update state) to the folded parameters
+    of the (layer, BatchNorm) pairs in `folded`."""
+    from bnstrip.core.perturb import rounding_sensitivity
+    from bnstrip.trace.bn_registry import module_stats
+
+    work = _copy_model(model)
+    with _eps_override(work, eps):
+        return rounding_sensitivity(work, inputs, folded, consumers, reference.outputs64,
+                                    lambda bn: module_stats(bn, eps))
+
+
+def _samples(inputs: Sequence[Any]) -> int:
+    first = inputs[0] if inputs else None
+    return int(first.shape[0]) if isinstance(first, torch.Tensor) and first.dim() else 1
+
+
+def check_folded(original: nn.Module, folded: nn.Module, example_inputs: Any, folded_pairs: Sequence[tuple[str, str]],
+                 *, consumers: Sequence[str] = (), eps: float | None = None) -> SelfCheck | None:
+    """fold_model's own check, on a fold made elsewhere: `folded` against `original` (neither is modified).
+
+    `folded_pairs` are the (layer, BatchNorm) names in `original` that the fold claims to have folded
+    (`consumers`: the BatchNorms folded into the layer after them); rounding their folded parameters
+    once sets how far the outputs may move (bnstrip.core.compare). None when the
+    folded model fails to run or its outputs have another structure.
+    """
+    inputs = _as_inputs(example_inputs)
+    if inputs is None:
+        raise InputError("check_folded needs example_inputs to run both models on")
+    work = _copy_model(original)
+    with _eps_override(work, eps):
+        outputs, outputs64 = seeded_outputs(work, inputs), float64_outputs(work, inputs)
+    reference = _Reference(outputs, outputs64, model_dtype(original), _samples(inputs))
+    pairs, after = list(folded_pairs), set(consumers)
+    reference.measure = lambda: _sensitivity(original, inputs, eps, reference, pairs, after)
+    return _check(reference, folded, inputs)[0]
 
 
 def _check(reference: _Reference, candidate: nn.Module, inputs: Sequence[Any]) -> tuple[SelfCheck | None, str | None]:
@@ -124,7 +192,7 @@ def _check(reference: _Reference, candidate: nn.Module, inputs: Sequence[Any]) -
             got = candidate(*fresh_inputs(inputs))
     except Exception as exc:  # noqa: BLE001 - the folded model must run where the original did
         return None, f"the folded model fails on the example inputs ({type(exc).__name__}: {first_line(exc, 200, '')})"
-    report = compare_outputs(reference.outputs, got, reference.outputs64, reference.dtype, reference.samples)
+    report = _compare(reference, got)
     if report is None:
         return None, "the folded model's outputs have another structure or shape than the original's"
     if not report.passed:
@@ -200,9 +268,7 @@ def _fold_copy(model: nn.Module, inputs: tuple[Any, ...] | None, eps: float | No
             outputs = graph.model_output if eps is None and graph.model_output is not None \
                 else seeded_outputs(work, inputs)
             outputs64 = float64_outputs(work, inputs)
-        first = inputs[0] if inputs else None
-        samples = int(first.shape[0]) if isinstance(first, torch.Tensor) and first.dim() else 1
-        reference = _Reference(outputs, outputs64, model_dtype(model), samples)
+        reference = _Reference(outputs, outputs64, model_dtype(model), _samples(inputs))
     folds, reasons = plan_folds(graph, work, keep_structure, eps)
     applied = apply_folds(folds, graph, work, eps, keep_structure, allow_overflow)
     folded_names = {f.bn.name for f in folds}
@@ -288,13 +354,17 @@ def fold_model(model: nn.Module, example_inputs: Any = None, *, eps: float | Non
     result, reference = _fold_copy(model, inputs, eps, keep_structure, allow_overflow, {}, want_reference=True,
                                    traced=traced)
     if reference is None or inputs is None:
+        result.warnings = with_none_folded_warning(result.warnings, result.folded, result.skipped)
         return result
+    plan, consumers = list(result.folded), {bn for bn, into in result.into.items() if into != INTO_PRODUCER}
+    reference.measure = lambda: _sensitivity(model, inputs, eps, reference, plan, consumers)
     result = _checked(model, inputs, result, reference, eps, keep_structure, allow_overflow, traced)
     if reparameterize:
         from bnstrip.fold.reparam import reparameterize_result  # it imports this module
 
         reparameterize_result(result, inputs, allow_overflow, lambda candidate: _check(reference, candidate, inputs))
     _restore_statistics(model, result)
+    result.warnings = with_none_folded_warning(result.warnings, result.folded, result.skipped)
     return result
 
 
