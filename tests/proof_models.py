@@ -39,7 +39,10 @@ def _uniform(n: int, low: float, high: float, gen: torch.Generator) -> torch.Ten
 
 
 def _signs(n: int, gen: torch.Generator) -> torch.Tensor:
-    return torch.where(torch.rand(n, generator=gen) < 0.25, -1.0, 1.0).double()
+    """Random signs, the first always negative: a ReLU never commutes with such a BatchNorm."""
+    signs = torch.where(torch.rand(n, generator=gen) < 0.25, -1.0, 1.0).double()
+    signs[0] = -1.0
+    return signs
 
 
 def _statistics(bn: nn.BatchNorm1d | nn.BatchNorm2d, conditioning: str, gen: torch.Generator) -> None:
@@ -49,10 +52,10 @@ def _statistics(bn: nn.BatchNorm1d | nn.BatchNorm2d, conditioning: str, gen: tor
     if conditioning == "tiny_var":  # around and below eps: the BatchNorm amplifies by up to ~300
         var = 10 ** _uniform(n, -7, -4, gen)
         gamma = gamma * 1e-2
-    elif conditioning == "huge_gamma":  # a large scale cancelled by a large shift
+    elif conditioning == "huge_gamma":  # a huge gamma and variance; a large mean cancelled by a large shift
         gamma = _signs(n, gen) * _uniform(n, 100, 1000, gen)
-        var = _uniform(n, 1e2, 1e4, gen)
-        mean = torch.randn(n, generator=gen, dtype=torch.float64) * 3
+        var = 10 ** _uniform(n, 4, 4.6, gen)  # below float16's largest value, 65504
+        mean = torch.randn(n, generator=gen, dtype=torch.float64) * 30
         beta = gamma * mean / torch.sqrt(var + bn.eps) + torch.randn(n, generator=gen, dtype=torch.float64) * 10
     elif conditioning == "random_stats":  # statistics unrelated to the data (the LeViT case)
         var = 10 ** _uniform(n, -3, 3, gen)

@@ -43,8 +43,9 @@ from bnstrip.errors import InputError
 
 ROUNDING_FACTOR = 4.0
 """How many times the original's own rounding error the fold's error may be (see the module docstring)."""
-PERTURBATION_FACTOR = 4.0
-"""How many times the outputs' move under one ulp of the folded parameters the fold's change may be."""
+PERTURBATION_FACTOR = 2.0
+"""How many times the outputs' move under one ulp of the folded parameters the fold's change may be: one ulp is
+twice the largest rounding, so this allows 4 times the largest rounding of every folded parameter at once."""
 FLOOR_ULPS = 16.0
 """The smallest tolerance for a float64 model, in units of eps times the output scale: its own rounding error
 against float64 is 0 by definition, so the folded model's float64 arithmetic has no other measure."""

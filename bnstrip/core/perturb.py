@@ -6,7 +6,14 @@ original's outputs move, evaluated in float64, when the parameters that the fold
 producer's or consumer's weight and bias, the BatchNorm's gamma, beta, running mean and
 variance) are each moved by one unit in the last place of their own dtype, with a seeded random
 sign per element. One ulp is twice the largest rounding error (half an ulp), and in float64 it
-is the smallest step there is. The outputs of a well-conditioned model hardly move; those of an
+is the smallest step there is.
+
+What rounds depends on the dtype. A float32 or half-precision fold is computed in float64 and
+rounded once, so only its results round: the folded weight W s (moved exactly as W moved one ulp,
+since the move is relative) and the folded bias b s + t (moved as the BatchNorm's output moves
+when its running_mean shifts by one ulp of that bias over s). A float64 fold is computed in
+float64 itself, so each of its inputs rounds: the layer's weight and bias and every tensor of the
+BatchNorm move one ulp (which is what a large mean cancelled by a large shift costs). The outputs of a well-conditioned model hardly move; those of an
 ill-conditioned one (tiny running_var, huge gamma, statistics far from the data) move as much
 as its exact fold does, since both come from the same cancellation. `core.compare.tolerance_for`
 turns the measure into the tolerance.
@@ -90,8 +97,11 @@ def fold_rounding_overrides(model: nn.Module, folded: Sequence[tuple[str, str]],
         key = f"{layer_name}.weight"
         if layer is None or bn is None or key not in tensors or not tensors[key].is_floating_point():
             continue
-        if key not in overrides:
-            overrides[key] = one_ulp_moved(tensors[key], generator)
+        if tensors[key].dtype == torch.float64:  # folded in its own precision: every input of the fold rounds
+            for name in _float_tensors(layer, layer_name) + _float_tensors(bn, bn_name):
+                overrides.setdefault(name, one_ulp_moved(tensors[name], generator))
+            continue
+        overrides.setdefault(key, one_ulp_moved(tensors[key], generator))
         try:
             stats = stats_of(bn)
         except (AttributeError, TypeError, ValueError, InputError):
@@ -100,6 +110,12 @@ def fold_rounding_overrides(model: nn.Module, folded: Sequence[tuple[str, str]],
         if moved is not None and moved[0] not in overrides:
             overrides[moved[0]] = moved[1]
     return overrides
+
+
+def _float_tensors(module: nn.Module, prefix: str) -> list[str]:
+    """Full names of the module's own floating-point parameters and buffers."""
+    return [name for kind in (module.named_parameters, module.named_buffers)
+            for name, tensor in kind(prefix=prefix, recurse=False) if tensor is not None and tensor.is_floating_point()]
 
 
 class _Overridden(nn.Module):

@@ -159,6 +159,13 @@ def _sensitivity(model: nn.Module, inputs: tuple[Any, ...], eps: float | None, r
                                     lambda bn: module_stats(bn, eps))
 
 
+def _all_float64(model: nn.Module, inputs: Sequence[Any]) -> bool:
+    """Every floating-point tensor of the model and the inputs is float64: its own run is its float64 evaluation
+    (one forward saved)."""
+    tensors = [*model.parameters(), *model.buffers(), *(t for t in inputs if isinstance(t, torch.Tensor))]
+    return all(t.dtype == torch.float64 for t in tensors if t.is_floating_point())
+
+
 def _samples(inputs: Sequence[Any]) -> int:
     first = inputs[0] if inputs else None
     return int(first.shape[0]) if isinstance(first, torch.Tensor) and first.dim() else 1
@@ -267,7 +274,7 @@ def _fold_copy(model: nn.Module, inputs: tuple[Any, ...] | None, eps: float | No
         with _eps_override(work, eps):
             outputs = graph.model_output if eps is None and graph.model_output is not None \
                 else seeded_outputs(work, inputs)
-            outputs64 = float64_outputs(work, inputs)
+            outputs64 = outputs if _all_float64(work, inputs) else float64_outputs(work, inputs)
         reference = _Reference(outputs, outputs64, model_dtype(model), _samples(inputs))
     folds, reasons = plan_folds(graph, work, keep_structure, eps)
     applied = apply_folds(folds, graph, work, eps, keep_structure, allow_overflow)
