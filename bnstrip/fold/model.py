@@ -108,6 +108,25 @@ def _refuse_unfoldable_model(model: nn.Module) -> None:
 
 
 @contextlib.contextmanager
+def _attributes_kept(model: nn.Module) -> Iterator[None]:
+    """The plain attributes of every module (not parameters, buffers or children) as they were before the block.
+
+    Tracing runs the forward, and a forward that caches what it computed (ultralytics' detection head keeps
+    the anchors of the last input size) would keep the tracer's fake tensors, which no real run can use.
+    """
+    saved = [(module, dict(module.__dict__)) for module in model.modules()]
+    try:
+        yield
+    finally:
+        for module, before in saved:
+            for key in [k for k in module.__dict__ if k not in before and not k.startswith("_")]:
+                del module.__dict__[key]
+            for key, value in before.items():
+                if not key.startswith("_") and module.__dict__.get(key) is not value:
+                    module.__dict__[key] = value
+
+
+@contextlib.contextmanager
 def _eps_override(model: nn.Module, eps: float | None) -> Iterator[None]:
     """Every BatchNorm of `model` uses `eps` inside the block (the original as the user asked for it)."""
     saved = [(m, m.eps) for m in model.modules() if is_batchnorm_like(m) and hasattr(m, "eps")] if eps is not None else []
@@ -199,7 +218,12 @@ def _check(reference: _Reference, candidate: nn.Module, inputs: Sequence[Any]) -
             got = candidate(*fresh_inputs(inputs))
     except Exception as exc:  # noqa: BLE001 - the folded model must run where the original did
         return None, f"the folded model fails on the example inputs ({type(exc).__name__}: {first_line(exc, 200, '')})"
-    report = _compare(reference, got)
+    try:
+        report = _compare(reference, got)
+    except Exception as exc:  # noqa: BLE001 - outputs torch cannot compare (fake or meta tensors a forward kept)
+        raise InputError(f"{type(candidate).__name__}: its outputs cannot be compared with the original's "
+                         f"({type(exc).__name__}: {first_line(exc, 160, '')}); does its forward keep tensors from an "
+                         "earlier run? Run the model once on the example inputs before folding it") from None
     if report is None:
         return None, "the folded model's outputs have another structure or shape than the original's"
     if not report.passed:
@@ -264,7 +288,8 @@ def _fold_copy(model: nn.Module, inputs: tuple[Any, ...] | None, eps: float | No
     earlier = traced.get("graph") if traced is not None else None
     graph = replay_graph(earlier, work) if earlier is not None else None
     if graph is None:
-        graph = build_graph(work, inputs)
+        with _attributes_kept(work):
+            graph = build_graph(work, inputs)
         if traced is not None:
             traced["graph"] = replay_graph(graph, work)
     for name, reason in excluded.items():
