@@ -17,8 +17,8 @@ nothing and large only where the model itself is ill-conditioned (tiny running_v
 where any rounding of those parameters moves the outputs as much; a wrong fold (a wrong axis, a
 lost shift, a wrong eps) moves them by the order of the outputs. The first term alone is 0 for a
 float64 model (its own evaluation is the float64 one), which is why the second exists. The floor
-is FLOOR_ULPS ulps of the outputs' scale for a float64 model (its folded float64 arithmetic has no
-other measure) and one ulp otherwise. The sensitivity costs two
+is FLOOR_ULPS ulps of the outputs' scale in float32 and float64 (a float64 model's own arithmetic
+has no other measure) and one ulp in float16 and bfloat16. The sensitivity costs two
 float64 runs, so it is measured only for a fold that the rest of the rule does not already
 accept. Where the model cannot run in float64 the two are compared in its own dtype with
 `relative_tolerance(dtype)` times the scale.
@@ -47,11 +47,11 @@ PERTURBATION_FACTOR = 2.0
 """How many times the outputs' move under one ulp of the folded parameters the fold's change may be: one ulp is
 twice the largest rounding, so this allows 4 times the largest rounding of every folded parameter at once."""
 FLOOR_ULPS = 16.0
-"""The smallest tolerance for a float64 model, in units of eps times the output scale: its own rounding error
-against float64 is 0 by definition, so the folded model's float64 arithmetic has no other measure."""
-FLOOR_ULPS_MEASURED = 1.0
-"""The smallest tolerance for narrower dtypes (one ulp of the largest output): there the own rounding error and the
-sensitivity measure everything, and a floor of 16 ulps would be 12% of the outputs in bfloat16."""
+"""The smallest tolerance in float32 and float64, in units of eps times the output scale: a float64 model's own
+rounding error against float64 is 0 by definition, and a float32 one's can be ~0 on some inputs."""
+FLOOR_ULPS_HALF = 1.0
+"""The smallest tolerance in float16 and bfloat16 (one ulp of the largest output): 16 ulps there would be 1.6% and
+12.5% of the outputs, more than many wrong folds move them, and their own rounding error is never ~0."""
 _BLOCK_ELEMENTS = 1 << 18
 """Elements of a matrix operand widened to float64 at once (2 MB): a 16M-parameter Linear is never widened whole."""
 
@@ -98,7 +98,7 @@ def tolerance_for(dtype: torch.dtype, scale: float, rounding: float | None, sens
         return relative_tolerance(dtype) * max(scale, 1.0)
     eps = torch.finfo(dtype).eps if dtype.is_floating_point else torch.finfo(torch.float32).eps
     allowed = ROUNDING_FACTOR * rounding + PERTURBATION_FACTOR * (sensitivity or 0.0)
-    floor = FLOOR_ULPS if dtype == torch.float64 else FLOOR_ULPS_MEASURED
+    floor = FLOOR_ULPS if eps <= torch.finfo(torch.float32).eps else FLOOR_ULPS_HALF
     return max(allowed, floor * eps * max(scale, 1.0))
 
 
