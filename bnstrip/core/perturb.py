@@ -89,7 +89,7 @@ def fold_rounding_overrides(model: nn.Module, folded: Sequence[tuple[str, str]],
     """Float64 replacements for tensors of `model` that move its outputs as rounding the folded parameters once
     does: each folded layer's weight one ulp (relative, so W s moves one ulp too) and each folded bias one ulp.
     `consumers` are the BatchNorms folded into the layer after them; `stats_of` reads a BatchNorm's statistics."""
-    tensors = dict(model.named_parameters(remove_duplicate=False))
+    tensors: dict[str, torch.Tensor] = dict(model.named_parameters(remove_duplicate=False))
     tensors.update(dict(model.named_buffers(remove_duplicate=False)))
     overrides: dict[str, torch.Tensor] = {}
     for layer_name, bn_name in folded:
