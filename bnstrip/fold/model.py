@@ -197,7 +197,9 @@ def fold_model(model: nn.Module, example_inputs: Any = None, *, eps: float | Non
     With example inputs the folded model is also compared with the original (bnstrip.core.compare,
     reported in `result.check`): should the outputs move (something no rule foresaw), the folds
     that moved them are found by bisection and undone, each skipped with the reason, so a wrong
-    model is never returned for these inputs.
+    model is never returned for these inputs. "Moved" means more than rounding the folded
+    parameters once can move them (bnstrip.fold.check), so an exact fold is never undone for
+    rounding. When BatchNorms exist and none folds, `result.warnings` says so.
 
     With reparameterize=True, sums of parallel branches (RepVGG, MobileOne, ACNet blocks) are then
     merged into one conv each and proven the same way (bnstrip.fold.reparam); it needs
