@@ -132,10 +132,11 @@ class _Overridden(nn.Module):
 
 def rounding_sensitivity(model: nn.Module, inputs: Sequence[Any], folded: Sequence[tuple[str, str]],
                          consumers: set[str], outputs64: Any, stats_of: StatsOf, draws: int = DRAWS,
-                         seed: int = 0) -> float | None:
+                         seed: int = 0,
+                         run: Callable[[nn.Module, Sequence[Any]], Any] = float64_outputs) -> float | None:
     """max over `draws` of max|outputs - outputs64|, evaluated in float64, with the folded parameters of `folded`
     (layer, BatchNorm) moved one ulp each (see the module docstring); None when there is nothing to move or the
-    model will not run that way."""
+    model will not run that way. `run` evaluates in float64 (`seeded_outputs` will do for a float64 model)."""
     if outputs64 is None:
         return None
     generator = torch.Generator().manual_seed(seed)
@@ -145,7 +146,7 @@ def rounding_sensitivity(model: nn.Module, inputs: Sequence[Any], folded: Sequen
         if not overrides:
             return None
         try:
-            outputs = float64_outputs(_Overridden(model, overrides), inputs)
+            outputs = run(_Overridden(model, overrides), inputs)
         except Exception:  # noqa: BLE001 - a model that will not run with replaced tensors: no measure
             return None
         gap = output_gap(outputs64, outputs) if outputs is not None else None

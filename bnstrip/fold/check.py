@@ -70,16 +70,17 @@ def _compare(reference: Reference, got: Any) -> SelfCheck | None:
 
 
 def measure_sensitivity(model: nn.Module, inputs: tuple[Any, ...], eps: float | None, reference: Reference,
-                 folded: list[tuple[str, str]], consumers: set[str]) -> float | None:
+                        folded: list[tuple[str, str]], consumers: set[str]) -> float | None:
     """rounding_sensitivity of a copy of `model` (its forward may cache or update state) to the folded parameters
-    of the (layer, BatchNorm) pairs in `folded`."""
+    of the (layer, BatchNorm) pairs in `folded`; a float64 model runs as it is (no op-by-op widening)."""
     from bnstrip.core.perturb import rounding_sensitivity
     from bnstrip.trace.bn_registry import module_stats
 
     work = copy_model(model)
     with eps_override(work, eps):
         return rounding_sensitivity(work, inputs, folded, consumers, reference.outputs64,
-                                    lambda bn: module_stats(bn, eps))
+                                    lambda bn: module_stats(bn, eps),
+                                    run=seeded_outputs if all_float64(work, inputs) else float64_outputs)
 
 
 def all_float64(model: nn.Module, inputs: Sequence[Any]) -> bool:
