@@ -47,22 +47,49 @@ class FuseReport:
     seconds: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
-        """The generic (--arch) report as one JSON object."""
-        assert self.result is not None
-        entries = self.result.manifest_entries()
-        return {
-            "input": self.input, "output": self.output, "manifest": self.manifest, "arch": self.arch,
-            "input_shape": self.input_shape, "form": entries["form"], "tracer": entries["tracer"],
-            "eps": entries["eps"], "dtype": self.dtype, "format": self.source_format,
-            "folded": entries["folded"], "skipped": entries["skipped"], "gained_bias": entries["gained_bias"],
-            "merged": entries["merged"],
-            "merge_refused": [{"where": where, "reason": reason} for where, reason in self.result.merge_refused],
-            "self_check_max_abs_diff": self.self_check.max_abs_diff,
-            "self_check_output_scale": self.self_check.output_scale,
-            "self_check_rounding": self.self_check.rounding,
-            "self_check_tolerance": self.self_check.tolerance, "self_check_samples": self.self_check.samples,
-            "unwrapped": self.unwrapped, "warnings": self.warnings, "seconds": self.seconds,
-        }
+        """The report as one JSON object, with the keys of every path (`fuse_report_dict`)."""
+        if self.result is not None:
+            entries = self.result.manifest_entries()
+            merge_refused = [{"where": where, "reason": reason} for where, reason in self.result.merge_refused]
+        else:  # the smallNet job: the course's pairs, all into the layer before
+            entries = {"form": "smallNetTest", "tracer": None, "eps": self.eps, "gained_bias": [], "merged": [],
+                       "folded": [{"layer": p, "bn": b, "into": "producer"} for p, b in self.pairs], "skipped": []}
+            merge_refused = []
+        return fuse_report_dict(self.input, self.output, self.arch, entries, self.self_check, manifest=self.manifest,
+                                input_shape=self.input_shape, dtype=self.dtype, source_format=self.source_format,
+                                merge_refused=merge_refused, unwrapped=self.unwrapped, warnings=self.warnings,
+                                seconds=self.seconds)
+
+
+FUSE_JSON_KEYS = (
+    "input", "output", "manifest", "arch", "input_shape", "form", "tracer", "eps", "dtype", "format", "folded",
+    "skipped", "pairs", "gained_bias", "merged", "merge_refused", "dynamic_dims", "self_check_max_abs_diff",
+    "self_check_output_scale", "self_check_rounding", "self_check_sensitivity", "self_check_tolerance",
+    "self_check_samples", "unwrapped", "warnings", "seconds")
+"""The keys of `bnstrip fuse --json` after the shared ones, the same on every path (smallNet, --arch, .pt2).
+`pairs` ({producer, bn}) is a deprecated alias of `folded`, kept for scripts written for smallNet's output."""
+
+
+def fuse_report_dict(input_path: str, output: str, arch: str, entries: dict[str, Any], check: SelfCheck, *,
+                     manifest: str | None = None, input_shape: list[int] | None = None, dtype: str | None = None,
+                     source_format: str | None = None, merge_refused: list[dict[str, str]] | None = None,
+                     dynamic_dims: list[str] | None = None, unwrapped: list[str] | None = None,
+                     warnings: list[str] | None = None, seconds: float = 0.0) -> dict[str, Any]:
+    """One fuse report with FUSE_JSON_KEYS, whatever the path; `entries` as FoldResult.manifest_entries gives."""
+    report = {
+        "input": input_path, "output": output, "manifest": manifest, "arch": arch, "input_shape": input_shape or [],
+        "form": entries["form"], "tracer": entries["tracer"], "eps": entries["eps"], "dtype": dtype,
+        "format": source_format, "folded": entries["folded"], "skipped": entries["skipped"],
+        "pairs": [{"producer": f["layer"], "bn": f["bn"]} for f in entries["folded"]],
+        "gained_bias": entries["gained_bias"], "merged": entries.get("merged", []), "merge_refused": merge_refused or [],
+        "dynamic_dims": dynamic_dims or [], "self_check_max_abs_diff": check.max_abs_diff,
+        "self_check_output_scale": check.output_scale, "self_check_rounding": check.rounding,
+        "self_check_sensitivity": check.sensitivity, "self_check_tolerance": check.tolerance,
+        "self_check_samples": check.samples, "unwrapped": unwrapped or [], "warnings": warnings or [],
+        "seconds": seconds,
+    }
+    assert tuple(report) == FUSE_JSON_KEYS
+    return report
 
 
 @dataclass
@@ -265,19 +292,17 @@ class ProgramReport:
     dynamic_dims: list[str] = field(default_factory=list)
     input_shape: list[int] = field(default_factory=list)
     seconds: float = 0.0
+    source_format: str = "pt2"
 
     def to_dict(self) -> dict[str, Any]:
-        entries = self.result.manifest_entries()
-        return {
-            "input": self.input, "output": self.output, "arch": self.arch, "form": "program",
-            "folded": entries["folded"], "skipped": entries["skipped"], "gained_bias": entries["gained_bias"],
-            "dynamic_dims": self.dynamic_dims, "input_shape": self.input_shape,
-            "self_check_max_abs_diff": self.self_check.max_abs_diff,
-            "self_check_output_scale": self.self_check.output_scale,
-            "self_check_rounding": self.self_check.rounding, "self_check_tolerance": self.self_check.tolerance,
-            "self_check_samples": self.self_check.samples, "warnings": list(self.result.warnings),
-            "seconds": self.seconds,
-        }
+        """The report as one JSON object, with the keys of every path (`fuse_report_dict`)."""
+        entries = {**self.result.manifest_entries(), "form": "program"}
+        dtype = next((str(p.dtype).replace("torch.", "") for p in self.result.model.parameters()
+                      if p.is_floating_point()), None)
+        return fuse_report_dict(self.input, self.output, self.arch, entries, self.self_check,
+                                input_shape=self.input_shape, dtype=dtype, source_format=self.source_format,
+                                dynamic_dims=self.dynamic_dims, warnings=list(self.result.warnings),
+                                seconds=self.seconds)
 
 
 def is_program_path(path: str) -> bool:
@@ -318,7 +343,8 @@ def fuse_program_file(input_path: str, output_path: str, *, eps: float | None = 
 
 
 def _export_batch(model: nn.Module, folded: nn.Module, inputs: tuple[Any, ...], name: str,
-                  dynamic_batch: bool) -> tuple[Any, SelfCheck, list[str], list[str]]:
+                  dynamic_batch: bool, sensitivity: float | None = None
+                  ) -> tuple[Any, SelfCheck, list[str], list[str]]:
     """Export the folded module with dim 0 of every tensor input as one dynamic `batch` (>= 1), or static.
 
     A model whose code fixes the batch (a reshape to a constant, say) does not export with a dynamic
@@ -332,14 +358,14 @@ def _export_batch(model: nn.Module, folded: nn.Module, inputs: tuple[Any, ...], 
         batch = torch.export.Dim("batch", min=1)
         spec = tuple({0: batch} if isinstance(t, torch.Tensor) and t.dim() else None for t in inputs)
         try:
-            program, check = export_folded(model, folded, inputs, name=name, dynamic=spec)
+            program, check = export_folded(model, folded, inputs, name=name, dynamic=spec, sensitivity=sensitivity)
             return program, check, ["batch"], []
         except InputError as exc:
             note = (f"{name}: the folded model does not export with a dynamic batch dimension ({first_line(exc, 160)}); "
                     f"OUT.pt2 takes batches of {int(inputs[0].shape[0])} only")
-            program, check = export_folded(model, folded, inputs, name=name)
+            program, check = export_folded(model, folded, inputs, name=name, sensitivity=sensitivity)
             return program, check, [], [note]
-    program, check = export_folded(model, folded, inputs, name=name)
+    program, check = export_folded(model, folded, inputs, name=name, sensitivity=sensitivity)
     return program, check, [], []
 
 
@@ -374,10 +400,13 @@ def fuse_arch_to_program(input_path: str, output_path: str, model_factory: Calla
         example_inputs = _with_batch_two(example_inputs)
     inputs = _as_model_dtype(example_inputs, model_dtype(model))
     result = fold_model(model, inputs, eps=eps, allow_overflow=allow_overflow)
-    program, check, dims, notes = _export_batch(model, result.model, inputs, f"{input_path} ({arch})", dynamic_batch)
+    sensitivity = result.check.sensitivity if result.check else None
+    program, check, dims, notes = _export_batch(model, result.model, inputs, f"{input_path} ({arch})", dynamic_batch,
+                                                sensitivity)
     result.warnings.extend(notes)
     if not dry_run:
         write_program(program, output_path, input_path, force)
     shape = list(map(int, inputs[0].shape)) if isinstance(inputs[0], torch.Tensor) else []
     return ProgramReport(input=str(input_path), output=str(output_path), arch=arch, self_check=check, result=result,
-                         dynamic_dims=dims, input_shape=shape, seconds=time.perf_counter() - started)
+                         dynamic_dims=dims, input_shape=shape, seconds=time.perf_counter() - started,
+                         source_format=loaded.format)

@@ -122,3 +122,13 @@ def test_an_original_that_overflows_in_its_own_dtype_excuses_nothing() -> None:
     assert check is not None and not check.passed
     right = torch.tensor([float("inf"), 1.0])
     assert compare_outputs(original, right, original64, torch.float32).passed
+
+
+def test_the_sensitivity_adds_to_the_own_rounding_and_the_floor_depends_on_the_dtype() -> None:
+    from bnstrip.core.compare import FLOOR_ULPS, FLOOR_ULPS_HALF, PERTURBATION_FACTOR
+
+    assert tolerance_for(torch.float32, 10.0, 1e-3, 1e-3) == ROUNDING_FACTOR * 1e-3 + PERTURBATION_FACTOR * 1e-3
+    eps64 = torch.finfo(torch.float64).eps
+    assert tolerance_for(torch.float64, 2.0, 0.0) == FLOOR_ULPS * eps64 * 2.0  # a float64 model: no own rounding
+    assert tolerance_for(torch.float64, 2.0, 0.0, 1e-13) == PERTURBATION_FACTOR * 1e-13
+    assert tolerance_for(torch.bfloat16, 2.0, 0.0) == FLOOR_ULPS_HALF * torch.finfo(torch.bfloat16).eps * 2.0

@@ -61,11 +61,11 @@ def fuse(input_path: str, output_path: str | None, eps: float | None, arch: str 
         return
     if keep_structure or input_shape or reparameterize:
         raise click.UsageError("--keep-structure, --reparameterize and --input-shape go with --arch")
-    _fuse_smallnet(input_path, output_path, eps, force, allow_overflow, dtype, as_json, dry_run)
+    _fuse_smallnet(input_path, output_path, eps, force, allow_overflow, dtype, as_json, strict, dry_run)
 
 
 def _fuse_smallnet(input_path: str, output_path: str, eps: float | None, force: bool, allow_overflow: bool,
-                   dtype: str, as_json: bool, dry_run: bool = False) -> None:
+                   dtype: str, as_json: bool, strict: bool = False, dry_run: bool = False) -> None:
     from bnstrip.homework.models import SmallNetTrain
     from bnstrip.pipeline import fuse_file
 
@@ -73,25 +73,23 @@ def _fuse_smallnet(input_path: str, output_path: str, eps: float | None, force: 
                        dtype=dtype, dry_run=dry_run)
     for note in result.unwrapped + result.warnings:  # after the write, so a failure stays a single stderr line
         warn(f"{input_path}: {note}")
-    seconds, eps_value, loaded_format = result.seconds, result.eps, result.source_format
+    skipped = result.result.skipped if result.result is not None else []  # smallNet: every pair folds, or it raises
     if as_json:
-        emit_json({
-            **core_json("fuse", True, seconds), "dry_run": dry_run,
-            "input": input_path, "output": None if dry_run else output_path, "format": loaded_format, "eps": eps_value,
-            "dtype": result.dtype,
-            "pairs": [{"producer": p, "bn": b} for p, b in result.pairs],
-            "self_check_max_abs_diff": result.self_check.max_abs_diff,
-            "self_check_tolerance": result.self_check.tolerance,
-            "unwrapped": result.unwrapped, "warnings": result.warnings,
-        })
-        return
+        emit_json({**core_json("fuse", not (strict and skipped), result.seconds), **result.to_dict(),
+                   "dry_run": dry_run, **({"output": None} if dry_run else {})})
+    else:
+        _print_smallnet(input_path, output_path, result, dry_run)
+    strict_gate(input_path, output_path, skipped, strict, dry_run)
+
+
+def _print_smallnet(input_path: str, output_path: str, result, dry_run: bool = False) -> None:  # noqa: ANN001
     console = stdout_console()
     done = f"would fold {input_path} (dry run, nothing written)" if dry_run else f"folded {input_path} -> {output_path}"
     console.print(plain(f"{done} (smallNetTest state_dict, {result.dtype})"))
     console.print(make_table("", ["producer", "BatchNorm", "folded into"],
                              [[p, b, "weight, bias"] for p, b in result.pairs], markup=False))
     console.print(f"self-check: max |diff| {fmt(result.self_check.max_abs_diff)} on {result.self_check.samples} random "
-                  f"inputs (tolerance {fmt(result.self_check.tolerance)}), {seconds:.2f} s")
+                  f"inputs (tolerance {fmt(result.self_check.tolerance)}), {result.seconds:.2f} s")
 
 
 def _fuse_arch(input_path: str, output_path: str, arch: str, input_shape: str | None, keep_structure: bool,
@@ -109,14 +107,13 @@ def _fuse_arch(input_path: str, output_path: str, arch: str, input_shape: str | 
     for note in report.unwrapped:
         warn(f"{input_path}: {note}")
     for note in report.warnings:
-        warn(note)
-    _warn_unfolded(input_path, report.result)
+        warn(f"{input_path}: {note}")
     if as_json:
         emit_json({**core_json("fuse", not (strict and report.result.skipped), report.seconds), **report.to_dict(),
                    "dry_run": dry_run, **({"output": None} if dry_run else {})})
     else:
         _print_arch(input_path, output_path, arch, report, dry_run)
-    strict_gate(input_path, output_path, report.result, strict, dry_run)
+    strict_gate(input_path, output_path, report.result.skipped, strict, dry_run)
 
 
 def arch_input_shape(arch: str, input_shape: str | None) -> list[int]:
@@ -140,22 +137,17 @@ def arch_model_factory(arch: str, arch_kwargs: str | None):  # noqa: ANN201 - Ca
     return arch_factory(arch, parse_arch_kwargs(arch_kwargs))
 
 
-def strict_gate(input_path: str, output_path: str, result, strict: bool, dry_run: bool) -> None:  # noqa: ANN001
-    """--strict: exit 1 when any BatchNorm was not folded (after OUT was written, or with --dry-run after the report)."""
-    if strict and result.skipped:
+def strict_gate(input_path: str, output_path: str, skipped: list[tuple[str, str]], strict: bool,
+                dry_run: bool = False) -> None:
+    """--strict on every path: exit 1 (after OUT was written, or with --dry-run after the report) when a BatchNorm
+    stayed."""
+    if strict and skipped:
         from bnstrip.errors import CheckFailed
 
-        bn, reason = result.skipped[0]
+        bn, reason = skipped[0]
         written = "dry run, nothing was written" if dry_run else f"{output_path} was written"
-        raise CheckFailed(f"{input_path}: --strict: {len(result.skipped)} BatchNorm(s) not folded ({written}), "
+        raise CheckFailed(f"{input_path}: --strict: {len(skipped)} BatchNorm(s) not folded ({written}), "
                           f"first {bn}: {reason}")
-
-
-def _warn_unfolded(input_path: str, result) -> None:  # noqa: ANN001 - a FoldResult (torch-free module)
-    """A model with BatchNorms of which none folded would otherwise exit 0 in silence."""
-    if result.skipped and not result.folded:
-        warn(f"{input_path}: none of its {len(result.skipped)} BatchNorm(s) could be folded; the reasons are listed "
-             "(use --strict to make this an error)")
 
 
 def _print_arch(input_path: str, output_path: str, arch: str, report,  # noqa: ANN001 - a FuseReport

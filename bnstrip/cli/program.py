@@ -48,19 +48,19 @@ def fuse_program_job(input_path: str, output_path: str, *, arch: str | None, inp
                                    if report.dynamic_dims else
                                    f"static batch: the program takes N={report.input_shape[0]} only"
                                    + ("" if dynamic_batch else " (--static-batch)")), err=True)
-    _print_fuse(report, as_json, dry_run)
+    _print_fuse(report, as_json, strict, dry_run)
     from bnstrip.cli.fuse import strict_gate
 
-    strict_gate(input_path, output_path, report.result, strict, dry_run)
+    strict_gate(input_path, output_path, report.result.skipped, strict, dry_run)
     return True
 
 
-def _print_fuse(report: Any, as_json: bool, dry_run: bool = False) -> None:
+def _print_fuse(report: Any, as_json: bool, strict: bool = False, dry_run: bool = False) -> None:
     for note in report.result.warnings:
-        warn(note)
+        warn(f"{report.input}: {note}")
     if as_json:
-        emit_json({**core_json("fuse", True, report.seconds), **report.to_dict(), "dry_run": dry_run,
-                   **({"output": None} if dry_run else {})})
+        emit_json({**core_json("fuse", not (strict and report.result.skipped), report.seconds), **report.to_dict(),
+                   "dry_run": dry_run, **({"output": None} if dry_run else {})})
         return
     result, check = report.result, report.self_check
     console = stdout_console()

@@ -1,18 +1,27 @@
 """The one comparator: does a folded model give the original's outputs? Used by every check in bnstrip.
 
-Seeded inputs and seeded runs live here, and so does the one tolerance rule (issue 10):
-"exact" is decided against a float64 evaluation of the original, relative to the original's
-own rounding. With o = original(x), o64 = the original evaluated in float64 and f = folded(x),
-the fold passes when
+Seeded inputs and seeded runs live here, and so does the one tolerance rule (issues 10 and 18):
+"exact" is decided against a float64 evaluation of the original, o64, by what a fold is allowed
+to change. With o = original(x) and f = folded(x), the fold passes when
 
-    max|f - o64| <= max(ROUNDING_FACTOR * max|o - o64|, FLOOR_ULPS * eps(dtype) * max(scale, 1))
+    max|f - o64| <= max(ROUNDING_FACTOR * max|o - o64| + PERTURBATION_FACTOR * sensitivity,
+                        floor * eps(dtype) * max(scale, 1))
 
-The folded model rounds its (folded) weights once and then runs the same kind of arithmetic as
-the original, so its error against the float64 truth is of the same order as the original's own;
-a factor of 4 leaves room for the max of one noisy quantity against another without letting a
-real mistake (a wrong axis, a lost shift: errors of the order of the outputs) through. The floor
-covers models whose own rounding happens to be ~0 on the inputs. Where the model cannot run in
-float64 the two are compared in its own dtype with `relative_tolerance(dtype)` times the scale.
+Why: |f - o64| <= |f - f64| + |f64 - o64|, with f64 the folded model evaluated in float64. The
+first term is the folded model's own arithmetic in its dtype, the same kind of arithmetic as the
+original's, so of the order of the original's own rounding error |o - o64| (a factor of 4 leaves
+room for one noisy maximum against another). The second is what the fold changed: each folded
+parameter rounded once to its dtype. `sensitivity` measures exactly that: how far o64 moves when
+the parameters the fold touches are moved one ulp each (`bnstrip.core.perturb`). It is 0 for
+nothing and large only where the model itself is ill-conditioned (tiny running_var, huge gamma),
+where any rounding of those parameters moves the outputs as much; a wrong fold (a wrong axis, a
+lost shift, a wrong eps) moves them by the order of the outputs. The first term alone is 0 for a
+float64 model (its own evaluation is the float64 one), which is why the second exists. The floor
+is FLOOR_ULPS ulps of the outputs' scale in float32 and float64 (a float64 model's own arithmetic
+has no other measure) and one ulp in float16 and bfloat16. The sensitivity costs two
+float64 runs, so it is measured only for a fold that the rest of the rule does not already
+accept. Where the model cannot run in float64 the two are compared in its own dtype with
+`relative_tolerance(dtype)` times the scale.
 
 The float64 evaluation widens one op's tensors at a time (see `float64_outputs`): no float64
 copy of the whole model is ever held.
@@ -34,8 +43,15 @@ from bnstrip.errors import InputError
 
 ROUNDING_FACTOR = 4.0
 """How many times the original's own rounding error the fold's error may be (see the module docstring)."""
+PERTURBATION_FACTOR = 2.0
+"""How many times the outputs' move under one ulp of the folded parameters the fold's change may be: one ulp is
+twice the largest rounding, so this allows 4 times the largest rounding of every folded parameter at once."""
 FLOOR_ULPS = 16.0
-"""The smallest tolerance, in units of the dtype's eps times the output scale."""
+"""The smallest tolerance in float32 and float64, in units of eps times the output scale: a float64 model's own
+rounding error against float64 is 0 by definition, and a float32 one's can be ~0 on some inputs."""
+FLOOR_ULPS_HALF = 1.0
+"""The smallest tolerance in float16 and bfloat16 (one ulp of the largest output): 16 ulps there would be 1.6% and
+12.5% of the outputs, more than many wrong folds move them, and their own rounding error is never ~0."""
 _BLOCK_ELEMENTS = 1 << 18
 """Elements of a matrix operand widened to float64 at once (2 MB): a 16M-parameter Linear is never widened whole."""
 
@@ -53,6 +69,8 @@ class SelfCheck:
     tolerance: float
     samples: int
     rounding: float | None = None
+    sensitivity: float | None = None
+    """How far one ulp of the folded parameters moves the float64 outputs (None: not measured)."""
 
     @property
     def passed(self) -> bool:
@@ -63,8 +81,10 @@ class SelfCheck:
         if self.rounding is None:
             return (f"the folded outputs differ from the original's by {self.max_abs_diff:.3g} "
                     f"(tolerance {self.tolerance:.3g}, compared in the model's dtype)")
+        moved = "" if self.sensitivity is None else \
+            f", and one ulp of the folded parameters moves it by {self.sensitivity:.3g}"
         return (f"the folded outputs are {self.max_abs_diff:.3g} from a float64 evaluation of the original, whose "
-                f"own rounding error is {self.rounding:.3g} (tolerance {self.tolerance:.3g})")
+                f"own rounding error is {self.rounding:.3g}{moved} (tolerance {self.tolerance:.3g})")
 
 
 def relative_tolerance(dtype: torch.dtype) -> float:
@@ -72,12 +92,14 @@ def relative_tolerance(dtype: torch.dtype) -> float:
     return 1e-5 if dtype in (torch.float32, torch.float64) else 2e-2
 
 
-def tolerance_for(dtype: torch.dtype, scale: float, rounding: float | None) -> float:
+def tolerance_for(dtype: torch.dtype, scale: float, rounding: float | None, sensitivity: float | None = None) -> float:
     """The one tolerance rule (see the module docstring)."""
     if rounding is None:
         return relative_tolerance(dtype) * max(scale, 1.0)
     eps = torch.finfo(dtype).eps if dtype.is_floating_point else torch.finfo(torch.float32).eps
-    return max(ROUNDING_FACTOR * rounding, FLOOR_ULPS * eps * max(scale, 1.0))
+    allowed = ROUNDING_FACTOR * rounding + PERTURBATION_FACTOR * (sensitivity or 0.0)
+    floor = FLOOR_ULPS if eps <= torch.finfo(torch.float32).eps else FLOOR_ULPS_HALF
+    return max(allowed, floor * eps * max(scale, 1.0))
 
 
 MAX_EXAMPLE_ELEMENTS = 1 << 26
@@ -310,7 +332,7 @@ class _Float64FunctionMode(TorchFunctionMode):
 
 
 def compare_outputs(original: Any, folded: Any, original64: Any | None, dtype: torch.dtype,
-                    samples: int = 1) -> SelfCheck | None:
+                    samples: int = 1, sensitivity: float | None = None) -> SelfCheck | None:
     """The rule of the module docstring on given outputs; None when their structures or shapes differ."""
     measured = output_gap(original, folded)
     if measured is None:
@@ -324,8 +346,10 @@ def compare_outputs(original: Any, folded: Any, original64: Any | None, dtype: t
         if truth is not None and own is not None and math.isfinite(own[0]):
             measured, rounding = truth, own[0]
     gap, scale = measured
-    return SelfCheck(max_abs_diff=gap, output_scale=scale, tolerance=tolerance_for(dtype, scale, rounding),
-                     samples=samples, rounding=rounding)
+    if rounding is None or not math.isfinite(sensitivity or 0.0):
+        sensitivity = None  # a move of the outputs to infinity excuses nothing
+    return SelfCheck(max_abs_diff=gap, output_scale=scale, tolerance=tolerance_for(dtype, scale, rounding, sensitivity),
+                     samples=samples, rounding=rounding, sensitivity=sensitivity)
 
 
 def model_dtype(model: nn.Module) -> torch.dtype:
@@ -335,7 +359,8 @@ def model_dtype(model: nn.Module) -> torch.dtype:
 
 def compare_models(original: nn.Module, folded: nn.Module, inputs: Sequence[Any], *,
                    original_outputs: Any = None, original64: Any = None,
-                   run: Callable[[nn.Module, Sequence[Any]], Any] = seeded_outputs) -> SelfCheck | None:
+                   run: Callable[[nn.Module, Sequence[Any]], Any] = seeded_outputs,
+                   sensitivity: float | None = None) -> SelfCheck | None:
     """Run what is not given yet (the original in its dtype and in float64, the folded model) and compare.
 
     None when the folded model's outputs have another structure or shape than the original's.
@@ -347,4 +372,4 @@ def compare_models(original: nn.Module, folded: nn.Module, inputs: Sequence[Any]
     got = run(folded, inputs)
     first = inputs[0] if inputs else None
     samples = int(first.shape[0]) if isinstance(first, torch.Tensor) and first.dim() else 1
-    return compare_outputs(original_outputs, got, original64, model_dtype(original), samples)
+    return compare_outputs(original_outputs, got, original64, model_dtype(original), samples, sensitivity)

@@ -4,25 +4,30 @@ It reads the data flow (bnstrip.trace), decides fold by fold with the rules tabl
 (bnstrip.fold.rules), applies the folds to a copy (bnstrip.fold.rewrite) and, with example
 inputs, checks the result with the one comparator (bnstrip.core.compare); should the outputs
 move, `bisect_folds` finds the folds that moved them and undoes them. The input model is never touched.
+The check itself and the bisection live in bnstrip.fold.check (re-exported here).
 """
 from __future__ import annotations
 
 import contextlib
-import copy
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch import nn
 
-from bnstrip.core.compare import (SelfCheck, compare_outputs, float64_outputs, fresh_inputs, model_dtype,
-                                  seeded_outputs)
-from bnstrip.errors import InputError, first_line
+from bnstrip.core.compare import SelfCheck, float64_outputs, model_dtype, seeded_outputs
+from bnstrip.errors import InputError
+from bnstrip.fold.check import (Reference, all_float64, as_inputs, bisect_folds, check_candidate, check_folded,
+                                copy_model, eps_override, measure_sensitivity, modes_as_given, samples_of,
+                                training_batchnorms)
 from bnstrip.fold.plan import plan_folds, replay_graph
 from bnstrip.fold.rewrite import apply_folds
 from bnstrip.fold.rules import INTO_PRODUCER
 from bnstrip.trace import OpGraph, build_graph
 from bnstrip.trace.bn_registry import is_batchnorm_like
+
+__all__ = ["FoldResult", "bisect_folds", "check_folded", "fold_model", "training_batchnorms",
+           "with_none_folded_warning"]
 
 @dataclass
 class FoldResult:
@@ -63,12 +68,17 @@ class FoldResult:
         return save_result(self, path, force=force)
 
 
-def _as_inputs(example_inputs: Any) -> tuple[Any, ...] | None:
-    if example_inputs is None:
-        return None
-    if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs,)
-    return tuple(example_inputs)
+_NONE_FOLDED = "none of its {} BatchNorm(s) could be folded; the reasons are listed with each"
+
+
+def with_none_folded_warning(warnings: list[str], folded: Sequence[Any], skipped: Sequence[Any]) -> list[str]:
+    """`warnings` with the one that says no BatchNorm folded at all, where that is so (every path says it, once):
+    a model whose BatchNorms all stay would otherwise pass in silence."""
+    prefix = _NONE_FOLDED.split("{}")[0]
+    kept = [w for w in warnings if not w.startswith(prefix)]
+    if skipped and not folded:
+        kept.append(_NONE_FOLDED.format(len(skipped)))
+    return kept
 
 
 def _deepest(name: str, prefixes: Any) -> str | None:
@@ -101,71 +111,22 @@ def _refuse_unfoldable_model(model: nn.Module) -> None:
 
 
 @contextlib.contextmanager
-def _eps_override(model: nn.Module, eps: float | None) -> Iterator[None]:
-    """Every BatchNorm of `model` uses `eps` inside the block (the original as the user asked for it)."""
-    saved = [(m, m.eps) for m in model.modules() if is_batchnorm_like(m) and hasattr(m, "eps")] if eps is not None else []
-    for module, _ in saved:
-        module.eps = eps
+def _attributes_kept(model: nn.Module) -> Iterator[None]:
+    """The plain attributes of every module (not parameters, buffers or children) as they were before the block.
+
+    Tracing runs the forward, and a forward that caches what it computed (ultralytics' detection head keeps
+    the anchors of the last input size) would keep the tracer's fake tensors, which no real run can use.
+    """
+    saved = [(module, dict(module.__dict__)) for module in model.modules()]
     try:
         yield
     finally:
-        for module, own in saved:
-            module.eps = own
-
-
-@dataclass
-class _Reference:
-    """The original's outputs on the example inputs: in its own dtype and evaluated in float64 (None if impossible)."""
-
-    outputs: Any
-    outputs64: Any
-    dtype: torch.dtype
-    samples: int
-
-
-def _check(reference: _Reference, candidate: nn.Module, inputs: Sequence[Any]) -> tuple[SelfCheck | None, str | None]:
-    """The one comparator on `candidate`: (report, None) when it passes, else (report or None, why not)."""
-    try:  # not seeded: a forward whose output depends on the random generator cannot be proven equal, so it fails
-        with torch.no_grad():
-            got = candidate(*fresh_inputs(inputs))
-    except Exception as exc:  # noqa: BLE001 - the folded model must run where the original did
-        return None, f"the folded model fails on the example inputs ({type(exc).__name__}: {first_line(exc, 200, '')})"
-    report = compare_outputs(reference.outputs, got, reference.outputs64, reference.dtype, reference.samples)
-    if report is None:
-        return None, "the folded model's outputs have another structure or shape than the original's"
-    if not report.passed:
-        return report, f"{report.describe()} on the example inputs"
-    return report, None
-
-
-def training_batchnorms(model: nn.Module) -> list[str]:
-    """BatchNorms left in training mode inside a model in eval mode: they stay so (and are skipped), since
-    they normalise with batch statistics in the model as given. A model in training mode is folded as eval."""
-    if model.training:
-        return []
-    return [name for name, module in model.named_modules() if is_batchnorm_like(module) and module.training]
-
-
-def _copy_model(model: nn.Module) -> nn.Module:
-    try:
-        work = copy.deepcopy(model).eval()
-    except Exception as exc:
-        hint = ("; a torch.nn.utils.weight_norm module cannot be copied: use "
-                "torch.nn.utils.parametrizations.weight_norm" if "deepcopy protocol" in str(exc) else "")
-        raise InputError(f"{type(model).__name__}: cannot copy the model ({type(exc).__name__}: "
-                         f"{first_line(exc, 200, '').split('. ')[0][:160]})"
-                         f"{hint}; the input model must stay untouched, so fold a copyable model") from None
-    return _modes_as_given(model, work.eval())
-
-
-def _modes_as_given(model: nn.Module, work: nn.Module) -> nn.Module:
-    """`work` (in eval mode) with the BatchNorms that `model` left in training mode back in it, alone."""
-    for name in training_batchnorms(model):
-        try:
-            work.get_submodule(name).training = True
-        except AttributeError:
-            continue
-    return work
+        for module, before in saved:
+            for key in [k for k in module.__dict__ if k not in before and not k.startswith("_")]:
+                del module.__dict__[key]
+            for key, value in before.items():
+                if not key.startswith("_") and module.__dict__.get(key) is not value:
+                    module.__dict__[key] = value
 
 
 def _restore_statistics(model: nn.Module, result: FoldResult) -> None:
@@ -184,31 +145,30 @@ def _restore_statistics(model: nn.Module, result: FoldResult) -> None:
 
 def _fold_copy(model: nn.Module, inputs: tuple[Any, ...] | None, eps: float | None, keep_structure: bool,
                allow_overflow: bool, excluded: dict[str, str], want_reference: bool = False,
-               traced: dict[str, OpGraph | None] | None = None) -> tuple[FoldResult, _Reference | None]:
+               traced: dict[str, OpGraph | None] | None = None) -> tuple[FoldResult, Reference | None]:
     """Fold a copy of `model`, refusing the BatchNorms in `excluded` (name -> reason); no check.
 
     With want_reference, the copy's outputs (own dtype and float64) are taken before it is
     folded: the reference costs no second copy of the model. `traced` keeps the first trace
     (under "graph") so that later calls with it plan again on a copy of that graph (bisection).
     """
-    work = _copy_model(model)
+    work = copy_model(model)
     earlier = traced.get("graph") if traced is not None else None
     graph = replay_graph(earlier, work) if earlier is not None else None
     if graph is None:
-        graph = build_graph(work, inputs)
+        with _attributes_kept(work):
+            graph = build_graph(work, inputs)
         if traced is not None:
             traced["graph"] = replay_graph(graph, work)
     for name, reason in excluded.items():
         graph.refusals[name] = reason
     reference = None
     if want_reference and inputs is not None:
-        with _eps_override(work, eps):
+        with eps_override(work, eps):
             outputs = graph.model_output if eps is None and graph.model_output is not None \
                 else seeded_outputs(work, inputs)
-            outputs64 = float64_outputs(work, inputs)
-        first = inputs[0] if inputs else None
-        samples = int(first.shape[0]) if isinstance(first, torch.Tensor) and first.dim() else 1
-        reference = _Reference(outputs, outputs64, model_dtype(model), samples)
+            outputs64 = outputs if all_float64(work, inputs) else float64_outputs(work, inputs)
+        reference = Reference(outputs, outputs64, model_dtype(model), samples_of(inputs))
     folds, reasons = plan_folds(graph, work, keep_structure, eps)
     applied = apply_folds(folds, graph, work, eps, keep_structure, allow_overflow)
     folded_names = {f.bn.name for f in folds}
@@ -224,44 +184,10 @@ def _fold_copy(model: nn.Module, inputs: tuple[Any, ...] | None, eps: float | No
             skipped.append((name, "it is a TorchScript module (torch.jit.script/trace), which bnstrip cannot rewrite; "
                                   "fold before scripting"))
             seen.add(name)
-    result = FoldResult(model=_modes_as_given(model, applied.model.eval()), folded=[(f.layer_name, f.bn.name) for f in folds],
+    result = FoldResult(model=modes_as_given(model, applied.model.eval()), folded=[(f.layer_name, f.bn.name) for f in folds],
                         skipped=skipped, into={f.bn.name: f.into for f in folds}, gained_bias=applied.gained,
                         tracer=graph.tracer, form=applied.form, eps=eps, warnings=applied.warnings)
     return result, reference
-
-
-_MAX_ATTEMPTS = 12
-"""Folds of the model tried while looking for the one that moved the outputs (each is a trace and two runs)."""
-
-
-def bisect_folds(candidates: list[str], passes: Callable[[dict[str, str]], bool], undone: str) -> dict[str, str]:
-    """The folds to undo (name -> reason) so that the rest pass: bisection over the fold list.
-
-    `passes(excluded)` folds again without the excluded BatchNorms and checks the result; at most
-    _MAX_ATTEMPTS such tries are made, after which the undecided folds are undone too.
-    """
-    excluded: dict[str, str] = {}
-    tries = 0
-
-    def search(block: list[str], rest: list[str]) -> None:
-        """Decide `block` given that everything in `rest` (after it) is still excluded."""
-        nonlocal tries
-        if not block:
-            return
-        if tries < _MAX_ATTEMPTS:
-            tries += 1
-            if passes({**excluded, **{bn: "undecided" for bn in rest}}):
-                return  # the whole block is fine with what is already kept
-        if len(block) == 1 or tries >= _MAX_ATTEMPTS:
-            for bn in block:
-                excluded[bn] = undone
-            return
-        middle = len(block) // 2
-        search(block[:middle], block[middle:] + rest)
-        search(block[middle:], rest)
-
-    search(candidates, [])
-    return excluded
 
 
 def fold_model(model: nn.Module, example_inputs: Any = None, *, eps: float | None = None,
@@ -277,7 +203,9 @@ def fold_model(model: nn.Module, example_inputs: Any = None, *, eps: float | Non
     With example inputs the folded model is also compared with the original (bnstrip.core.compare,
     reported in `result.check`): should the outputs move (something no rule foresaw), the folds
     that moved them are found by bisection and undone, each skipped with the reason, so a wrong
-    model is never returned for these inputs.
+    model is never returned for these inputs. "Moved" means more than rounding the folded
+    parameters once can move them (bnstrip.fold.check), so an exact fold is never undone for
+    rounding. When BatchNorms exist and none folds, `result.warnings` says so.
 
     With reparameterize=True, sums of parallel branches (RepVGG, MobileOne, ACNet blocks) are then
     merged into one conv each and proven the same way (bnstrip.fold.reparam); it needs
@@ -289,29 +217,33 @@ def fold_model(model: nn.Module, example_inputs: Any = None, *, eps: float | Non
     if reparameterize and example_inputs is None:
         raise InputError("reparameterize=True needs example_inputs to prove the merged model")
     _refuse_unfoldable_model(model)
-    inputs = _as_inputs(example_inputs)
+    inputs = as_inputs(example_inputs)
     traced: dict[str, OpGraph | None] = {}
     result, reference = _fold_copy(model, inputs, eps, keep_structure, allow_overflow, {}, want_reference=True,
                                    traced=traced)
     if reference is None or inputs is None:
+        result.warnings = with_none_folded_warning(result.warnings, result.folded, result.skipped)
         return result
+    plan, consumers = list(result.folded), {bn for bn, into in result.into.items() if into != INTO_PRODUCER}
+    reference.measure = lambda: measure_sensitivity(model, inputs, eps, reference, plan, consumers)
     result = _checked(model, inputs, result, reference, eps, keep_structure, allow_overflow, traced)
     if reparameterize:
         from bnstrip.fold.reparam import reparameterize_result  # it imports this module
 
-        reparameterize_result(result, inputs, allow_overflow, lambda candidate: _check(reference, candidate, inputs))
+        reparameterize_result(result, inputs, allow_overflow, lambda candidate: check_candidate(reference, candidate, inputs))
     _restore_statistics(model, result)
+    result.warnings = with_none_folded_warning(result.warnings, result.folded, result.skipped)
     return result
 
 
-def _checked(model: nn.Module, inputs: tuple[Any, ...], result: FoldResult, reference: _Reference,
+def _checked(model: nn.Module, inputs: tuple[Any, ...], result: FoldResult, reference: Reference,
              eps: float | None, keep_structure: bool, allow_overflow: bool,
              traced: dict[str, OpGraph | None] | None = None) -> FoldResult:
     """`result` with its check against the original; folds that moved the outputs are found and undone.
 
     Every retry plans again on a copy of the first trace (`traced`) instead of tracing again.
     """
-    report, problem = _check(reference, result.model, inputs)
+    report, problem = check_candidate(reference, result.model, inputs)
     if problem is None:
         result.check = report
         return result
@@ -321,14 +253,14 @@ def _checked(model: nn.Module, inputs: tuple[Any, ...], result: FoldResult, refe
 
     def passes(trial_excluded: dict[str, str]) -> bool:
         trial, _ = _fold_copy(model, inputs, eps, keep_structure, allow_overflow, trial_excluded, traced=traced)
-        return _check(reference, trial.model, inputs)[1] is None
+        return check_candidate(reference, trial.model, inputs)[1] is None
 
     excluded = bisect_folds([bn for _, bn in result.folded], passes, undone)
     final, _ = _fold_copy(model, inputs, eps, keep_structure, allow_overflow, excluded, traced=traced)
-    report, problem = _check(reference, final.model, inputs)
+    report, problem = check_candidate(reference, final.model, inputs)
     if problem is not None:  # interactions: undo everything
         final, _ = _fold_copy(model, inputs, eps, keep_structure, allow_overflow,
                               {bn: undone for _, bn in result.folded}, traced=traced)
-        report, _ = _check(reference, final.model, inputs)
+        report, _ = check_candidate(reference, final.model, inputs)
     final.check = report
     return final

@@ -24,7 +24,7 @@ from torch import nn
 
 from bnstrip.core.compare import SelfCheck, compare_models, seeded_inputs, seeded_outputs
 from bnstrip.errors import CheckFailed, InputError, first_line
-from bnstrip.fold.model import FoldResult, fold_model
+from bnstrip.fold.model import FoldResult, fold_model, with_none_folded_warning
 from bnstrip.trace.modularize import modularize
 
 _GUARDS = "_guards_fn"
@@ -163,10 +163,12 @@ def _float64_outputs(original: nn.Module, in_spec: Any, leaves: list[Any]) -> An
         return None
 
 
-def _check(original: nn.Module, folded: Any, in_spec: Any, leaves: list[Any], name: str) -> SelfCheck:
+def _check(original: nn.Module, folded: Any, in_spec: Any, leaves: list[Any], name: str,
+           sensitivity: float | None = None) -> SelfCheck:
+    """The one comparator on the re-exported program; `sensitivity` is fold_model's measure for the same folds."""
     reference = _Flat(original, in_spec)
     check = compare_models(reference, _Flat(folded.module(), in_spec), leaves,
-                           original64=_float64_outputs(original, in_spec, leaves))
+                           original64=_float64_outputs(original, in_spec, leaves), sensitivity=sensitivity)
     if check is None:
         raise CheckFailed(f"{name}: the folded program's outputs have another structure or shape than the "
                           "original's; not writing it")
@@ -217,16 +219,18 @@ def fold_program(ep: Any, example_inputs: Any = None, *, eps: float | None = Non
     except Exception as exc:  # noqa: BLE001 - torch.export raises many types; the user gets one line
         raise CheckFailed(f"{name}: the folded module does not export again ({type(exc).__name__}: "
                           f"{first_line(exc, 200, '')}); not writing it (please report this program)") from None
-    check = _check(original, program, in_spec, leaves, name)
+    check = _check(original, program, in_spec, leaves, name, result.check.sensitivity if result.check else None)
     return ProgramFoldResult(
         model=program.module(), folded=result.folded, skipped=skipped, into=result.into,
         gained_bias=result.gained_bias, tracer="torch.export program", form="program", eps=eps,
-        warnings=result.warnings, program=program, self_check=check, dynamic_dims=dim_names,
+        warnings=with_none_folded_warning(result.warnings, result.folded, skipped), program=program,
+        self_check=check, dynamic_dims=dim_names,
         seconds=time.perf_counter() - started)
 
 
 def export_folded(original: nn.Module, folded: nn.Module, example_inputs: Sequence[Any],
-                  name: str = "model", dynamic: Any = None) -> tuple[Any, SelfCheck]:
+                  name: str = "model", dynamic: Any = None,
+                  sensitivity: float | None = None) -> tuple[Any, SelfCheck]:
     """Export a module folded by fold_model as a program, checked against the original module on the inputs.
 
     For `bnstrip fuse --arch ... OUT.pt2`: the user ships a folded program without the model's code.
@@ -239,7 +243,7 @@ def export_folded(original: nn.Module, folded: nn.Module, example_inputs: Sequen
         raise InputError(f"{name}: the folded model does not export with torch.export ({type(exc).__name__}: "
                          f"{first_line(exc, 200, '')}); write a .pt or .safetensors checkpoint instead") from None
     leaves, in_spec = pytree.tree_flatten((args, {}))
-    check = compare_models(_Flat(original, in_spec), _Flat(program.module(), in_spec), leaves)
+    check = compare_models(_Flat(original, in_spec), _Flat(program.module(), in_spec), leaves, sensitivity=sensitivity)
     if check is None or not check.passed:
         what = "outputs have another structure" if check is None else check.describe()
         raise CheckFailed(f"{name}: the exported folded program's {what}; not writing it")

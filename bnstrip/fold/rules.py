@@ -66,6 +66,9 @@ def bn_issue(bn: Op, graph: OpGraph, root: nn.Module, keep_structure: bool, eps:
         bn_scale_shift(bn_stats(bn, root, eps), bn.name)
     except InputError as exc:
         return f"its statistics cannot be folded: {exc}"
+    except AttributeError:  # F.batch_norm on plain tensor attributes: not in the state_dict
+        return ("its tensors are plain attributes, not parameters or buffers of the model, so a fold into them "
+                "could not be saved; register them with register_buffer")
     own_eps = bn.functional.eps if bn.functional is not None else module_stats(bn.module).eps
     if keep_structure and not (math.isfinite(own_eps) and 0 <= own_eps < 1):
         return f"keep_structure=True: its eps={own_eps} is not in [0, 1), so it cannot become an exact identity"
