@@ -65,7 +65,7 @@ FUSE_JSON_KEYS = (
     "input", "output", "manifest", "arch", "input_shape", "form", "tracer", "eps", "dtype", "format", "folded",
     "skipped", "pairs", "gained_bias", "merged", "merge_refused", "dynamic_dims", "self_check_max_abs_diff",
     "self_check_output_scale", "self_check_rounding", "self_check_sensitivity", "self_check_tolerance",
-    "self_check_samples", "unwrapped", "warnings", "seconds")
+    "self_check_samples", "unwrapped", "warnings", "seconds", "dry_run")
 """The keys of `bnstrip fuse --json` after the shared ones, the same on every path (smallNet, --arch, .pt2).
 `pairs` ({producer, bn}) is a deprecated alias of `folded`, kept for scripts written for smallNet's output."""
 
@@ -86,7 +86,7 @@ def fuse_report_dict(input_path: str, output: str, arch: str, entries: dict[str,
         "self_check_output_scale": check.output_scale, "self_check_rounding": check.rounding,
         "self_check_sensitivity": check.sensitivity, "self_check_tolerance": check.tolerance,
         "self_check_samples": check.samples, "unwrapped": unwrapped or [], "warnings": warnings or [],
-        "seconds": seconds,
+        "seconds": seconds, "dry_run": False,  # the CLI's --dry-run sets it
     }
     assert tuple(report) == FUSE_JSON_KEYS
     return report
