@@ -17,6 +17,7 @@ from torch import nn
 from bnstrip.core.foldmath import bn_scale_shift
 from bnstrip.errors import InputError
 from bnstrip.fold.rules_adjacent import Match, bn_stats, tail_issue, tensor_at, try_consumer, try_producer
+from bnstrip.fold.rules_branches import Rows, try_consumers, try_slice
 from bnstrip.fold.rules_structural import try_concat, try_consumer_through, try_producer_through, try_repeated_pair
 from bnstrip.trace.bn_registry import module_stats
 from bnstrip.trace.opgraph import Op, OpGraph
@@ -34,7 +35,10 @@ class Fold:
     bn: Op
     into: str
     pieces: list[tuple[Op, int, int]] = field(default_factory=list)
-    """For a BatchNorm after a concatenation: each producer and the channels [start, stop) it absorbs."""
+    """For a BatchNorm after a concatenation: each producer and the channels [start, stop) it absorbs. For one
+    read by several layers: each consumer, with None, None."""
+    rows: tuple[int, int] | None = None
+    """For a BatchNorm on a slice of the layer's output: the layer's output channels [start, stop) absorb it."""
 
     def parts(self) -> list[tuple[Op, int | None, int | None]]:
         """(layer, start, stop) for each layer that absorbs the BatchNorm; None: all of its channels."""
@@ -89,9 +93,12 @@ PATTERNS: list[Pattern] = [
             lambda bn, graph, root, keep: try_producer_through(bn, graph, root)),
     Pattern("cat(layers) -> BN", INTO_PRODUCER, "into the concatenated layers",
             lambda bn, graph, root, keep: try_concat(bn, graph, root)),
+    Pattern("layer -> split/chunk/slice -> BN", INTO_PRODUCER, "into the rows of the sliced layer", try_slice),
     Pattern("BN -> linear/conv", INTO_CONSUMER, "into the layer after", try_consumer),
     Pattern("BN -> global average/flatten/reshape -> linear/conv", INTO_CONSUMER, "through the ops after it",
             try_consumer_through),
+    Pattern("BN -> (reshape/permute/average) -> several linear/conv", INTO_CONSUMER, "into each layer it feeds",
+            try_consumers),
 ]
 """Tried in order; the first match wins. A new fold pattern is a matcher plus a row here."""
 
@@ -112,6 +119,8 @@ def decide(bn: Op, graph: OpGraph, root: nn.Module, keep_structure: bool, eps: f
         match = pattern.matcher(bn, graph, root, keep_structure)
         if isinstance(match, Op):
             return Fold(match, bn, pattern.into)
+        if isinstance(match, Rows):
+            return Fold(match.layer, bn, pattern.into, rows=(match.start, match.stop))
         if isinstance(match, list):
             return Fold(match[0][0], bn, pattern.into, pieces=match)
         if match is not None:

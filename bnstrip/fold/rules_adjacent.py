@@ -17,7 +17,7 @@ from bnstrip.fold.proof import own_forward_issue
 from bnstrip.trace.alias import other_readers, writer_of
 from bnstrip.trace.bn_registry import batchnorm_entry, module_stats
 from bnstrip.trace.channels import shape_of
-from bnstrip.trace.classify import bn_fixed_rank
+from bnstrip.trace.classify import bn_fixed_rank, has_hooks
 from bnstrip.trace.opgraph import Op, OpGraph
 from bnstrip.trace.reads import identity_in_eval, value_users
 
@@ -128,6 +128,9 @@ def tail_issue(bn: Op) -> str | None:
     """Why `bn` can never fold into what follows it: a registered look-alike that applies more after normalising
     (an activation, dropout) sits between its normalisation and every later layer."""
     if (entry := batchnorm_entry(bn.module)) is not None and entry.post is not None:
+        tail = entry.post(bn.module)
+        if all(type(m) is nn.Identity and not has_hooks(m) for m in tail.children()):
+            return None  # BatchNormAct2d(act=Identity, drop=Identity): only the normalisation is left
         return f"{type(bn.module).__name__} applies more after normalising, so it cannot move into a later layer"
     return None
 
