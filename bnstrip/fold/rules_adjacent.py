@@ -14,6 +14,7 @@ from torch import nn
 
 from bnstrip.core.foldmath import BNStats
 from bnstrip.fold.proof import own_forward_issue
+from bnstrip.fold.proof_consumer import own_forward_consumer_issue
 from bnstrip.trace.alias import other_readers, writer_of
 from bnstrip.trace.bn_registry import batchnorm_entry, module_stats
 from bnstrip.trace.channels import shape_of
@@ -103,14 +104,38 @@ def try_producer(bn: Op, graph: OpGraph, root: nn.Module, calls_ok: int = 1) -> 
     if out_channels(module) != bn_channels(bn, root):
         return f"{producer.name} produces {out_channels(module)} channels but it has {bn_channels(bn, root)}"
     if producer.own_forward is not None:  # Conv2dSame-like: prove that scaling its channels scales its output
-        key = (producer.name, bn.name)  # plan_folds asks again on every pass: prove once
-        if key not in graph.proofs:
-            shape = shape_of(producer.inputs[0]) if producer.inputs else None
-            shape = (1, *shape[1:]) if shape else shape  # one sample is enough for a per-channel map
-            graph.proofs[key] = own_forward_issue(module, shape, bn_stats(bn, root, None), f"{producer.name} + {bn.name}")
-        if issue := graph.proofs[key]:
+        if issue := own_forward_proof(producer, bn, graph, bn_stats(bn, root, None)):
             return f"its input comes from {producer.label}: {issue}"
     return producer
+
+
+def own_forward_consumer_proof(consumer: Op, bn: Op, graph: OpGraph, root: nn.Module, source: Op,
+                               axis: int) -> str | None:
+    """Why a layer with its own forward (timm's Linear) cannot absorb `bn` arriving on dim `axis` of its input
+    (the output of `source`), proven once per pair on a real-run shape."""
+    if not graph.example_run:
+        return (f"{consumer.own_forward.split(', so ')[0]}; folding into it needs a real run to prove it: pass "
+                "example inputs (example_inputs)")
+    key = (consumer.name, bn.name)
+    if key not in graph.proofs:
+        shape = shape_of(source)
+        shape = (1, *shape[1:]) if shape and axis != 0 else shape
+        graph.proofs[key] = own_forward_consumer_issue(consumer.module, shape, axis, bn_stats(bn, root, None),
+                                                       f"{bn.name} + {consumer.name}")
+    return graph.proofs[key]
+
+
+def own_forward_proof(producer: Op, bn: Op, graph: OpGraph, stats: BNStats) -> str | None:
+    """Why folding `stats` into a layer with its own forward (Conv2dSame) is not exact, proven once per pair."""
+    if not graph.example_run:
+        return (f"{producer.own_forward.split(', so ')[0]}; folding into it needs a real run to prove it: pass "
+                "example inputs (example_inputs)")
+    key = (producer.name, bn.name)  # plan_folds asks again on every pass: prove once
+    if key not in graph.proofs:
+        shape = shape_of(producer.inputs[0]) if producer.inputs else None
+        shape = (1, *shape[1:]) if shape else shape  # one sample is enough for a per-channel map
+        graph.proofs[key] = own_forward_issue(producer.module, shape, stats, f"{producer.name} + {bn.name}")
+    return graph.proofs[key]
 
 
 def _zero_padded(conv: nn.Module) -> bool:
@@ -142,8 +167,9 @@ def try_consumer(bn: Op, graph: OpGraph, root: nn.Module, keep_structure: bool) 
     if len(users) > 1:
         return f"its output feeds {len(users)} ops ({', '.join(u.label for u in users[:3])})"
     consumer = users[0]
-    if consumer.own_forward is not None:
-        return f"its output goes to {consumer.label}, which cannot absorb it ({consumer.own_forward})"
+    if consumer.own_forward is not None and (issue := own_forward_consumer_proof(
+            consumer, bn, graph, root, bn if last is None else last, 1 if bn_rank(bn) != 1 else 0)):
+        return f"its output goes to {consumer.label}, which cannot absorb it ({issue})"
     if consumer.kind != "layer":
         if consumer.note:
             return f"its output goes to {consumer.label}, which cannot absorb it ({consumer.note})"
