@@ -294,8 +294,29 @@ def fold_model(model: nn.Module, example_inputs: Any = None, *, eps: float | Non
         from bnstrip.fold.reparam import reparameterize_result  # it imports this module
 
         reparameterize_result(result, inputs, allow_overflow, lambda candidate: _check(reference, candidate, inputs))
+        if result.merged:  # a BatchNorm right after a merged sum now follows one conv (RepViT)
+            _fold_after_merge(result, inputs, reference, eps, allow_overflow)
     _restore_statistics(model, result)
     return result
+
+
+def _fold_after_merge(result: FoldResult, inputs: tuple[Any, ...], reference: _Reference, eps: float | None,
+                      allow_overflow: bool) -> None:
+    """Fold again on the merged model, checked against the original like the first pass; record it in `result`."""
+    merged = result.model
+    second, _ = _fold_copy(merged, inputs, eps, False, allow_overflow, {}, traced={})
+    if not second.folded:
+        return
+    second = _checked(merged, inputs, second, reference, eps, False, allow_overflow, {})
+    folded = {bn for _, bn in second.folded}
+    if not folded or second.check is None or not second.check.passed:
+        return
+    result.model, result.check = second.model, second.check
+    result.folded += second.folded
+    result.into.update(second.into)
+    result.gained_bias += second.gained_bias
+    result.warnings += second.warnings
+    result.skipped = [(bn, reason) for bn, reason in result.skipped if bn not in folded]
 
 
 def _checked(model: nn.Module, inputs: tuple[Any, ...], result: FoldResult, reference: _Reference,
