@@ -24,6 +24,7 @@ from torch import nn
 from bnstrip.core.foldmath import (BNStats, all_finite, bn_scale_shift, cast_folded, fold_into_consumer, fold_into_producer,
                                    identity_running_var)
 from bnstrip.fold.rules import INTO_PRODUCER, Fold, bn_stats, tensor_at
+from bnstrip.fold.rules_affine import through_stats
 from bnstrip.trace.bn_registry import BN_SETTINGS, folded_replacement, is_batchnorm_like
 from bnstrip.trace.opgraph import Op, OpGraph
 
@@ -67,6 +68,8 @@ def _fold_in_float64(folds: list[Fold], root: nn.Module, eps: float | None,
         for fold, _, channels in layer_folds:
             stats = _channel_slice(bn_stats(fold.bn, root, eps), channels)
             name = f"{layer_name} + {fold.bn.name}"
+            if fold.through is not None:  # constant arithmetic between the layer and the BatchNorm stays
+                stats = through_stats(stats, *fold.through, name)
             if fold.rows is not None:  # a BatchNorm on a slice: those output rows absorb it
                 entry[1], entry[2] = _fold_rows(entry[1], entry[2], stats, slice(*fold.rows), name)
             elif fold.into == INTO_PRODUCER:
@@ -85,6 +88,7 @@ def _single_producer_fold(module: nn.Module, layer_folds: list[tuple[Fold, Op, s
     """The usual case: one BatchNorm folded whole into the output channels (axis 0) of a layer."""
     fold, _, channels = layer_folds[0]
     return (len(layer_folds) == 1 and fold.into == INTO_PRODUCER and channels == slice(None, None) and fold.rows is None
+            and fold.through is None
             and not isinstance(module, nn.modules.conv._ConvTransposeNd))
 
 
