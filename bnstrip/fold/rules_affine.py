@@ -42,17 +42,24 @@ def through_stats(stats: BNStats, a: torch.Tensor, b: torch.Tensor, name: str) -
     return BNStats(torch.zeros_like(scale), ones, scale, (scale * b + shift - b) / a, 0.0)
 
 
-def _constant(value: object, root: nn.Module, channels: int, rank: int) -> torch.Tensor | None:
+def _attribute(op: Op) -> bool:
+    """A read of a module tensor: an fx get_attr, or torch.export's lifted parameter/buffer input."""
+    node = op.node
+    return node is not None and (node.op == "get_attr" or (node.op == "placeholder" and op.label.startswith("parameter ")))
+
+
+def _constant(value: object, attrs: dict[fx.Node, str], root: nn.Module, channels: int,
+              rank: int) -> torch.Tensor | None:
     """A per-channel float64 vector for a constant operand, or None when it is not one (or mixes channels)."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return torch.full((channels,), float(value), dtype=torch.float64)
-    if not isinstance(value, fx.Node) or value.op != "get_attr":
+    if not isinstance(value, fx.Node) or value not in attrs:
         return None
     try:
-        tensor = root.get_buffer(str(value.target))
+        tensor = root.get_buffer(attrs[value])
     except AttributeError:
         try:
-            tensor = root.get_parameter(str(value.target))
+            tensor = root.get_parameter(attrs[value])
         except AttributeError:
             return None
     if not tensor.is_floating_point() or tensor.dim() > rank:
@@ -66,7 +73,7 @@ def _constant(value: object, root: nn.Module, channels: int, rank: int) -> torch
 def _step(op: Op, root: nn.Module, channels: int, rank: int) -> tuple[Op, str, torch.Tensor] | None:
     """(data input, 'mul'/'add'/'sub'/'div', the constant) for `op` = data (op) constant, else None."""
     node = op.node
-    data_ops = [i for i in op.inputs if i.node is None or i.node.op != "get_attr"]
+    data_ops = [i for i in op.inputs if not _attribute(i)]
     if node is None or node.op not in ("call_function", "call_method") or node.kwargs or len(node.args) != 2 \
             or len(data_ops) != 1 or op.note:
         return None
@@ -84,7 +91,7 @@ def _step(op: Op, root: nn.Module, channels: int, rank: int) -> tuple[Op, str, t
         constant = first
     else:
         return None
-    value = _constant(constant, root, channels, rank)
+    value = _constant(constant, {i.node: i.name for i in op.inputs if _attribute(i)}, root, channels, rank)
     return None if value is None else (data, kind, value)
 
 
