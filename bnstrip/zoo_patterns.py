@@ -201,3 +201,55 @@ def build(name: str, seed: int = 0, dtype: torch.dtype = torch.float64) -> tuple
     model = randomize_bn(cls(), seed).eval().to(dtype)
     gen = torch.Generator().manual_seed(seed + 1)
     return model, tuple(torch.randn(*s, generator=gen, dtype=torch.float64).to(dtype) for s in shapes)
+
+
+class FrozenBatchNorm2d(nn.Module):
+    """torchvision.ops.misc.FrozenBatchNorm2d: fixed statistics as buffers, forward x * scale + shift."""
+
+    def __init__(self, channels: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.register_buffer("weight", torch.ones(channels))
+        self.register_buffer("bias", torch.zeros(channels))
+        self.register_buffer("running_mean", torch.zeros(channels))
+        self.register_buffer("running_var", torch.ones(channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight.reshape(1, -1, 1, 1)
+        b = self.bias.reshape(1, -1, 1, 1)
+        rv = self.running_var.reshape(1, -1, 1, 1)
+        rm = self.running_mean.reshape(1, -1, 1, 1)
+        scale = w * (rv + self.eps).rsqrt()
+        bias = b - rm * scale
+        return x * scale + bias
+
+
+class FrozenFPN(nn.Module):
+    """A torchvision-detection-like backbone: conv -> FrozenBatchNorm2d -> ReLU, twice, and a 1x1 lateral conv."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 6, 3, padding=1, bias=False), FrozenBatchNorm2d(6)
+        self.conv2, self.bn2 = nn.Conv2d(6, 8, 3, stride=2, padding=1, bias=False), FrozenBatchNorm2d(8)
+        self.lateral = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bn1(self.conv1(x)))
+        return self.lateral(torch.relu(self.bn2(self.conv2(x))))
+
+
+class SlicedBackbone(nn.Module):
+    """ultralytics RT-DETR's way of running its layers: a slice of an nn.Sequential called in forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        stem = nn.Sequential()
+        stem.add_module("stem1", nn.Sequential())
+        stem.stem1.add_module("conv", nn.Conv2d(3, 4, 3, padding=1, bias=False))
+        stem.stem1.add_module("bn", nn.BatchNorm2d(4))
+        self.model = nn.Sequential(stem, nn.Sequential(nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)), nn.Conv2d(4, 2, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.model[:-1]:
+            x = torch.relu(layer(x))
+        return self.model[-1](x)
