@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence
 
@@ -293,9 +294,11 @@ def fold_model(model: nn.Module, example_inputs: Any = None, *, eps: float | Non
     if reparameterize:
         from bnstrip.fold.reparam import reparameterize_result  # it imports this module
 
-        reparameterize_result(result, inputs, allow_overflow, lambda candidate: _check(reference, candidate, inputs))
-        if result.merged:  # a BatchNorm right after a merged sum now follows one conv (RepViT)
-            _fold_after_merge(result, inputs, reference, eps, allow_overflow)
+        with warnings.catch_warnings():  # copying a merged export graph: torch's own pytree deprecation
+            warnings.simplefilter("ignore", FutureWarning)
+            reparameterize_result(result, inputs, allow_overflow, lambda candidate: _check(reference, candidate, inputs))
+            if result.merged:  # a BatchNorm right after a merged sum now follows one conv (RepViT)
+                _fold_after_merge(result, inputs, reference, eps, allow_overflow)
     _restore_statistics(model, result)
     return result
 
