@@ -125,7 +125,7 @@ class NormActHead(nn.Module):
 class TimmLinear(nn.Linear):
     """timm.layers.linear.Linear: an nn.Linear whose forward calls F.linear itself."""
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002 - as timm names it
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
         return F.linear(input, self.weight, self.bias)
 
 

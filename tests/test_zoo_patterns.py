@@ -12,7 +12,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from bnstrip import fold_model
-from bnstrip.trace.bn_registry import children_after, register_batchnorm, unregister_batchnorm
+from bnstrip.trace.bn_registry import (
+    children_after,
+    register_batchnorm,
+    unregister_batchnorm,
+)
 from bnstrip.zoo import randomize_bn
 from bnstrip.zoo_patterns import PATTERN_ZOO, BatchNormAct2d, TimmLinear, build
 
@@ -119,7 +123,7 @@ class _NotExact(nn.Module):
 
 
 class _DoublingLinear(TimmLinear):
-    def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
         return F.linear(input * 2, self.weight, self.bias)
 
 

@@ -8,7 +8,7 @@ check on the example inputs then proves the whole model as usual.
 from __future__ import annotations
 
 import copy
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn

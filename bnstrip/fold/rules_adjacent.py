@@ -103,9 +103,9 @@ def try_producer(bn: Op, graph: OpGraph, root: nn.Module, calls_ok: int = 1) -> 
                     f"{producer.name}'s output (unbatched call?)")
     if out_channels(module) != bn_channels(bn, root):
         return f"{producer.name} produces {out_channels(module)} channels but it has {bn_channels(bn, root)}"
-    if producer.own_forward is not None:  # Conv2dSame-like: prove that scaling its channels scales its output
-        if issue := own_forward_proof(producer, bn, graph, bn_stats(bn, root, None)):
-            return f"its input comes from {producer.label}: {issue}"
+    # Conv2dSame-like: prove that scaling its channels scales its output
+    if producer.own_forward is not None and (issue := own_forward_proof(producer, bn, graph, bn_stats(bn, root, None))):
+        return f"its input comes from {producer.label}: {issue}"
     return producer
 
 

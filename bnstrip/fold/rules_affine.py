@@ -13,11 +13,16 @@ import operator
 from dataclasses import dataclass
 
 import torch
-import torch.fx as fx
-from torch import nn
+from torch import fx, nn
 
 from bnstrip.core.foldmath import BNStats, bn_scale_shift
-from bnstrip.fold.rules_adjacent import Match, bn_channels, bn_rank, layer_issue, out_channels
+from bnstrip.fold.rules_adjacent import (
+    Match,
+    bn_channels,
+    bn_rank,
+    layer_issue,
+    out_channels,
+)
 from bnstrip.trace.opgraph import Op, OpGraph
 from bnstrip.trace.reads import call_name, reading_users
 

@@ -15,9 +15,22 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from bnstrip.fold.rules_adjacent import (Match, aliasing_issue, bn_channels, bn_rank, consumer_fits, layer_issue,
-                                         out_channels)
-from bnstrip.trace.channels import carry_axis, channel_slice, data_input, is_split, passes_channels, shape_of
+from bnstrip.fold.rules_adjacent import (
+    Match,
+    aliasing_issue,
+    bn_channels,
+    bn_rank,
+    consumer_fits,
+    layer_issue,
+)
+from bnstrip.trace.channels import (
+    carry_axis,
+    channel_slice,
+    data_input,
+    is_split,
+    passes_channels,
+    shape_of,
+)
 from bnstrip.trace.opgraph import Op, OpGraph
 from bnstrip.trace.reads import reading_users
 

@@ -12,11 +12,11 @@ the largest tensor it reads. One that cannot become a module is reported with th
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
-import torch.fx as fx
-from torch import nn
+from torch import fx, nn
 
 _A = torch.ops.aten
 _MAX_OPS = 32
