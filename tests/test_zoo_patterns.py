@@ -157,3 +157,25 @@ def test_keep_structure_refuses_what_it_cannot_hold() -> None:
         assert "keep_structure=True" in dict(result.skipped)[bn]
         for want, got in zip(_outputs(model, inputs), _outputs(result.model, inputs)):
             assert _rel(want, got) <= EXACT
+
+
+class _TiedConsumers(nn.Module):
+    """Two Linear layers sharing one weight after a BatchNorm: folding into both would fold it twice."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm1d(4)
+        self.k, self.v = nn.Linear(4, 3), nn.Linear(4, 3)
+        self.v.weight = self.k.weight
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        y = self.bn(x)
+        return self.k(y), self.v(y)
+
+
+def test_consumers_sharing_a_weight_are_never_folded_twice() -> None:
+    torch.manual_seed(0)
+    model = randomize_bn(_TiedConsumers()).eval().double()
+    x = torch.randn(5, 4, dtype=torch.float64)
+    result = fold_model(model, x)
+    assert result.folded == [] and "shares memory" in dict(result.skipped)["bn"]
