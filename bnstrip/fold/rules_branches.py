@@ -73,6 +73,8 @@ def try_slice(bn: Op, graph: OpGraph, root: nn.Module, keep_structure: bool) -> 
     if isinstance(layer.module, nn.modules.conv._ConvTransposeNd):
         return f"it normalises a slice of ConvTranspose {layer.name}"
     rank = len(shape_of(layer) or ())
+    if not rank:
+        return f"the shape of {layer.name}'s output is unknown; pass example inputs (example_inputs)"
     channel_dim = rank - 1 if isinstance(layer.module, nn.Linear) else 1
     if dim != channel_dim or rank != (2 if isinstance(layer.module, nn.Linear) else layer.module.weight.dim()):
         return f"it normalises a slice along dim {dim} of {layer.name}'s output, not of its channels"
