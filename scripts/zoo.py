@@ -94,6 +94,7 @@ def _register_torchvision_ops() -> None:
 
 
 _TV_LIB = None
+_ULT_CONVS: list[int] = []
 
 
 def _build(spec: str) -> tuple[Any, int]:
@@ -121,6 +122,12 @@ def _build(spec: str) -> tuple[Any, int]:
     return model.eval(), int(size) if size else default
 
 
+def _convs(model: Any) -> int:
+    import torch
+
+    return sum(isinstance(m, torch.nn.modules.conv._ConvNd) for m in model.modules())
+
+
 def _ultralytics_fuse(model: Any, x: Any, out64: Any) -> tuple[float, int, float]:
     """ultralytics' own fuse() as a peer: its time, the BatchNorms it removed and its error against float64."""
     fused = copy.deepcopy(model)
@@ -128,6 +135,7 @@ def _ultralytics_fuse(model: Any, x: Any, out64: Any) -> tuple[float, int, float
     t0 = time.perf_counter()
     fused.fuse(verbose=False)
     seconds = time.perf_counter() - t0
+    _ULT_CONVS.append(_convs(fused))
     return seconds, before - sum(1 for m in fused.modules() if _is_bn(m)), _rel_err(fused(x), out64)
 
 
@@ -215,6 +223,8 @@ def worker(spec: str, seed: int, reparameterize: bool = False) -> dict[str, Any]
         row["fold_s"] = time.perf_counter() - t0
         # BNs removed by merging parallel branches (issue 14) are counted apart from the folded pairs.
         row["merged_bns"] = sorted({bn for merge in getattr(result, "merged", []) for bn in merge.bns})
+        row["merges"] = len(getattr(result, "merged", []))
+        row["convs"] = [_convs(model), _convs(result.model)]
         row["tracer"] = result.tracer
         row["folded"] = [list(p) for p in result.folded]
         row["skipped"] = [list(p) for p in result.skipped]
@@ -232,6 +242,7 @@ def worker(spec: str, seed: int, reparameterize: bool = False) -> dict[str, Any]
         row["skipped64"] = [list(p) for p in result64.skipped]
         if spec.startswith("ult:"):
             row["ult_s"], row["ult_folded"], row["ult_err"] = _ultralytics_fuse(model, x, out64)
+            row["ult_convs"] = _ULT_CONVS[-1]
     return row
 
 
@@ -341,6 +352,9 @@ def _model_line(r: dict[str, Any], refused: dict[str, list[str]]) -> str:
     classes = ", ".join(f"{c} {n}" for c, n in r["bn_classes"].items())
     merged = len(r.get("merged_bns", []))
     folded = f"{len(r['folded'])}" + (f" + {merged} merged" if merged else "")
+    if r.get("merges"):  # --reparameterize: convs before -> after (ultralytics' fuse: after its fuse)
+        peer = f", ultralytics {r['ult_convs']}" if "ult_convs" in r else ""
+        folded += f"; {r['merges']} merges, convs {r['convs'][0]} -> {r['convs'][1]}{peer}"
     if len(r["folded64"]) != len(r["folded"]):  # the float64 copy must fold exactly as many
         folded += f" (**float64: {len(r['folded64'])}**)"
     return (f"| {r['model']} | {r['input']} | {r['bn']} ({classes}) | {folded} | {fx} | "
