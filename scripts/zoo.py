@@ -94,7 +94,6 @@ def _register_torchvision_ops() -> None:
 
 
 _TV_LIB = None
-_ULT_CONVS: list[int] = []
 
 
 def _build(spec: str) -> tuple[Any, int]:
@@ -128,15 +127,15 @@ def _convs(model: Any) -> int:
     return sum(isinstance(m, torch.nn.modules.conv._ConvNd) for m in model.modules())
 
 
-def _ultralytics_fuse(model: Any, x: Any, out64: Any) -> tuple[float, int, float]:
-    """ultralytics' own fuse() as a peer: its time, the BatchNorms it removed and its error against float64."""
+def _ultralytics_fuse(model: Any, x: Any, out64: Any) -> tuple[float, int, float, int]:
+    """ultralytics' own fuse() as a peer: its time, the BatchNorms it removed, its error against float64 and the
+    convs left (it merges RepVGG-style branches too)."""
     fused = copy.deepcopy(model)
     before = sum(1 for m in fused.modules() if _is_bn(m))
     t0 = time.perf_counter()
     fused.fuse(verbose=False)
     seconds = time.perf_counter() - t0
-    _ULT_CONVS.append(_convs(fused))
-    return seconds, before - sum(1 for m in fused.modules() if _is_bn(m)), _rel_err(fused(x), out64)
+    return seconds, before - sum(1 for m in fused.modules() if _is_bn(m)), _rel_err(fused(x), out64), _convs(fused)
 
 
 def _is_bn(module: Any) -> bool:
@@ -241,8 +240,7 @@ def worker(spec: str, seed: int, reparameterize: bool = False) -> dict[str, Any]
         row["folded64"] = [bn for _, bn in result64.folded]
         row["skipped64"] = [list(p) for p in result64.skipped]
         if spec.startswith("ult:"):
-            row["ult_s"], row["ult_folded"], row["ult_err"] = _ultralytics_fuse(model, x, out64)
-            row["ult_convs"] = _ULT_CONVS[-1]
+            row["ult_s"], row["ult_folded"], row["ult_err"], row["ult_convs"] = _ultralytics_fuse(model, x, out64)
     return row
 
 
