@@ -25,6 +25,7 @@ def _net(cls: type[nn.Module]) -> nn.Module:
     return randomize_bn(cls(width=8)).double()
 
 
+@pytest.mark.slow  # merges a RepNet twice (fx and export) and proves both: seconds
 def test_a_model_fx_cannot_trace_merges_as_fx_would() -> None:
     x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
     via_fx = fold_model(_net(RepNet), x, reparameterize=True)
@@ -52,6 +53,7 @@ class _ExportOnly(nn.Module):
         return self.inner(x)
 
 
+@pytest.mark.slow  # export, merge, fold again, each proven in float64: seconds
 def test_the_batchnorm_after_a_merged_sum_folds_on_the_export_path_too() -> None:
     inner, (x,) = build("RepViTLike")
     model = _ExportOnly(inner).eval()
