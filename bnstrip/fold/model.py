@@ -306,6 +306,8 @@ def fold_model(model: nn.Module, example_inputs: Any = None, *, eps: float | Non
 def _fold_after_merge(result: FoldResult, inputs: tuple[Any, ...], reference: _Reference, eps: float | None,
                       allow_overflow: bool) -> None:
     """Fold again on the merged model, checked against the original like the first pass; record it in `result`."""
+    if not result.skipped:  # every BatchNorm already folded: nothing to trace again
+        return
     merged = result.model
     second, _ = _fold_copy(merged, inputs, eps, False, allow_overflow, {}, traced={})
     if not second.folded:
