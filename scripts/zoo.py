@@ -1,11 +1,14 @@
-"""Coverage benchmark: fold every BatchNorm bnstrip can in real torchvision and timm models.
+"""Coverage benchmark: fold every BatchNorm bnstrip can in real torchvision, timm and ultralytics models.
 
 A benchmark, not a test (issue 10, "Measure it"): CI and the tests never import timm or
 torchvision. Each model runs in its own niced subprocess with a timeout, so one hang or crash
 costs one row. Per model it records the BatchNorm count, what bnstrip folded, what it refused
 (grouped by a short reason category), fold time against torch.fx's fuser plus one forward
 pass, and the float64 fold error: the model converted to float64, folded, and compared with the
-float64 original (an exact fold gives ~1e-15; above 1e-9 relative is a wrong model).
+float64 original (an exact fold gives ~1e-15; above 1e-9 relative is a wrong model); the float64
+copy must fold as many BatchNorms as the float32 model (a difference is flagged in bold). Where
+ultralytics is installed, `ult:NAME.yaml` models are built from their yaml and ultralytics' own
+`fuse()` is measured beside torch.fx's fuser.
 
 Setup (a separate venv; never in CI):
 
@@ -108,9 +111,31 @@ def _build(spec: str) -> tuple[Any, int]:
 
         model = timm.create_model(name, pretrained=False)
         default = int(model.pretrained_cfg.get("input_size", (3, 224, 224))[-1])
+    elif source == "ult":  # ultralytics, built from its yaml (random init): "ult:yolov8n.yaml@320"
+        import ultralytics
+
+        model = (ultralytics.RTDETR if name.startswith("rtdetr") else ultralytics.YOLO)(name).model
+        default = 640
     else:
-        raise ValueError(f"{spec}: expected tv:NAME or timm:NAME")
+        raise ValueError(f"{spec}: expected tv:NAME, timm:NAME or ult:NAME.yaml")
     return model.eval(), int(size) if size else default
+
+
+def _convs(model: Any) -> int:
+    import torch
+
+    return sum(isinstance(m, torch.nn.modules.conv._ConvNd) for m in model.modules())
+
+
+def _ultralytics_fuse(model: Any, x: Any, out64: Any) -> tuple[float, int, float, int]:
+    """ultralytics' own fuse() as a peer: its time, the BatchNorms it removed, its error against float64 and the
+    convs left (it merges RepVGG-style branches too)."""
+    fused = copy.deepcopy(model)
+    before = sum(1 for m in fused.modules() if _is_bn(m))
+    t0 = time.perf_counter()
+    fused.fuse(verbose=False)
+    seconds = time.perf_counter() - t0
+    return seconds, before - sum(1 for m in fused.modules() if _is_bn(m)), _rel_err(fused(x), out64), _convs(fused)
 
 
 def _is_bn(module: Any) -> bool:
@@ -197,6 +222,8 @@ def worker(spec: str, seed: int, reparameterize: bool = False) -> dict[str, Any]
         row["fold_s"] = time.perf_counter() - t0
         # BNs removed by merging parallel branches (issue 14) are counted apart from the folded pairs.
         row["merged_bns"] = sorted({bn for merge in getattr(result, "merged", []) for bn in merge.bns})
+        row["merges"] = len(getattr(result, "merged", []))
+        row["convs"] = [_convs(model), _convs(result.model)]
         row["tracer"] = result.tracer
         row["folded"] = [list(p) for p in result.folded]
         row["skipped"] = [list(p) for p in result.skipped]
@@ -207,11 +234,13 @@ def worker(spec: str, seed: int, reparameterize: bool = False) -> dict[str, Any]
         row["orig32_err"] = _rel_err(out32, out64)
         row["folded32_err"] = _rel_err(result.model(x), out64)
         t0 = time.perf_counter()
-        result64 = bnstrip.fold_model(model64, example_inputs=(x.double(),))
+        result64 = bnstrip.fold_model(model64, example_inputs=(x.double(),), reparameterize=reparameterize)
         row["fold64_s"] = time.perf_counter() - t0
         row["fold64_err"] = _rel_err(result64.model(x.double()), out64)
         row["folded64"] = [bn for _, bn in result64.folded]
         row["skipped64"] = [list(p) for p in result64.skipped]
+        if spec.startswith("ult:"):
+            row["ult_s"], row["ult_folded"], row["ult_err"], row["ult_convs"] = _ultralytics_fuse(model, x, out64)
     return row
 
 
@@ -313,12 +342,19 @@ def _model_line(r: dict[str, Any], refused: dict[str, list[str]]) -> str:
     base = (r["fx_s"] or 0) + r["forward_s"]
     ratio = r["fold_s"] / base if r["fx_s"] is not None else None
     fx = str(r["fx_folded"]) if r["fx_folded"] is not None else "no trace"
+    if "ult_folded" in r:  # ultralytics' own fuse() as a peer
+        fx += f" / ultralytics fuse {r['ult_folded']} ({r['ult_err']:.1e})"
     listed = len(r["folded"]) + len(r["skipped"]) + len(r.get("merged_bns", []))
     dup = f" ({listed - r['bn']} extra entries)" if listed != r["bn"] else ""
     wrong = " **WRONG**" if r["fold64_err"] > 1e-9 else ""
     classes = ", ".join(f"{c} {n}" for c, n in r["bn_classes"].items())
     merged = len(r.get("merged_bns", []))
     folded = f"{len(r['folded'])}" + (f" + {merged} merged" if merged else "")
+    if r.get("merges"):  # --reparameterize: convs before -> after (ultralytics' fuse: after its fuse)
+        peer = f", ultralytics {r['ult_convs']}" if "ult_convs" in r else ""
+        folded += f"; {r['merges']} merges, convs {r['convs'][0]} -> {r['convs'][1]}{peer}"
+    if len(r["folded64"]) != len(r["folded"]):  # the float64 copy must fold exactly as many
+        folded += f" (**float64: {len(r['folded64'])}**)"
     return (f"| {r['model']} | {r['input']} | {r['bn']} ({classes}) | {folded} | {fx} | "
             f"{'; '.join(f'{c}: {n}' for c, n in cats.most_common())}{dup} | {r['tracer']} | {r['fold_s']:.2f} | "
             f"{base:.2f} | {_fmt(ratio)} | {r['fold64_err']:.1e}{wrong} | {r['folded32_err']:.1e} "
@@ -374,6 +410,7 @@ def report(rows: list[dict[str, Any]], seconds: float | None) -> str:
         tot["none_folded"] += not r["folded"]
         tot["double_listed"] += len(r["folded"]) + len(r["skipped"]) + len(r.get("merged_bns", [])) - r["bn"]
         tot["undone32"] += len(set(r["folded64"]) - {bn for _, bn in r["folded"]})
+        tot["count64_differs"] += len(r["folded64"]) != len(r["folded"])
     ratios.sort(reverse=True)
     pct = 100 * tot["folded"] / max(tot["bn"], 1)
     lines += ["", "## Totals", "",
@@ -382,7 +419,8 @@ def report(rows: list[dict[str, Any]], seconds: float | None) -> str:
               f"- BatchNorms: {tot['bn']}; folded by bnstrip: {tot['folded']} ({pct:.1f}%); refused: {tot['refused']}; "
               f"torch.fx fuse: {tot['fx']} (traced {tot['fx_traced']} models)",
               f"- BatchNorms removed by merging parallel branches (`--reparameterize`): {tot['merged_bns']}",
-              f"- folded in the float64 fold but not in the float32 one: {tot['undone32']}",
+              f"- folded in the float64 fold but not in the float32 one: {tot['undone32']}; models whose float64 "
+              f"copy folds another number of BatchNorms: {tot['count64_differs']}",
               f"- models where bnstrip folded nothing: {tot['none_folded']}; extra entries in folded+skipped "
               f"(a BN listed twice): {tot['double_listed']}",
               f"- refused BNs whose input also feeds an add (issue 14): {tot['add']}",

@@ -9,6 +9,7 @@ The check itself and the bisection live in bnstrip.fold.check (re-exported here)
 from __future__ import annotations
 
 import contextlib
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
@@ -230,10 +231,35 @@ def fold_model(model: nn.Module, example_inputs: Any = None, *, eps: float | Non
     if reparameterize:
         from bnstrip.fold.reparam import reparameterize_result  # it imports this module
 
-        reparameterize_result(result, inputs, allow_overflow, lambda candidate: check_candidate(reference, candidate, inputs))
+        with warnings.catch_warnings():  # copying a merged export graph: torch's own pytree deprecation
+            warnings.simplefilter("ignore", FutureWarning)
+            reparameterize_result(result, inputs, allow_overflow, lambda candidate: check_candidate(reference, candidate, inputs))
+            if result.merged:  # a BatchNorm right after a merged sum now follows one conv (RepViT)
+                _fold_after_merge(result, inputs, reference, eps, allow_overflow)
     _restore_statistics(model, result)
     result.warnings = with_none_folded_warning(result.warnings, result.folded, result.skipped)
     return result
+
+
+def _fold_after_merge(result: FoldResult, inputs: tuple[Any, ...], reference: Reference, eps: float | None,
+                      allow_overflow: bool) -> None:
+    """Fold again on the merged model, checked against the original like the first pass; record it in `result`."""
+    if not result.skipped:  # every BatchNorm already folded: nothing to trace again
+        return
+    merged = result.model
+    second, _ = _fold_copy(merged, inputs, eps, False, allow_overflow, {}, traced={})
+    if not second.folded:
+        return
+    second = _checked(merged, inputs, second, reference, eps, False, allow_overflow, {})
+    folded = {bn for _, bn in second.folded}
+    if not folded or second.check is None or not second.check.passed:
+        return
+    result.model, result.check = second.model, second.check
+    result.folded += second.folded
+    result.into.update(second.into)
+    result.gained_bias += second.gained_bias
+    result.warnings += second.warnings
+    result.skipped = [(bn, reason) for bn, reason in result.skipped if bn not in folded]
 
 
 def _checked(model: nn.Module, inputs: tuple[Any, ...], result: FoldResult, reference: Reference,

@@ -18,6 +18,7 @@ the outputs are found by bisection and undone, each reported.
 """
 from __future__ import annotations
 
+import copy
 import operator
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -182,9 +183,14 @@ def _attempt(model: nn.Module, inputs: Sequence[Any] | None, keep: Callable[[Mer
              allow_overflow: bool) -> MergeResult:
     """Trace `model`, plan every merge, apply those `keep` accepts; the model is not modified."""
     gm, _, error = fx_trace(model)
+    codegen, export_error = None, ""
+    if gm is None and inputs is not None:  # fx cannot trace it: the same matching on torch.export's graph
+        gm, codegen, export_error = exported_graph(model, inputs)
     if gm is None:
-        return MergeResult(model, refused=[(type(model).__name__, f"torch.fx cannot trace it ({first_line(error, 200)}); "
-                                                                  "branches are merged only on an fx graph")])
+        why = f"torch.fx cannot trace it ({first_line(error, 200)})"
+        why += f" and torch.export cannot either ({export_error})" if inputs is not None else \
+            "; without example inputs torch.export cannot run"
+        return MergeResult(model, refused=[(type(model).__name__, why)])
     if inputs is not None:
         try:
             with torch.no_grad():
@@ -205,10 +211,27 @@ def _attempt(model: nn.Module, inputs: Sequence[Any] | None, keep: Callable[[Mer
     if not result.merged:
         result.model = model
         return result
+    if codegen is not None:  # the program's own input/output structure (pytree), as fold_program keeps it
+        gm.graph._codegen = copy.copy(codegen)
     gm.graph.lint()
     gm.recompile()
     gm.eval()
     return result
+
+
+def exported_graph(model: nn.Module, inputs: Sequence[Any]) -> tuple[fx.GraphModule | None, Any, str]:
+    """(module calls over torch.export's aten graph of `model`, its input/output codegen, '') or (None, None, why)."""
+    from bnstrip.fold.program import _plain_module
+    from bnstrip.trace.export_tracer import _quiet_torch_logs
+    from bnstrip.trace.modularize import modularize
+
+    try:
+        with _quiet_torch_logs(), torch.no_grad():
+            program = torch.export.export(model, tuple(fresh_inputs(inputs)), strict=False)
+    except Exception as exc:  # noqa: BLE001 - torch.export raises many types; the reason is one line
+        return None, None, f"{type(exc).__name__}: {first_line(exc, 200, '')}"
+    gm, codegen = _plain_module(program.module())
+    return modularize(gm).gm, codegen, ""
 
 
 # --------------------------------------------------------------------------- the public calls
@@ -286,6 +309,10 @@ def rebuild_merges(model: nn.Module, entries: Sequence[dict[str, Any]], source: 
     if not entries:
         return model
     wanted = {str(entry.get("conv")): entry for entry in entries}
+    if fx_trace(model)[0] is None:
+        raise InputError(f"{source}: {type(model).__name__} cannot be traced by torch.fx, so its branches were merged "
+                         "on torch.export's graph, which needs example inputs; fold it again with fold_model(..., "
+                         "reparameterize=True) and example inputs instead of rebuilding it")
     result = _attempt(model, None, lambda m: m.conv in wanted, True, False)
     found = {m.conv: m for m in result.merged}
     for name, entry in wanted.items():

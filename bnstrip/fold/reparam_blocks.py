@@ -80,6 +80,16 @@ class RepNet(nn.Module):
         return self.head(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
 
 
+class ShapeLoopRepNet(RepNet):
+    """RepNet whose forward loops over a size (ultralytics-style Python control flow): torch.fx cannot trace it,
+    torch.export can, so its branches merge on the export graph (a test for yolov10s-like models)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for _ in range(x.shape[0] - x.shape[0]):
+            x = x + 0
+        return super().forward(x)
+
+
 def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
     """Trained-looking BatchNorm statistics and affine parameters (a wrong merge shows), then eval mode."""
     gen = torch.Generator().manual_seed(seed)

@@ -27,11 +27,14 @@ from bnstrip.trace.classify import bn_refusal, layer_refusal
 from bnstrip.trace.opgraph import functional_bn, is_functional_bn
 from bnstrip.trace.reads import metadata_read
 
-_ADDS = {operator.add, torch.add}
-_SUBS = {operator.sub, torch.sub}
-_MULS = {operator.mul, torch.mul}
-_DIVS = {operator.truediv, torch.div, torch.true_divide}
-_NEGS = {operator.neg, torch.neg}
+_ATEN = torch.ops.aten
+_ADDS = {operator.add, torch.add, _ATEN.add.Tensor, _ATEN.add_.Tensor}
+_SUBS = {operator.sub, torch.sub, _ATEN.sub.Tensor, _ATEN.sub_.Tensor}
+_MULS = {operator.mul, torch.mul, _ATEN.mul.Tensor, _ATEN.mul.Scalar}
+_DIVS = {operator.truediv, torch.div, torch.true_divide, _ATEN.div.Tensor, _ATEN.div.Scalar}
+_NEGS = {operator.neg, torch.neg, _ATEN.neg.default}
+"""Python, torch and aten (a graph from torch.export, see reparam.exported_graph) spellings of each op; export
+records `out += y` as add_, which a sum accepts only where nothing else reads `out` (inner nodes have one user)."""
 _NONLINEAR = {"relu", "relu6", "sigmoid", "tanh", "gelu", "silu", "hardswish", "hardsigmoid", "hardtanh", "leaky_relu",
               "elu", "selu", "celu", "mish", "softplus", "softsign", "prelu", "rrelu", "glu", "logsigmoid", "softmax",
               "log_softmax", "threshold", "max_pool1d", "max_pool2d", "max_pool3d", "adaptive_max_pool1d",

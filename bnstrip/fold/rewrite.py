@@ -24,6 +24,7 @@ from torch import nn
 from bnstrip.core.foldmath import (BNStats, all_finite, bn_scale_shift, cast_folded, fold_into_consumer, fold_into_producer,
                                    identity_running_var)
 from bnstrip.fold.rules import INTO_PRODUCER, Fold, bn_stats, tensor_at
+from bnstrip.fold.rules_affine import through_stats
 from bnstrip.trace.bn_registry import BN_SETTINGS, folded_replacement, is_batchnorm_like
 from bnstrip.trace.opgraph import Op, OpGraph
 
@@ -67,7 +68,11 @@ def _fold_in_float64(folds: list[Fold], root: nn.Module, eps: float | None,
         for fold, _, channels in layer_folds:
             stats = _channel_slice(bn_stats(fold.bn, root, eps), channels)
             name = f"{layer_name} + {fold.bn.name}"
-            if fold.into == INTO_PRODUCER:
+            if fold.through is not None:  # constant arithmetic between the layer and the BatchNorm stays
+                stats = through_stats(stats, *fold.through, name)
+            if fold.rows is not None:  # a BatchNorm on a slice: those output rows absorb it
+                entry[1], entry[2] = _fold_rows(entry[1], entry[2], stats, slice(*fold.rows), name)
+            elif fold.into == INTO_PRODUCER:
                 transposed = isinstance(module, nn.modules.conv._ConvTransposeNd)
                 entry[1], entry[2] = fold_into_producer(entry[1], entry[2], stats, out_axis=1 if transposed else 0,
                                                         groups=getattr(module, "groups", 1) if transposed else 1,
@@ -82,7 +87,8 @@ def _fold_in_float64(folds: list[Fold], root: nn.Module, eps: float | None,
 def _single_producer_fold(module: nn.Module, layer_folds: list[tuple[Fold, Op, slice]]) -> bool:
     """The usual case: one BatchNorm folded whole into the output channels (axis 0) of a layer."""
     fold, _, channels = layer_folds[0]
-    return (len(layer_folds) == 1 and fold.into == INTO_PRODUCER and channels == slice(None, None)
+    return (len(layer_folds) == 1 and fold.into == INTO_PRODUCER and channels == slice(None, None) and fold.rows is None
+            and fold.through is None
             and not isinstance(module, nn.modules.conv._ConvTransposeNd))
 
 
@@ -103,6 +109,15 @@ def _fold_rounded(module: nn.Module, fold: Fold, root: nn.Module, eps: float | N
     weight, bias64 = fold_into_producer(module.weight.detach(), bias, stats, out_axis=0, name=layer_name,
                                         allow_overflow=allow_overflow)
     return [module, _Rounded(weight), bias64]
+
+
+def _fold_rows(weight64: torch.Tensor, bias64: torch.Tensor | None, stats: BNStats, rows: slice,
+               name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fold `stats` into output rows `rows` of a float64 (weight, bias); the other rows stay as they are."""
+    weight, bias = weight64.clone(), (torch.zeros(weight64.shape[0], dtype=torch.float64, device=weight64.device)
+                                      if bias64 is None else bias64.clone())
+    weight[rows], bias[rows] = fold_into_producer(weight[rows], bias[rows], stats, out_axis=0, name=name)
+    return weight, bias
 
 
 class _Rounded:

@@ -12,11 +12,14 @@ import math
 from dataclasses import dataclass, field
 from typing import Callable
 
+import torch
 from torch import nn
 
 from bnstrip.core.foldmath import bn_scale_shift
 from bnstrip.errors import InputError
 from bnstrip.fold.rules_adjacent import Match, bn_stats, tail_issue, tensor_at, try_consumer, try_producer
+from bnstrip.fold.rules_affine import Through, try_through_affine
+from bnstrip.fold.rules_branches import Rows, try_consumers, try_slice
 from bnstrip.fold.rules_structural import try_concat, try_consumer_through, try_producer_through, try_repeated_pair
 from bnstrip.trace.bn_registry import module_stats
 from bnstrip.trace.opgraph import Op, OpGraph
@@ -34,7 +37,12 @@ class Fold:
     bn: Op
     into: str
     pieces: list[tuple[Op, int, int]] = field(default_factory=list)
-    """For a BatchNorm after a concatenation: each producer and the channels [start, stop) it absorbs."""
+    """For a BatchNorm after a concatenation: each producer and the channels [start, stop) it absorbs. For one
+    read by several layers: each consumer, with None, None."""
+    rows: tuple[int, int] | None = None
+    through: tuple[torch.Tensor, torch.Tensor] | None = None
+    """For layer -> constant arithmetic z = a * y + b -> BN: (a, b) per channel in float64 (rules_affine)."""
+    """For a BatchNorm on a slice of the layer's output: the layer's output channels [start, stop) absorb it."""
 
     def parts(self) -> list[tuple[Op, int | None, int | None]]:
         """(layer, start, stop) for each layer that absorbs the BatchNorm; None: all of its channels."""
@@ -92,9 +100,14 @@ PATTERNS: list[Pattern] = [
             lambda bn, graph, root, keep: try_producer_through(bn, graph, root)),
     Pattern("cat(layers) -> BN", INTO_PRODUCER, "into the concatenated layers",
             lambda bn, graph, root, keep: try_concat(bn, graph, root)),
+    Pattern("layer -> split/chunk/slice -> BN", INTO_PRODUCER, "into the rows of the sliced layer", try_slice),
+    Pattern("layer -> * constant / + constant -> BN", INTO_PRODUCER, "through constant arithmetic into the layer",
+            try_through_affine),
     Pattern("BN -> linear/conv", INTO_CONSUMER, "into the layer after", try_consumer),
     Pattern("BN -> global average/flatten/reshape -> linear/conv", INTO_CONSUMER, "through the ops after it",
             try_consumer_through),
+    Pattern("BN -> (reshape/permute/average) -> several linear/conv", INTO_CONSUMER, "into each layer it feeds",
+            try_consumers),
 ]
 """Tried in order; the first match wins. A new fold pattern is a matcher plus a row here."""
 
@@ -115,6 +128,10 @@ def decide(bn: Op, graph: OpGraph, root: nn.Module, keep_structure: bool, eps: f
         match = pattern.matcher(bn, graph, root, keep_structure)
         if isinstance(match, Op):
             return Fold(match, bn, pattern.into)
+        if isinstance(match, Through):
+            return Fold(match.layer, bn, pattern.into, through=(match.a, match.b))
+        if isinstance(match, Rows):
+            return Fold(match.layer, bn, pattern.into, rows=(match.start, match.stop))
         if isinstance(match, list):
             return Fold(match[0][0], bn, pattern.into, pieces=match)
         if match is not None:

@@ -14,10 +14,11 @@ from torch import nn
 
 from bnstrip.core.foldmath import BNStats
 from bnstrip.fold.proof import own_forward_issue
+from bnstrip.fold.proof_consumer import own_forward_consumer_issue
 from bnstrip.trace.alias import other_readers, writer_of
 from bnstrip.trace.bn_registry import batchnorm_entry, module_stats
 from bnstrip.trace.channels import shape_of
-from bnstrip.trace.classify import bn_fixed_rank
+from bnstrip.trace.classify import bn_fixed_rank, has_hooks
 from bnstrip.trace.opgraph import Op, OpGraph
 from bnstrip.trace.reads import identity_in_eval, value_users
 
@@ -102,15 +103,39 @@ def try_producer(bn: Op, graph: OpGraph, root: nn.Module, calls_ok: int = 1) -> 
                     f"{producer.name}'s output (unbatched call?)")
     if out_channels(module) != bn_channels(bn, root):
         return f"{producer.name} produces {out_channels(module)} channels but it has {bn_channels(bn, root)}"
-    if producer.own_forward is not None:  # Conv2dSame-like: prove that scaling its channels scales its output
-        key = (producer.name, bn.name)  # plan_folds asks again on every pass: prove once
-        if key not in graph.proofs:
-            shape = shape_of(producer.inputs[0]) if producer.inputs else None
-            shape = (1, *shape[1:]) if shape else shape  # one sample is enough for a per-channel map
-            graph.proofs[key] = own_forward_issue(module, shape, bn_stats(bn, root, None), f"{producer.name} + {bn.name}")
-        if issue := graph.proofs[key]:
-            return f"its input comes from {producer.label}: {issue}"
+    # Conv2dSame-like: prove that scaling its channels scales its output
+    if producer.own_forward is not None and (issue := own_forward_proof(producer, bn, graph, bn_stats(bn, root, None))):
+        return f"its input comes from {producer.label}: {issue}"
     return producer
+
+
+def own_forward_consumer_proof(consumer: Op, bn: Op, graph: OpGraph, root: nn.Module, source: Op,
+                               axis: int) -> str | None:
+    """Why a layer with its own forward (timm's Linear) cannot absorb `bn` arriving on dim `axis` of its input
+    (the output of `source`), proven once per pair on a real-run shape."""
+    if not graph.example_run:
+        return (f"{consumer.own_forward.split(', so ')[0]}; folding into it needs a real run to prove it: pass "
+                "example inputs (example_inputs)")
+    key = (consumer.name, bn.name)
+    if key not in graph.proofs:
+        shape = shape_of(source)
+        shape = (1, *shape[1:]) if shape and axis != 0 else shape
+        graph.proofs[key] = own_forward_consumer_issue(consumer.module, shape, axis, bn_stats(bn, root, None),
+                                                       f"{bn.name} + {consumer.name}")
+    return graph.proofs[key]
+
+
+def own_forward_proof(producer: Op, bn: Op, graph: OpGraph, stats: BNStats) -> str | None:
+    """Why folding `stats` into a layer with its own forward (Conv2dSame) is not exact, proven once per pair."""
+    if not graph.example_run:
+        return (f"{producer.own_forward.split(', so ')[0]}; folding into it needs a real run to prove it: pass "
+                "example inputs (example_inputs)")
+    key = (producer.name, bn.name)  # plan_folds asks again on every pass: prove once
+    if key not in graph.proofs:
+        shape = shape_of(producer.inputs[0]) if producer.inputs else None
+        shape = (1, *shape[1:]) if shape else shape  # one sample is enough for a per-channel map
+        graph.proofs[key] = own_forward_issue(producer.module, shape, stats, f"{producer.name} + {bn.name}")
+    return graph.proofs[key]
 
 
 def _zero_padded(conv: nn.Module) -> bool:
@@ -128,6 +153,9 @@ def tail_issue(bn: Op) -> str | None:
     """Why `bn` can never fold into what follows it: a registered look-alike that applies more after normalising
     (an activation, dropout) sits between its normalisation and every later layer."""
     if (entry := batchnorm_entry(bn.module)) is not None and entry.post is not None:
+        tail = entry.post(bn.module)
+        if all(type(m) is nn.Identity and not has_hooks(m) for m in tail.children()):
+            return None  # BatchNormAct2d(act=Identity, drop=Identity): only the normalisation is left
         return f"{type(bn.module).__name__} applies more after normalising, so it cannot move into a later layer"
     return None
 
@@ -139,8 +167,9 @@ def try_consumer(bn: Op, graph: OpGraph, root: nn.Module, keep_structure: bool) 
     if len(users) > 1:
         return f"its output feeds {len(users)} ops ({', '.join(u.label for u in users[:3])})"
     consumer = users[0]
-    if consumer.own_forward is not None:
-        return f"its output goes to {consumer.label}, which cannot absorb it ({consumer.own_forward})"
+    if consumer.own_forward is not None and (issue := own_forward_consumer_proof(
+            consumer, bn, graph, root, bn if last is None else last, 1 if bn_rank(bn) != 1 else 0)):
+        return f"its output goes to {consumer.label}, which cannot absorb it ({issue})"
     if consumer.kind != "layer":
         if consumer.note:
             return f"its output goes to {consumer.label}, which cannot absorb it ({consumer.note})"

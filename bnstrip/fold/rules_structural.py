@@ -8,8 +8,10 @@ from __future__ import annotations
 
 from torch import nn
 
-from bnstrip.fold.rules_adjacent import (Match, aliasing_issue, bn_channels, bn_rank, consumer_fits,
-                                         layer_issue, out_channels, try_producer)
+from bnstrip.core.foldmath import BNStats
+from bnstrip.fold.rules_adjacent import (Match, aliasing_issue, bn_channels, bn_rank, bn_stats, consumer_fits,
+                                         layer_issue, out_channels, own_forward_consumer_proof, own_forward_proof,
+                                         try_producer)
 from bnstrip.trace.channels import carry_axis, concatenated, data_input, passes_channels, shape_of
 from bnstrip.trace.opgraph import Op, OpGraph
 from bnstrip.trace.reads import reading_users
@@ -81,16 +83,26 @@ def try_concat(bn: Op, graph: OpGraph, root: nn.Module) -> Match:
                     "which cannot absorb its channels")
         if any(piece is p for p, _, _ in found):
             return f"{joined.label} concatenates the output of {piece.name} more than once"
-        if issue := (layer_issue(piece, graph, "the concatenated layer") or piece.own_forward
-                     or _feeds_only(piece, joined)):
+        if issue := layer_issue(piece, graph, "the concatenated layer") or _feeds_only(piece, joined):
             return issue
         if _channel_axis(piece, rank) != 1:
             return f"{joined.label} concatenates {piece.name}'s output along dim 1, which is not its channel dim"
         start = found[-1][2] if found else 0
+        if piece.own_forward is not None:  # Conv2dSame-like: prove its slice of the BatchNorm, as try_producer does
+            stop = min(start + out_channels(piece.module), bn_channels(bn, root))
+            if issue := own_forward_proof(piece, bn, graph, stats_slice(bn_stats(bn, root, None), start, stop)):
+                return f"{joined.label} concatenates {piece.label}: {issue}"
         found.append((piece, start, start + out_channels(piece.module)))
     if not found or found[-1][2] != bn_channels(bn, root):
         return f"the concatenated layers produce {found[-1][2] if found else 0} channels but it has {bn_channels(bn, root)}"
     return found
+
+
+def stats_slice(stats: BNStats, start: int, stop: int) -> BNStats:
+    """The statistics of channels [start, stop) of a BatchNorm."""
+    part = [None if t is None else t[start:stop] for t in (stats.running_mean, stats.running_var, stats.weight,
+                                                           stats.bias)]
+    return BNStats(*part, stats.eps)
 
 
 def try_consumer_through(bn: Op, graph: OpGraph, root: nn.Module, keep_structure: bool) -> Match:
@@ -113,7 +125,7 @@ def try_consumer_through(bn: Op, graph: OpGraph, root: nn.Module, keep_structure
     consumer = readers[0]
     if consumer.kind != "layer" or isinstance(consumer.module, nn.modules.conv._ConvTransposeNd):
         return f"its output goes through {chain[-1].label} to {consumer.label}, not to a Linear or Conv"
-    if issue := layer_issue(consumer, graph, "the next layer") or consumer.own_forward:
+    if issue := layer_issue(consumer, graph, "the next layer"):
         return issue
     if consumer.inputs != [op]:
         return f"the next layer {consumer.name} takes other inputs too"
@@ -124,6 +136,8 @@ def try_consumer_through(bn: Op, graph: OpGraph, root: nn.Module, keep_structure
         if isinstance(axis := carry_axis(step, axis), str):
             return axis
     module, rank = consumer.module, len(shape_of(op) or ())
+    if consumer.own_forward is not None and (issue := own_forward_consumer_proof(consumer, bn, graph, root, op, axis)):
+        return issue
     if isinstance(module, nn.Linear):
         if axis != rank - 1:
             return f"its channels reach dim {axis} of the input of Linear {consumer.name}, which mixes the last dim"

@@ -10,6 +10,7 @@ is unknown, and stops them.
 from __future__ import annotations
 
 import math
+import operator
 from typing import Any
 
 import torch.fx as fx
@@ -138,3 +139,79 @@ def concatenated(op: Op) -> tuple[list[Op | None], int] | None:
         return None
     by_node = {i.node: i for i in op.inputs}
     return [by_node.get(p) if isinstance(p, fx.Node) else None for p in pieces], dim
+
+
+_SPLITS = {"split", "split_with_sizes", "unsafe_split", "unsafe_split_with_sizes", "chunk"}
+
+
+def _split_ranges(node: fx.Node, length: int) -> list[tuple[int, int]] | None:
+    """[start, stop) of each piece of a split/chunk of `length` elements along its dim, or None when unknown."""
+    name = call_name(node)
+    spec = _arg(node, 1, "chunks" if name == "chunk" else "split_size_or_sections", None)
+    if spec is None:
+        spec = next((node.kwargs[k] for k in ("split_size", "split_sizes", "sections") if k in node.kwargs), None)
+    if name == "chunk" and isinstance(spec, int) and spec > 0:
+        spec = -(-length // spec)  # torch.chunk: pieces of ceil(length / chunks)
+    if isinstance(spec, int) and spec > 0:
+        spec = [min(spec, length - start) for start in range(0, length, spec)]
+    if not isinstance(spec, (list, tuple)) or not all(isinstance(s, int) and s >= 0 for s in spec) \
+            or sum(spec) != length:
+        return None
+    starts = [sum(spec[:i]) for i in range(len(spec))]
+    return [(start, start + size) for start, size in zip(starts, spec)]
+
+
+def _split_dim(node: fx.Node) -> Any:
+    return _arg(node, 2, "dim", 0)
+
+
+def is_split(op: Op) -> bool:
+    """A split/chunk call: its pieces are the getitems that read it."""
+    node = op.node
+    return node is not None and node.op in ("call_function", "call_method") and call_name(node) in _SPLITS
+
+
+def channel_slice(op: Op) -> tuple[Op, int, int, int] | None:
+    """(the sliced op, dim, start, stop) when `op` is one contiguous slice of another op's output along one dim:
+    a piece of split/chunk (lambda_resnet26t's q, k, v = torch.split(qkv, ...)), `x[:, a:b]` or aten.slice."""
+    node = op.node
+    if node is None or node.op not in ("call_function", "call_method"):
+        return None
+    source = data_input(op)
+    if source is None or source.node is None:
+        return None
+    before = shape_of(source)
+    if node.target is operator.getitem and isinstance(node.args[1], int):
+        split = source.node
+        if split.op not in ("call_function", "call_method") or call_name(split) not in _SPLITS:
+            return None
+        data = data_input(source)
+        shape = shape_of(data) if data is not None else None
+        dim = _split_dim(split)
+        if shape is None or not isinstance(dim, int):
+            return None
+        ranges = _split_ranges(split, shape[dim % len(shape)])
+        if ranges is None or not -len(ranges) <= node.args[1] < len(ranges):
+            return None
+        return (data, dim % len(shape), *ranges[node.args[1]])
+    if before is None:
+        return None
+    if node.target is operator.getitem:
+        index = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
+        if len(index) > len(before) or not all(isinstance(i, slice) for i in index):
+            return None
+        cut = [(d, i) for d, i in enumerate(index) if i != slice(None)]
+        if len(cut) != 1 or cut[0][1].step not in (None, 1):
+            return None
+        dim, part = cut[0]
+        start, stop, _ = part.indices(before[dim])
+        return (source, dim, start, max(start, stop))
+    if call_name(node) == "slice" and not isinstance(node.target, str):  # aten.slice.Tensor(x, dim, start, end, step)
+        dim, start, stop, step = (_arg(node, i, k, d) for i, k, d in ((1, "dim", 0), (2, "start", None),
+                                                                       (3, "end", None), (4, "step", 1)))
+        if not isinstance(dim, int) or step != 1 or not all(isinstance(v, (int, type(None))) for v in (start, stop)):
+            return None
+        dim %= len(before)
+        start, stop, _ = slice(start, stop).indices(before[dim])
+        return (source, dim, start, max(start, stop))
+    return None

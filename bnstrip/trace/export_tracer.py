@@ -9,6 +9,7 @@ import contextlib
 import io
 import logging
 import operator
+import re
 from typing import Any, Iterator, Sequence
 
 import torch
@@ -45,6 +46,42 @@ def _quiet_torch_logs() -> Iterator[None]:
     finally:
         for logger, level in zip(loggers, levels):
             logger.setLevel(level)
+
+
+_SLICE = re.compile(r"slice\((-?\d+|None),\s*(-?\d+|None),\s*(-?\d+|None)\)")
+
+
+def real_module_path(path: str, root: nn.Module) -> str:
+    """The module path under `root` for a path torch.export may name through calls: a slice of a container called
+    in forward (ultralytics RT-DETR's `model.slice(None, -1, None).0.stem1.bn` is `model.0.stem1.bn`).
+    Unchanged when it names no module that way."""
+    parts, real, module, index = path.split(".") if path else [], [], root, 0
+    while index < len(parts):
+        segment = parts[index]
+        found = _SLICE.fullmatch(segment)
+        if found is not None and index + 1 < len(parts) and parts[index + 1].lstrip("-").isdigit():
+            bounds = slice(*(None if g == "None" else int(g) for g in found.groups()))
+            try:
+                segment = list(module._modules)[bounds][int(parts[index + 1])]
+            except (IndexError, ValueError):
+                return path
+            index += 1
+        child = module._modules.get(segment)
+        if child is None:
+            return path
+        real.append(segment)
+        module, index = child, index + 1
+    return ".".join(real)
+
+
+def _real_module_stacks(graph: fx.Graph, root: nn.Module) -> None:
+    """Rewrite call-like segments of each node's nn_module_stack paths into real module paths (in place)."""
+    known = {name for name, _ in root.named_modules()}
+    for node in graph.nodes:
+        stack = node.meta.get("nn_module_stack")
+        if not stack or all(path in known for path, _ in stack.values()):
+            continue
+        node.meta["nn_module_stack"] = {key: (real_module_path(path, root), cls) for key, (path, cls) in stack.items()}
 
 
 def _innermost_module(node: fx.Node) -> str | None:
@@ -127,6 +164,7 @@ def graph_export(model: nn.Module, example_inputs: Sequence[torch.Tensor]) -> tu
             program = torch.export.export(model, tuple(fresh_inputs(example_inputs)), strict=False)
     except Exception as exc:
         return None, exc
+    _real_module_stacks(program.graph, model)
     names = _ExportNames(model, program)
     ops: list[Op] = []
     by_node: dict[fx.Node, Op] = {}

@@ -25,6 +25,8 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from bnstrip.trace.modularize_affine import Constants, affine_batchnorm
+
 _A = torch.ops.aten
 _CONV = {_A.conv1d.default: 1, _A.conv2d.default: 2, _A.conv3d.default: 3,
          _A.conv1d.padding: 1, _A.conv2d.padding: 2, _A.conv3d.padding: 3}
@@ -246,6 +248,7 @@ def modularize(gm: fx.GraphModule) -> Modularized:
     installed: dict[str, nn.Module] = {}
     unfoldable: list[tuple[str, str]] = []
     graph = gm.graph
+    constants = Constants(gm)
     for node in list(graph.nodes):
         layer = _layer_for(gm, node, installed)
         if layer is not None:
@@ -259,6 +262,11 @@ def modularize(gm: fx.GraphModule) -> Modularized:
                 graph.erase_node(node)
                 if isinstance(padding, fx.Node) and padding is not data and not padding.users:
                     graph.erase_node(padding)  # the pad absorbed into padding_mode
+            continue
+        affine = affine_batchnorm(gm, node, constants, lambda path, module: _install(gm, path, module, installed))
+        if affine is not None:  # x * scale + shift on constants (FrozenBatchNorm2d): a BatchNorm, or why not
+            if affine[1] is not None:
+                unfoldable.append((affine[0], affine[1]))
             continue
         bn = _eval_bn(node)
         if isinstance(bn, str):
