@@ -9,18 +9,18 @@ measures: it prints nothing and returns dataclasses.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import statistics
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import nn
 
 from bnstrip.errors import InputError
 from bnstrip.core.compare import seeded_inputs
+from bnstrip.core.torch_env import torch_threads  # noqa: F401 - re-exported: scripts and tests time with it
 
 SMALLNET_ARCH = "smallnet"
 DEFAULT_SAMPLE_SHAPE = (3, 32, 32)
@@ -130,20 +130,6 @@ def compare(baseline: Timing, candidate: Timing) -> Speedup:
 
 
 # --------------------------------------------------------------------------- timing
-
-
-@contextlib.contextmanager
-def torch_threads(threads: int | None) -> Iterator[int]:
-    """Run with `threads` intra-op threads (None: leave as is) and restore the previous count afterwards."""
-    previous = torch.get_num_threads()
-    if threads is not None:
-        if threads < 1:
-            raise InputError(f"threads={threads}: needs at least 1 thread")
-        torch.set_num_threads(threads)
-    try:
-        yield torch.get_num_threads()
-    finally:
-        torch.set_num_threads(previous)
 
 
 def _time_calls(fn: Callable[[], Any], calls: int) -> float:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import copy
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -18,6 +18,7 @@ from torch import nn
 from bnstrip.core.compare import (SelfCheck, compare_outputs, float64_outputs, fresh_inputs, model_dtype,
                                   seeded_outputs)
 from bnstrip.errors import InputError, first_line
+from bnstrip.fold.bisect import bisect_folds
 from bnstrip.fold.plan import plan_folds, replay_graph
 from bnstrip.fold.rewrite import apply_folds
 from bnstrip.fold.rules import INTO_PRODUCER
@@ -222,40 +223,6 @@ def _fold_copy(model: nn.Module, inputs: tuple[Any, ...] | None, eps: float | No
                         skipped=skipped, into={f.bn.name: f.into for f in folds}, gained_bias=applied.gained,
                         tracer=graph.tracer, form=applied.form, eps=eps, warnings=applied.warnings)
     return result, reference
-
-
-_MAX_ATTEMPTS = 12
-"""Folds of the model tried while looking for the one that moved the outputs (each is a trace and two runs)."""
-
-
-def bisect_folds(candidates: list[str], passes: Callable[[dict[str, str]], bool], undone: str) -> dict[str, str]:
-    """The folds to undo (name -> reason) so that the rest pass: bisection over the fold list.
-
-    `passes(excluded)` folds again without the excluded BatchNorms and checks the result; at most
-    _MAX_ATTEMPTS such tries are made, after which the undecided folds are undone too.
-    """
-    excluded: dict[str, str] = {}
-    tries = 0
-
-    def search(block: list[str], rest: list[str]) -> None:
-        """Decide `block` given that everything in `rest` (after it) is still excluded."""
-        nonlocal tries
-        if not block:
-            return
-        if tries < _MAX_ATTEMPTS:
-            tries += 1
-            if passes({**excluded, **{bn: "undecided" for bn in rest}}):
-                return  # the whole block is fine with what is already kept
-        if len(block) == 1 or tries >= _MAX_ATTEMPTS:
-            for bn in block:
-                excluded[bn] = undone
-            return
-        middle = len(block) // 2
-        search(block[:middle], block[middle:] + rest)
-        search(block[middle:], rest)
-
-    search(candidates, [])
-    return excluded
 
 
 def fold_model(model: nn.Module, example_inputs: Any = None, *, eps: float | None = None,

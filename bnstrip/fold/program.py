@@ -135,7 +135,7 @@ def _plain_module(unlifted: fx.GraphModule) -> tuple[fx.GraphModule, Any]:
 
 
 def _export(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], dynamic: Any) -> Any:
-    from bnstrip.trace.export_tracer import _quiet_torch_logs
+    from bnstrip.core.torch_env import quiet_torch_logs as _quiet_torch_logs
 
     with _quiet_torch_logs(), torch.no_grad():
         return torch.export.export(module, args, kwargs, dynamic_shapes=dynamic, strict=False)

@@ -23,28 +23,10 @@ from torch import nn
 
 from bnstrip.core.foldmath import (BNStats, all_finite, bn_scale_shift, cast_folded, fold_into_consumer, fold_into_producer,
                                    identity_running_var)
+from bnstrip.core.folded_bn import FoldedBatchNorm  # noqa: F401 - re-exported: its old home
 from bnstrip.fold.rules import INTO_PRODUCER, Fold, bn_stats, tensor_at
-from bnstrip.trace.bn_registry import BN_SETTINGS, folded_replacement, is_batchnorm_like
+from bnstrip.trace.bn_registry import folded_replacement, is_batchnorm_like
 from bnstrip.trace.opgraph import Op, OpGraph
-
-class FoldedBatchNorm(nn.Identity):
-    """What a folded BatchNorm module becomes: the identity, keeping the plain settings user code may read.
-
-    `x.view(n, self.bn.num_features, -1)` keeps working; its tensors are gone (reads of them in
-    forward make bnstrip refuse the fold, so none are needed).
-    """
-
-    _SETTINGS = BN_SETTINGS
-
-    def __init__(self, bn: nn.Module | None = None) -> None:
-        super().__init__()
-        for setting in self._SETTINGS:
-            if bn is not None and hasattr(bn, setting):
-                setattr(self, setting, getattr(bn, setting))
-
-    def extra_repr(self) -> str:
-        return f"num_features={getattr(self, 'num_features', '?')} (folded)"
-
 
 def _fold_in_float64(folds: list[Fold], root: nn.Module, eps: float | None,
                      allow_overflow: bool = False) -> Iterator[tuple[str, list[Any]]]:

@@ -17,6 +17,7 @@ from typing import Callable, Union
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from bnstrip.core.folded_bn import BN_SETTINGS, FoldedBatchNorm
 from bnstrip.core.foldmath import BNStats
 
 StatsReader = Callable[[nn.Module], BNStats]
@@ -31,8 +32,6 @@ def standard_stats(module: nn.Module) -> BNStats:
                    getattr(module, "bias", None), float(module.eps))
 
 
-BN_SETTINGS = ("num_features", "eps", "momentum", "affine", "track_running_stats")
-"""The plain settings user code may read off a BatchNorm; kept on whatever replaces a folded one."""
 
 
 class FoldedBatchNormTail(nn.Module):
@@ -134,8 +133,6 @@ def module_stats(module: nn.Module, eps: float | None = None) -> BNStats:
 
 def folded_replacement(module: nn.Module) -> nn.Module:
     """The module that takes a folded BatchNorm's place: its entry's post module, else the identity."""
-    from bnstrip.fold.rewrite import FoldedBatchNorm  # rewrite imports the trace package
-
     entry = batchnorm_entry(module)
     if entry is not None and entry.post is not None:
         return entry.post(module)
