@@ -124,7 +124,7 @@ def test_bench_pair_reports_every_batch_size_and_restores_threads() -> None:
     assert seen[-1] == (4, 4)
     for result in report.results:
         assert len(result.bn.seconds) == len(result.folded.seconds) == 2
-        assert result.speedup.ratios == pytest.approx(tuple(b / f for b, f in zip(result.bn.seconds, result.folded.seconds)))
+        assert result.speedup.ratios == pytest.approx(tuple(b / f for b, f in zip(result.bn.seconds, result.folded.seconds, strict=True)))
     payload = report.to_dict()
     assert json.loads(json.dumps(payload))["results"][1]["batch_size"] == 4
 

@@ -185,19 +185,24 @@ def test_we_fold_at_least_what_fx_fuse_folds(name: str) -> None:
         assert len(result.folded) == fx_count
 
 
+@pytest.mark.torch_behaviour
 def test_fx_fuse_misses_what_we_fold() -> None:
     counts = {name: (_fx_fused(folded_zoo(name)[0])[1], len(folded_zoo(name)[2].folded))
               for name in ("Conv3dNet", "ConvTransposeDecoder", "MLPBothSides", "BNBeforePaddedConv")}
-    assert all(ours > theirs for theirs, ours in counts.values()), counts
+    assert all(ours >= theirs for theirs, ours in counts.values()), counts  # bnstrip's part: never fewer
+    if not all(ours > theirs for theirs, ours in counts.values()):
+        pytest.skip(f"torch's fx fuse now folds as many as we do here: {counts}")
 
 
+@pytest.mark.torch_behaviour
 @pytest.mark.parametrize("name", ["ReusedConv", "LinearBNSequence"])
 def test_fx_fuse_changes_outputs_where_we_refuse(name: str) -> None:
     model, x, result, _ = folded_zoo(name)
-    fused, _ = _fx_fused(model)
-    assert rel_diff(run(model, x), run(fused, x)) > 1e-2  # fx's fuse silently changed the model
-    assert rel_diff(run(model, x), run(result.model, x)) <= REL_TOL
+    assert rel_diff(run(model, x), run(result.model, x)) <= REL_TOL  # bnstrip's part: exact, and says why not
     assert result.skipped
+    fused, _ = _fx_fused(model)
+    if rel_diff(run(model, x), run(fused, x)) <= 1e-2:
+        pytest.skip("torch's fx fuse no longer changes this model's outputs")
 
 
 # --------------------------------------------------------------------------- --keep-structure
@@ -761,7 +766,9 @@ def test_an_in_place_write_to_the_batchnorm_input_blocks_folding_into_the_next_l
     x = torch.randn(2, 3, 4, 4)
     result = fold_model(model, x if with_inputs else None)
     assert not result.folded
-    assert "changed in place" in dict(result.skipped)["bn"] or "out-of-place" in dict(result.skipped)["bn"]
+    # fx records `x += y` out of place: only a real run (example inputs) can see the in-place write
+    expected = "out-of-place" if how == "iadd" and not with_inputs else "changed in place"
+    assert expected in dict(result.skipped)["bn"]
     assert rel_diff(run(model, x), run(result.model, x)) <= REL_TOL
     kept = fold_model(model, x if with_inputs else None, keep_structure=True)  # the BatchNorm stays a real op
     assert kept.folded == [("conv", "bn")]

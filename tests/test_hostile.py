@@ -15,7 +15,6 @@ import pickle
 import signal
 import subprocess
 import sys
-import time
 import zipfile
 from pathlib import Path
 from typing import Iterator
@@ -111,7 +110,7 @@ def deadline(seconds: float) -> Iterator[None]:
         signal.signal(signal.SIGALRM, previous)
 
 
-def check_refusals(cases: list[Case], commands, out_dir: Path, max_seconds: float = 5.0) -> dict[str, list[str]]:
+def check_refusals(cases: list[Case], commands, out_dir: Path) -> dict[str, list[str]]:
     """Run each case through each command; collect problems per case (so one failure lists them all)."""
     out_dir.mkdir(exist_ok=True)
     before = listing(out_dir)
@@ -119,13 +118,9 @@ def check_refusals(cases: list[Case], commands, out_dir: Path, max_seconds: floa
     for case in cases:
         print_before = fingerprint(case.path)
         for label, make_args in commands:
-            started = time.perf_counter()
-            with deadline(60):
+            with deadline(60):  # a hang guard, not a timing: a refusal must not read the whole claimed size
                 result = invoke(*make_args(case))
-            seconds = time.perf_counter() - started
             found = refusal_problems(result, case.path, case.expect, out_dir, before)
-            if seconds > max_seconds:
-                found.append(f"took {seconds:.1f} s")
             if found:
                 problems[f"{case.name} [{label}]"] = found
         if fingerprint(case.path) != print_before:
@@ -309,11 +304,8 @@ def test_zip_bomb_is_refused_in_bounded_time_and_memory(malformed: list[Case], t
         baseline_kib = _memory_kib("VmRSS")
     except OSError:
         baseline_kib = None
-    started = time.perf_counter()
     result = invoke("fuse", bomb, out / "bomb_out.pt")
-    seconds = time.perf_counter() - started
     assert not refusal_problems(result, bomb, "zip bomb", out, set())
-    assert seconds < 3.0
     if baseline_kib is not None:
         grown = (_memory_kib("VmHWM") - baseline_kib) * 1024
         assert grown < 2 * size + (16 << 20), f"peak memory grew by {grown:,} bytes for a {size:,}-byte file"
@@ -472,7 +464,7 @@ def test_fake_cifar_batches_are_refused(hostile_dir: Path, tmp_path: Path, small
     out = tmp_path / "out"
     command = ("verify", lambda case: ("verify", "--checkpoint", smallnet_file, "--fused", fused_file, "--no-download",
                                        *case.args))
-    problems = check_refusals(cases, [command], out, max_seconds=3.0)
+    problems = check_refusals(cases, [command], out)
     assert not problems, problems
 
 
@@ -510,12 +502,13 @@ def test_bombs_are_refused_in_bounded_memory(round2: list[Case], hostile_dir: Pa
     assert grown is None or grown < 200 << 20, f"ndarray_call: peak memory grew by {grown:,} bytes"
 
 
-def test_sparse_8g_zip_is_refused_before_hashing(round2: list[Case]) -> None:
+def test_sparse_8g_zip_is_refused_before_hashing(round2: list[Case], monkeypatch: pytest.MonkeyPatch) -> None:
     case = next(c for c in round2 if c.name == "sparse_8g.pt")
-    started = time.perf_counter()
+    hashed: list[object] = []
+    monkeypatch.setattr(checkpoint, "_sha256_stream", lambda f: hashed.append(f) or "")
     with pytest.raises(InputError, match="end record"):
         checkpoint.load_checkpoint(case.path)
-    assert time.perf_counter() - started < 3.0
+    assert not hashed, "the sha256 (a read of all 8 GiB) ran before the refusal"
 
 
 def test_control_characters_are_escaped_in_the_one_line(round2: list[Case], tmp_path: Path) -> None:

@@ -64,7 +64,8 @@ def test_conv2d_same_absorbs_the_batchnorm_after_it(shape_branch: bool, tracer: 
     assert "conv1" in result.gained_bias
     reasons = dict(result.skipped)
     assert "bn0" in reasons  # never into such a conv as its consumer
-    assert "overrides forward" in reasons["bn0"] or "pad inside conv2" in reasons["bn0"]
+    # fx sees Conv2dSame as one module; torch.export sees the pad inside it
+    assert ("pad inside conv2" if shape_branch else "overrides forward") in reasons["bn0"]
     with torch.no_grad():
         assert torch.allclose(model(x), result.model(x), rtol=1e-4, atol=1e-5)
         x2 = torch.randn(1, 3, 12, 12)
