@@ -127,7 +127,7 @@ def _required_parameters(target: Callable[..., Any]) -> list[str]:
                            inspect.Parameter.KEYWORD_ONLY)]
 
 
-def import_arch(spec: str) -> "nn.Module":
+def import_arch(spec: str) -> nn.Module:
     """Import MODULE:CALLABLE, call it with no arguments and return the nn.Module it builds."""
     from torch import nn
 

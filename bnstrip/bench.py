@@ -50,14 +50,14 @@ class Spread:
     q3: float
 
     @classmethod
-    def of(cls, values: Sequence[float]) -> "Spread":
+    def of(cls, values: Sequence[float]) -> Spread:
         ordered = sorted(values)
         if not ordered:
             nan = float("nan")
             return cls(nan, nan, nan, nan, nan)
         return cls(statistics.median(ordered), ordered[0], ordered[-1], _quantile(ordered, 0.25), _quantile(ordered, 0.75))
 
-    def overlaps(self, other: "Spread") -> bool:
+    def overlaps(self, other: Spread) -> bool:
         """Whether the interquartile ranges overlap."""
         return self.q1 <= other.q3 and other.q1 <= self.q3
 
@@ -123,7 +123,7 @@ def compare(baseline: Timing, candidate: Timing) -> Speedup:
     interquartile range of the paired ratios contains 1: a difference smaller than
     the machine's own jitter is not a speed-up.
     """
-    ratios = tuple(b / c if c > 0 else float("inf") for b, c in zip(baseline.seconds, candidate.seconds))
+    ratios = tuple(b / c if c > 0 else float("inf") for b, c in zip(baseline.seconds, candidate.seconds, strict=True))
     ratio_spread = Spread.of(ratios)
     noisy = baseline.spread.overlaps(candidate.spread) or ratio_spread.q1 <= 1.0 <= ratio_spread.q3
     return Speedup(baseline.label, candidate.label, ratios, noisy)
@@ -226,9 +226,9 @@ def bench_pair(bn_model: nn.Module, folded_model: nn.Module, sample_shape: Seque
             _check_runs(folded_model, x, "folded model")
             done_before = index * repeat
             timings = time_interleaved(
-                {"bn": lambda: bn_model(x), "folded": lambda: folded_model(x)}, repeat=repeat, warmup=warmup,
+                {"bn": lambda x=x: bn_model(x), "folded": lambda x=x: folded_model(x)}, repeat=repeat, warmup=warmup,
                 min_sample_seconds=min_sample_seconds,
-                progress=(lambda done, _total: progress(done_before + done, total)) if progress else None)
+                progress=(lambda done, _total, base=done_before: progress(base + done, total)) if progress else None)
             results.append(BatchResult(batch_size, timings["bn"], timings["folded"], compare(timings["bn"], timings["folded"])))
     return BenchReport(results, tuple(sample_shape), used_threads, repeat, warmup)
 

@@ -63,7 +63,7 @@ def test_backprop_matches_nn_conv1d_autograd(filters: list[int], activation: str
     assert result.n0 == 1 + sum(f - 1 for f in filters)
     assert [layer.filter_size for layer in result.layers] == filters
     assert result.layers[-1].n_out == 1
-    assert all(max(l.max_abs_diff_autograd, l.max_abs_diff_matrix) < 1e-12 for l in result.layers)
+    assert all(max(layer.max_abs_diff_autograd, layer.max_abs_diff_matrix) < 1e-12 for layer in result.layers)
 
 
 def test_output_layer_gradients_are_exact_for_a_single_layer() -> None:

@@ -60,7 +60,7 @@ def executed_batch_norms(model: nn.Module, x: torch.Tensor) -> int:
     return counter.count
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def folded_zoo(name: str) -> tuple[nn.Module, torch.Tensor, FoldResult, dict[str, torch.Tensor]]:
     """(original, inputs, fold result, snapshot of the original's state before folding), computed once per model."""
     model, x = zoo.build(name)

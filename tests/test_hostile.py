@@ -487,9 +487,9 @@ def test_bombs_are_refused_in_bounded_memory(round2: list[Case], hostile_dir: Pa
     with pytest.raises(InputError):  # warm up lazy imports
         checkpoint.load_checkpoint(bombs[0].path)
     for case in bombs:
-        def load() -> None:
+        def load(path: Path = case.path) -> None:
             with pytest.raises(InputError):
-                checkpoint.load_checkpoint(case.path)
+                checkpoint.load_checkpoint(path)
         grown = _peak_growth(load)
         assert grown is None or grown < 200 << 20, f"{case.name}: peak memory grew by {grown:,} bytes"
     ndarray = next(c for c in cifar_cases(hostile_dir / "cifar_mem") if c.name == "ndarray_call")

@@ -49,7 +49,7 @@ def test_load_folded_rebuilds_the_written_model(tmp_path: Path, name: str, form:
     report = fuse_checkpoint(str(tmp_path / "in.pt"), str(tmp_path / "out.pt"), f"bnstrip.zoo:{name}", list(x.shape))
     assert report.result.form == form and report.self_check.passed
     manifest = json.loads(manifest_path(tmp_path / "out.pt").read_text())
-    assert manifest["folded"] == [{"layer": l, "bn": b, "into": report.result.into[b]} for l, b in report.result.folded]
+    assert manifest["folded"] == [{"layer": layer, "bn": b, "into": report.result.into[b]} for layer, b in report.result.folded]
     assert manifest["gained_bias"] == report.result.gained_bias and manifest["gained_bias"]
     assert [(e["bn"], e["reason"]) for e in manifest["skipped"]] == report.result.skipped
     assert manifest["form"] == form and manifest["self_check"]["max_abs_diff"] <= manifest["self_check"]["tolerance"]

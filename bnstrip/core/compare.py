@@ -154,7 +154,7 @@ def outputs_match(expected: Any, got: Any) -> bool:
     got_spec, got_leaves = output_leaves(got)
     if expected_spec != got_spec:
         return False
-    for a, b in zip(expected_leaves, got_leaves):
+    for a, b in zip(expected_leaves, got_leaves, strict=True):
         if isinstance(a, torch.Tensor) != isinstance(b, torch.Tensor):
             return False
         if not isinstance(a, torch.Tensor):
@@ -192,7 +192,7 @@ def output_gap(expected: Any, got: Any) -> tuple[float, float] | None:
     if expected_spec != got_spec:
         return None
     gap, scale = 0.0, 0.0
-    for a, b in zip(expected_leaves, got_leaves):
+    for a, b in zip(expected_leaves, got_leaves, strict=True):
         if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor):
             continue
         if a.shape != b.shape:

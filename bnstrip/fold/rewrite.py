@@ -24,7 +24,7 @@ from torch import nn
 from bnstrip.core.foldmath import (BNStats, all_finite, bn_scale_shift, cast_folded, fold_into_consumer, fold_into_producer,
                                    identity_running_var)
 from bnstrip.core.folded_bn import FoldedBatchNorm  # noqa: F401 - re-exported: its old home
-from bnstrip.fold.rules import INTO_PRODUCER, Fold, bn_stats, tensor_at
+from bnstrip.fold.rules import INTO_PRODUCER, Fold, bn_stats
 from bnstrip.trace.bn_registry import folded_replacement, is_batchnorm_like
 from bnstrip.trace.opgraph import Op, OpGraph
 

@@ -7,7 +7,6 @@ checks here; bnstrip.fold.rules lists all matchers in its table PATTERNS.
 """
 from __future__ import annotations
 
-from typing import Union
 
 import torch
 from torch import nn
@@ -21,7 +20,7 @@ from bnstrip.trace.classify import bn_fixed_rank
 from bnstrip.trace.opgraph import Op, OpGraph
 from bnstrip.trace.reads import identity_in_eval, value_users
 
-Match = Union[Op, list, str, None]
+Match = Op | list | str | None
 """What a matcher returns: the absorbing layer, [(layer, start, stop)] for a concatenation, why not, or None
 when the pattern does not apply at all (it then adds nothing to the reasons)."""
 
@@ -120,7 +119,7 @@ def _zero_padded(conv: nn.Module) -> bool:
     if isinstance(conv.padding, str):
         if conv.padding == "valid":
             return False
-        return any(d * (k - 1) > 0 for d, k in zip(conv.dilation, conv.kernel_size))
+        return any(d * (k - 1) > 0 for d, k in zip(conv.dilation, conv.kernel_size, strict=True))
     return any(p != 0 for p in conv.padding)
 
 

@@ -45,7 +45,7 @@ def try_producer_through(bn: Op, graph: OpGraph, root: nn.Module) -> Match:
         return f"its input comes through {chain[-1].label} from {op.label if op else 'outside the graph'}, not from a layer"
     if issue := layer_issue(op, graph, "its producer") or op.own_forward:
         return issue
-    for source, nxt in zip([op] + chain, chain + [bn]):
+    for source, nxt in zip([op] + chain, chain + [bn], strict=True):
         if issue := _feeds_only(source, nxt):
             return issue
     axis: int | str | None = _channel_axis(op, len(shape_of(op) or ()) or op.rank)

@@ -158,7 +158,7 @@ def _check_payloads(f: BinaryIO, layout: ZipLayout, folder: str, config: Any, pa
         if sizes is None or strides is None or offset is None or len(sizes) != len(strides) or dtype is None \
                 or any(s < 0 for s in sizes) or any(s < 0 for s in strides) or offset[0] < 0:
             raise _refuse(path, f"{printable(fqn)} has malformed tensor metadata")
-        needed = 0 if 0 in sizes else (offset[0] + 1 + sum((n - 1) * s for n, s in zip(sizes, strides)))
+        needed = 0 if 0 in sizes else (offset[0] + 1 + sum((n - 1) * s for n, s in zip(sizes, strides, strict=True)))
         needed *= torch.empty((), dtype=dtype).element_size()
         have = layout.records[record].size
         if have and needed > have:

@@ -138,7 +138,7 @@ def byte_range(tensor: torch.Tensor) -> tuple[int, int, int] | None:
         start = tensor.data_ptr()
     except (RuntimeError, NotImplementedError, ValueError):  # lazy/uninitialised or exotic tensors
         return None
-    span = 1 + sum((size - 1) * abs(stride) for size, stride in zip(tensor.shape, tensor.stride()))
+    span = 1 + sum((size - 1) * abs(stride) for size, stride in zip(tensor.shape, tensor.stride(), strict=True))
     return storage, start, start + span * tensor.element_size()
 
 

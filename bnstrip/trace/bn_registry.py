@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Callable, Union
+from typing import Callable
 
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -78,14 +78,14 @@ class BatchNormLike:
 PLAIN = BatchNormLike("torch.nn BatchNorm")
 """PyTorch's own BatchNorm forward (any _BatchNorm subclass that does not override it)."""
 
-_REGISTRY: dict[Union[type, str], BatchNormLike] = {}
+_REGISTRY: dict[type | str, BatchNormLike] = {}
 
 
 def qualified_name(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
-def register_batchnorm(cls_or_name: Union[type, str], *, stats: StatsReader | None = None,
+def register_batchnorm(cls_or_name: type | str, *, stats: StatsReader | None = None,
                        post: PostFactory | None = None) -> None:
     """Teach bnstrip a BatchNorm-like class: `stats(module)` returns its BNStats (live tensors), `post(module)`
     the module that replaces it after its normalisation is folded (None: it becomes the identity).
@@ -101,7 +101,7 @@ def register_batchnorm(cls_or_name: Union[type, str], *, stats: StatsReader | No
     _REGISTRY[key] = BatchNormLike(key, stats or standard_stats, post)
 
 
-def unregister_batchnorm(cls_or_name: Union[type, str]) -> None:
+def unregister_batchnorm(cls_or_name: type | str) -> None:
     key = cls_or_name if isinstance(cls_or_name, str) else qualified_name(cls_or_name)
     _REGISTRY.pop(key, None)
 

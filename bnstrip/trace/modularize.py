@@ -157,7 +157,7 @@ def _layer_for(gm: fx.GraphModule, node: fx.Node,
                                       bias=bias_path is not None, dilation=_tuple(args["dilation"], rank))
     module.weight = _param(weight)
     if bias_path is not None:
-        module.bias = _param(getattr(owner, "bias"))
+        module.bias = _param(owner.bias)
     return owner_path, module, data
 
 
@@ -212,8 +212,8 @@ def _bn_module(gm: fx.GraphModule, args: dict[str, Any], rank: int | None,
         else:
             module._buffers.pop(name, None)
     if affine:
-        module.weight = _param(getattr(owner, "weight"))
-        module.bias = _param(getattr(owner, "bias"))
+        module.weight = _param(owner.weight)
+        module.bias = _param(owner.bias)
     return owner_path, module.eval()
 
 

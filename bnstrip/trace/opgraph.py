@@ -41,8 +41,8 @@ class Op:
     kind: str
     label: str
     module: nn.Module | None = None
-    inputs: list["Op"] = field(default_factory=list)
-    users: list["Op"] = field(default_factory=list)
+    inputs: list[Op] = field(default_factory=list)
+    users: list[Op] = field(default_factory=list)
     rank: int | None = None
     node: fx.Node | None = None
     functional: FunctionalBN | None = None
@@ -88,7 +88,7 @@ def _bind_functional_bn(node: fx.Node) -> dict[str, Any]:
         bound.apply_defaults()
         return dict(bound.arguments)
     names = ["input", "weight", "bias", "running_mean", "running_var", "training", "momentum", "eps", "cudnn_enabled"]
-    values = dict(zip(names, node.args))
+    values = dict(zip(names, node.args, strict=False))  # the call may pass fewer positionally
     values.update(node.kwargs)
     return values
 
