@@ -18,6 +18,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import nn
 
+from bnstrip._torch import BatchNormBase
 from bnstrip.errors import InputError
 from bnstrip.core.compare import seeded_inputs
 from bnstrip.core.torch_env import torch_threads  # noqa: F401 - re-exported: scripts and tests time with it
@@ -268,7 +269,7 @@ def randomise_batchnorm_stats(model: nn.Module, seed: int = 0) -> nn.Module:
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for module in model.modules():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            if isinstance(module, BatchNormBase):
                 c = module.num_features
                 if module.running_mean is not None and module.running_var is not None:
                     module.running_mean.copy_(torch.randn(c, generator=generator) * 0.1)

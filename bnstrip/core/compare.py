@@ -25,11 +25,10 @@ from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch
-import torch.utils._pytree as pytree
 from torch import nn
 from torch.overrides import TorchFunctionMode
-from torch.utils._python_dispatch import TorchDispatchMode
 
+from bnstrip._torch import NoDynamoDispatchMode, op_schema, pytree
 from bnstrip.errors import InputError
 
 ROUNDING_FACTOR = 4.0
@@ -236,7 +235,7 @@ _VIEWS: dict[Any, bool] = {}
 def _is_view(func: Any) -> bool:
     known = _VIEWS.get(func)
     if known is None:
-        schema = getattr(func, "_schema", None)
+        schema = op_schema(func)
         known = _VIEWS[func] = schema is not None and not schema.is_mutable and any(
             r.alias_info is not None for r in schema.returns)
     return known
@@ -249,7 +248,7 @@ def _widen_operands(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any,
     return tuple(_widen(v) for v in args), {k: _widen(v) for k, v in kwargs.items()}
 
 
-class _Float64Mode(TorchDispatchMode):
+class _Float64Mode(NoDynamoDispatchMode):
     """Runs every op in float64, widening its floating-point operands for that op only.
 
     Views pass through unwidened (they share memory, the op that reads them widens them), and a
@@ -258,12 +257,6 @@ class _Float64Mode(TorchDispatchMode):
     """
 
     _MATMUL = (torch.ops.aten.mm.default, torch.ops.aten.addmm.default)
-
-    @classmethod
-    def _should_skip_dynamo(cls) -> bool:
-        """False: torch would wrap __torch_dispatch__ in torch._dynamo.disable, and that first call imports
-        torch._dynamo and sympy (about 75 MiB of RSS and a second of import) for a mode never compiled."""
-        return False
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}

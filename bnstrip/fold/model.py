@@ -15,6 +15,7 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import nn
 
+from bnstrip._torch import own_buffers
 from bnstrip.core.compare import (SelfCheck, compare_outputs, float64_outputs, fresh_inputs, model_dtype,
                                   seeded_outputs)
 from bnstrip.errors import InputError, first_line
@@ -171,10 +172,10 @@ def _restore_statistics(model: nn.Module, result: FoldResult) -> None:
             target = result.model.get_submodule(name)
         except AttributeError:
             continue
-        for key, value in model.get_submodule(name)._buffers.items():
-            if value is not None and isinstance(target._buffers.get(key), torch.Tensor):
+        for key, value in own_buffers(model.get_submodule(name)).items():
+            if value is not None and isinstance(own_buffers(target).get(key), torch.Tensor):
                 with torch.no_grad():
-                    target._buffers[key].copy_(value)
+                    own_buffers(target)[key].copy_(value)
 
 
 def _fold_copy(model: nn.Module, inputs: tuple[Any, ...] | None, eps: float | None, keep_structure: bool,

@@ -18,9 +18,9 @@ from typing import Any, Sequence
 
 import torch
 import torch.fx as fx
-import torch.utils._pytree as pytree
 from torch import nn
 
+from bnstrip._torch import graph_codegen, pytree
 from bnstrip.core.compare import SelfCheck, compare_models, seeded_inputs, seeded_outputs
 from bnstrip.errors import CheckFailed, InputError, first_line
 from bnstrip.fold.model import FoldResult, fold_model
@@ -122,7 +122,7 @@ def _dynamic_shapes(ep: Any, module: nn.Module, args: Sequence[Any], kwargs: dic
 
 def _plain_module(unlifted: fx.GraphModule) -> tuple[fx.GraphModule, Any]:
     """ep.module() as a plain GraphModule over the flat input leaves (no pytree code, no input guards)."""
-    codegen = unlifted.graph._codegen
+    codegen = graph_codegen(unlifted.graph)
     graph = fx.Graph()
     values: dict[fx.Node, fx.Node] = {}
     out = graph.graph_copy(unlifted.graph, values)
@@ -199,7 +199,7 @@ def fold_program(ep: Any, example_inputs: Any = None, *, eps: float | None = Non
     seen = {bn for _, bn in result.folded} | {bn for bn, _ in result.skipped}
     skipped = result.skipped + [(bn, why) for bn, why in rewritten.unfoldable if bn not in seen]
     folded_module = result.model
-    folded_module.graph._codegen = copy.copy(codegen)
+    folded_module.graph.set_codegen(copy.copy(codegen))
     folded_module.recompile()
     dynamic, dim_names = _dynamic_shapes(ep, folded_module, args, kwargs)
     try:

@@ -134,7 +134,8 @@ def _dims(values: list[Any]) -> list[int] | None:
 def _check_payloads(f: BinaryIO, layout: ZipLayout, folder: str, config: Any, path: Path) -> None:
     """Each weight/constant: a pickle gets the checkpoint checks; raw bytes must hold what its metadata describes."""
     import torch
-    from torch._export.serde.serialize import _SERIALIZE_TO_TORCH_DTYPE
+    from bnstrip._torch import serialized_dtypes
+    _SERIALIZE_TO_TORCH_DTYPE = serialized_dtypes()
 
     entries = config.get("config") if isinstance(config, dict) else None
     if not isinstance(entries, dict):

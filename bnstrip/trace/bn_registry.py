@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
+from bnstrip._torch import BatchNormBase as _BatchNorm
 
 from bnstrip.core.folded_bn import BN_SETTINGS, FoldedBatchNorm
 from bnstrip.core.foldmath import BNStats

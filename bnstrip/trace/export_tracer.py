@@ -11,7 +11,7 @@ from typing import Any, Sequence
 import torch
 import torch.fx as fx
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
+from bnstrip._torch import BatchNormBase as _BatchNorm
 
 from bnstrip.core.compare import fresh_inputs
 from bnstrip.core.torch_env import quiet_torch_logs

@@ -14,8 +14,8 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
-from torch.nn.modules.conv import _ConvNd
+from bnstrip._torch import BatchNormBase as _BatchNorm
+from bnstrip._torch import ConvNd as _ConvNd
 
 from bnstrip.errors import first_line
 from bnstrip.trace.bn_registry import is_batchnorm_like
