@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from click.testing import CliRunner
 
@@ -122,6 +123,7 @@ def test_verify_fused_with_wrong_keys(random_smallnet_file: Path, fake_cifar_dir
     assert result.exit_code == 2 and "not a smallNetTest state_dict" in result.stderr
 
 
+@pytest.mark.slow
 def test_verify_without_data_offline_says_where_it_looked(random_smallnet_file: Path, tmp_path: Path,
                                                           monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
@@ -218,6 +220,7 @@ def test_verify_fused_given_the_bn_checkpoint_says_where_it_belongs(random_small
     assert "BatchNorm checkpoint" in result.stderr and "--checkpoint" in result.stderr
 
 
+@pytest.mark.slow
 def test_verify_failure_on_float16_says_the_bar_is_float32(tmp_path: Path, random_smallnet_state,
                                                            random_smallnet_file: Path, fake_cifar_dir: Path) -> None:
     half = _folded_file(random_smallnet_state, tmp_path / "half.pt", torch.float16)

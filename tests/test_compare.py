@@ -80,6 +80,7 @@ def test_seeded_inputs_refuse_a_huge_or_empty_shape_before_allocating() -> None:
     assert seeded_inputs([2, 3], seed=1).shape == (2, 3)
 
 
+@pytest.mark.slow
 def test_cli_names_the_flag_for_a_huge_input_shape(tmp_path) -> None:
     import subprocess
     import sys

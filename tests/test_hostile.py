@@ -199,6 +199,7 @@ def test_payloads_are_live_when_loaded_unsafely(tmp_path: Path, monkeypatch: pyt
         canary.unlink()
 
 
+@pytest.mark.slow
 def test_code_execution_is_refused_by_fuse_and_verify(code_cases: list[Case], canary: Path, tmp_path: Path,
                                                       smallnet_file: Path, fused_file: Path, fake_cifar_dir: Path) -> None:
     out = tmp_path / "out"
@@ -240,6 +241,7 @@ def real_process(tmp_path_factory: pytest.TempPathFactory, code_cases: list[Case
             "before": before, "after": {p: fingerprint(p) for p in before}}
 
 
+@pytest.mark.slow
 def test_unsafe_env_in_a_real_process(real_process: dict, canary: Path) -> None:
     """TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1 set for the whole process: still refused, the canary never appears."""
     case, outcome = real_process["hostile"], real_process["results"]["hostile"]
@@ -251,6 +253,7 @@ def test_unsafe_env_in_a_real_process(real_process: dict, canary: Path) -> None:
     assert real_process["after"][case.path] == real_process["before"][case.path]
 
 
+@pytest.mark.slow
 def test_full_disk_is_a_clean_error_and_keeps_the_old_output(real_process: dict, smallnet_file: Path) -> None:
     """Writes past `ulimit -f` fail (SIGXFSZ ignored, then EFBIG): one line, old output intact, no temp file."""
     folder, results = real_process["folder"], real_process["results"]
@@ -274,6 +277,7 @@ def test_debug_env_shows_the_traceback(code_cases: list[Case], tmp_path: Path, m
 # --------------------------------------------------------------------------- malformed files
 
 
+@pytest.mark.slow
 def test_malformed_files_are_refused(malformed: list[Case], tmp_path: Path, smallnet_file: Path, fused_file: Path,
                                      fake_cifar_dir: Path) -> None:
     out = tmp_path / "out"
@@ -351,6 +355,7 @@ def test_wrong_content_is_refused_by_name(hostile_dir: Path, random_smallnet_sta
     assert not problems, problems
 
 
+@pytest.mark.slow
 def test_never_trained_and_allowed_overflow_are_warnings(random_smallnet_state, tmp_path: Path) -> None:
     light = light_smallnet_state(random_smallnet_state)
     state = {k: v.half() if v.is_floating_point() else v.clone() for k, v in light.items()}
@@ -426,6 +431,7 @@ def test_unwritable_directory_is_refused_before_any_work(tmp_path: Path) -> None
         checkpoint.save_checkpoint({"w": torch.ones(2)}, targets[-1])
 
 
+@pytest.mark.slow
 def test_sigkill_during_writes_leaves_old_or_new_never_partial(tmp_path: Path) -> None:
     kills = {".pt": 50, ".safetensors": 15}
     proc = subprocess.run([sys.executable, str(TESTS_DIR / "hostile_corpus.py"), "kill-writes", str(tmp_path), "7",
@@ -448,6 +454,7 @@ def round2(hostile_dir: Path, random_smallnet_state) -> list[Case]:
     return round2_cases(hostile_dir / "round2", random_smallnet_state)
 
 
+@pytest.mark.slow
 def test_round2_inputs_are_refused(round2: list[Case], tmp_path: Path, smallnet_file: Path, fused_file: Path,
                                    fake_cifar_dir: Path) -> None:
     """Storages the file does not back, zip parser differences, allocation bombs, cycles, control characters."""
@@ -625,6 +632,7 @@ def test_signal_during_write_keeps_the_old_output(tmp_path: Path, monkeypatch: p
     assert {sig: signal.getsignal(sig) for sig in before} == before
 
 
+@pytest.mark.slow
 def test_sigterm_during_the_cli_write_exits_143(smallnet_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     out = tmp_path / "out.pt"
     out.write_bytes(b"the previous output")
@@ -636,6 +644,7 @@ def test_sigterm_during_the_cli_write_exits_143(smallnet_file: Path, tmp_path: P
     assert sorted(p.name for p in tmp_path.iterdir()) == [out.name]
 
 
+@pytest.mark.slow
 def test_closed_stdout_after_the_write_exits_quietly(smallnet_file: Path, tmp_path: Path) -> None:
     """`bnstrip fuse IN OUT | (nothing reads)`: OUT is written, exit 141 (128 + SIGPIPE), no traceback, no error line."""
     out = tmp_path / "out.pt"

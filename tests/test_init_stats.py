@@ -185,6 +185,7 @@ def test_library_rejects_bad_widths() -> None:
         read_init_law(0)
 
 
+@pytest.mark.slow
 def test_budget_picks_fewer_samples_for_a_cifar_sized_mlp_and_says_so() -> None:
     from bnstrip.homework.derivations.init_stats import MIN_BUDGET_SAMPLES, samples_for_budget
 

@@ -199,6 +199,7 @@ def test_swapped_smallnet_arguments_are_named_before_the_output_is_checked(rando
     assert existing.read_bytes() == b"not to be touched"
 
 
+@pytest.mark.slow
 def test_dtype_option_converts_and_says_what_was_written(random_smallnet_state, tmp_path: Path) -> None:
     source = tmp_path / "half.pt"
     torch.save({k: v.half() if v.is_floating_point() else v for k, v in random_smallnet_state.items()}, source)
