@@ -38,7 +38,7 @@ import torch  # noqa: E402
 
 from bnstrip.bench import Spread, Timing, compare, seeded_batch, time_interleaved  # noqa: E402
 
-ZOO_MODELS = ("bnstrip.zoo:ResNet18Style", "bnstrip.zoo:MobileNetV2Style")
+ZOO_MODELS = ("bnstrip.testing.zoo:ResNet18Style", "bnstrip.testing.zoo:MobileNetV2Style")
 ZOO_SAMPLE_SHAPE = (3, 32, 32)
 PRECISION_DTYPES = (("float32", torch.float32), ("float16", torch.float16), ("bfloat16", torch.bfloat16))
 

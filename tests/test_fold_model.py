@@ -26,7 +26,7 @@ if str(ROOT) not in sys.path:
 
 from bnstrip import FoldResult, fold_model  # noqa: E402
 from bnstrip.errors import InputError  # noqa: E402
-from bnstrip import zoo  # noqa: E402
+from bnstrip.testing import zoo  # noqa: E402
 
 REL_TOL = 1e-5
 

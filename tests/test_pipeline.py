@@ -46,7 +46,7 @@ def _save_zoo_checkpoint(name: str, path: Path) -> tuple[nn.Module, torch.Tensor
 @pytest.mark.parametrize("name, form", [("MLPBothSides", "modules"), ("SubclassNet", "graph")])
 def test_load_folded_rebuilds_the_written_model(tmp_path: Path, name: str, form: str) -> None:
     model, x = _save_zoo_checkpoint(name, tmp_path / "in.pt")
-    report = fuse_checkpoint(str(tmp_path / "in.pt"), str(tmp_path / "out.pt"), f"bnstrip.zoo:{name}", list(x.shape))
+    report = fuse_checkpoint(str(tmp_path / "in.pt"), str(tmp_path / "out.pt"), f"bnstrip.testing.zoo:{name}", list(x.shape))
     assert report.result.form == form and report.self_check.passed
     manifest = json.loads(manifest_path(tmp_path / "out.pt").read_text())
     assert manifest["folded"] == [{"layer": layer, "bn": b, "into": report.result.into[b]} for layer, b in report.result.folded]
@@ -60,7 +60,7 @@ def test_load_folded_rebuilds_the_written_model(tmp_path: Path, name: str, form:
 
 def test_load_folded_refuses_a_changed_checkpoint_or_a_missing_manifest(tmp_path: Path) -> None:
     _, x = _save_zoo_checkpoint("MLPBothSides", tmp_path / "in.pt")
-    fuse_checkpoint(str(tmp_path / "in.pt"), str(tmp_path / "out.pt"), "bnstrip.zoo:MLPBothSides", list(x.shape))
+    fuse_checkpoint(str(tmp_path / "in.pt"), str(tmp_path / "out.pt"), "bnstrip.testing.zoo:MLPBothSides", list(x.shape))
     state = torch.load(tmp_path / "out.pt", weights_only=True)
     state["fc3.bias"] += 1
     torch.save(state, tmp_path / "out.pt")
@@ -76,7 +76,7 @@ def test_load_folded_refuses_a_changed_checkpoint_or_a_missing_manifest(tmp_path
 
 @pytest.fixture
 def at_repo_root(monkeypatch: pytest.MonkeyPatch) -> Path:
-    """`--arch bnstrip.zoo:...` is resolved from the current directory, as a user would run it."""
+    """`--arch bnstrip.testing.zoo:...` is resolved from the current directory, as a user would run it."""
     monkeypatch.chdir(ROOT)
     return ROOT
 
@@ -84,7 +84,7 @@ def at_repo_root(monkeypatch: pytest.MonkeyPatch) -> Path:
 def test_cli_fuse_arch_writes_a_loadable_model_and_its_manifest(tmp_path: Path, at_repo_root: Path) -> None:
     model, x = _save_zoo_checkpoint("LinearBNSequence", tmp_path / "in.pt")
     out = tmp_path / "out.safetensors"
-    result = CliRunner().invoke(main, ["fuse", "--arch", "bnstrip.zoo:LinearBNSequence", str(tmp_path / "in.pt"),
+    result = CliRunner().invoke(main, ["fuse", "--arch", "bnstrip.testing.zoo:LinearBNSequence", str(tmp_path / "in.pt"),
                                        str(out), "--input-shape", "3,8,8"])
     assert result.exit_code == 0, result.output
     assert "bn_head" in result.stdout and "Not folded (1)" in result.stdout and "self-check" in result.stdout
@@ -96,7 +96,7 @@ def test_cli_fuse_arch_writes_a_loadable_model_and_its_manifest(tmp_path: Path, 
 def test_cli_keep_structure_json_loads_into_the_original_class(tmp_path: Path, at_repo_root: Path) -> None:
     model, x = _save_zoo_checkpoint("ReusedConv", tmp_path / "in.pt")
     out = tmp_path / "out.pt"
-    result = CliRunner().invoke(main, ["fuse", "--arch", "bnstrip.zoo:ReusedConv", str(tmp_path / "in.pt"), str(out),
+    result = CliRunner().invoke(main, ["fuse", "--arch", "bnstrip.testing.zoo:ReusedConv", str(tmp_path / "in.pt"), str(out),
                                        "--input-shape", "2,4,8,8", "--keep-structure", "--json"])
     assert result.exit_code == 0, result.output
     payload = json.loads(result.stdout)
@@ -112,7 +112,7 @@ def test_cli_keep_structure_json_loads_into_the_original_class(tmp_path: Path, a
 
 def test_cli_eps_override_reaches_the_fold(tmp_path: Path, at_repo_root: Path) -> None:
     _save_zoo_checkpoint("Conv3dNet", tmp_path / "in.pt")
-    result = CliRunner().invoke(main, ["fuse", "--arch", "bnstrip.zoo:Conv3dNet", str(tmp_path / "in.pt"),
+    result = CliRunner().invoke(main, ["fuse", "--arch", "bnstrip.testing.zoo:Conv3dNet", str(tmp_path / "in.pt"),
                                        str(tmp_path / "out.pt"), "--input-shape", "1,2,4,4,4", "--eps", "1e-3", "--json"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["eps"] == 1e-3
@@ -120,12 +120,12 @@ def test_cli_eps_override_reaches_the_fold(tmp_path: Path, at_repo_root: Path) -
 
 
 @pytest.mark.parametrize("args, fragment", [
-    (["--arch", "bnstrip.zoo:MLPBothSides"], "--input-shape is required"),
-    (["--arch", "bnstrip.zoo:NoSuchNet", "--input-shape", "4,12"], "has no attribute 'NoSuchNet'"),
+    (["--arch", "bnstrip.testing.zoo:MLPBothSides"], "--input-shape is required"),
+    (["--arch", "bnstrip.testing.zoo:NoSuchNet", "--input-shape", "4,12"], "has no attribute 'NoSuchNet'"),
     (["--arch", "nowhere_module_q:Net", "--input-shape", "4,12"], "module 'nowhere_module_q' not found"),
-    (["--arch", "bnstrip.zoo:ReusedConv", "--input-shape", "4,12"], "does not load strictly into ReusedConv"),
-    (["--arch", "bnstrip.zoo:MLPBothSides", "--input-shape", "4,x"], "not a comma-separated list of integers"),
-    (["--arch", "bnstrip.zoo:MLPBothSides", "--input-shape", "4,13"], "do not run through MLPBothSides"),
+    (["--arch", "bnstrip.testing.zoo:ReusedConv", "--input-shape", "4,12"], "does not load strictly into ReusedConv"),
+    (["--arch", "bnstrip.testing.zoo:MLPBothSides", "--input-shape", "4,x"], "not a comma-separated list of integers"),
+    (["--arch", "bnstrip.testing.zoo:MLPBothSides", "--input-shape", "4,13"], "do not run through MLPBothSides"),
 ])
 def test_cli_bad_input_exits_2_with_one_line(tmp_path: Path, at_repo_root: Path, args: list[str], fragment: str) -> None:
     _save_zoo_checkpoint("MLPBothSides", tmp_path / "in.pt")
@@ -138,7 +138,7 @@ def test_cli_bad_input_exits_2_with_one_line(tmp_path: Path, at_repo_root: Path,
 
 def test_cli_refuses_to_overwrite_without_force(tmp_path: Path, at_repo_root: Path) -> None:
     _save_zoo_checkpoint("MLPBothSides", tmp_path / "in.pt")
-    args = ["fuse", "--arch", "bnstrip.zoo:MLPBothSides", str(tmp_path / "in.pt"), str(tmp_path / "out.pt"),
+    args = ["fuse", "--arch", "bnstrip.testing.zoo:MLPBothSides", str(tmp_path / "in.pt"), str(tmp_path / "out.pt"),
             "--input-shape", "4,12"]
     assert CliRunner().invoke(main, args).exit_code == 0
     again = CliRunner().invoke(main, args)

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import bnstrip
-from bnstrip import zoo
+from bnstrip.testing import zoo
 from bnstrip.errors import CheckFailed, InputError
 
 PROGRAM_ZOO = ["Conv1dNet", "Conv3dNet", "ConvTransposeDecoder", "MLPBothSides", "LinearBNSequence", "ReusedConv",

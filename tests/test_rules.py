@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from bnstrip import fold_model
-from bnstrip.zoo import randomize_bn
+from bnstrip.testing.zoo import randomize_bn
 
 REL_TOL = 1e-5
 

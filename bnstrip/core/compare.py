@@ -219,7 +219,7 @@ def _blockwise_matmul(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) 
     """mm(x, w) / addmm(b, x, w) in float64, widening w a block of columns at a time (w is a Linear's weight.t())."""
     bias, x, w = (args[0], args[1], args[2]) if func is torch.ops.aten.addmm.default else (None, args[0], args[1])
     x = _widen(x)
-    out = torch.empty(x.shape[0], w.shape[1], dtype=torch.float64)
+    out = torch.empty(x.shape[0], w.shape[1], dtype=torch.float64, device=x.device)  # beside the model, not on the CPU
     step = max(1, _BLOCK_ELEMENTS // max(1, w.shape[0]))
     for start in range(0, w.shape[1], step):
         out[:, start:start + step] = torch.mm(x, w[:, start:start + step].to(torch.float64))

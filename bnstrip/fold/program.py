@@ -84,7 +84,7 @@ def program_inputs(ep: Any, seed: int = 0) -> tuple[tuple[Any, ...], dict[str, A
         if val.dtype.is_floating_point:
             leaves.append(seeded_inputs(shape, seed + index, torch.float64).to(val.dtype))
         else:
-            leaves.append(torch.zeros(shape, dtype=val.dtype))
+            leaves.append(torch.zeros(shape, dtype=val.dtype, device=val.device))
     return pytree.tree_unflatten(leaves, ep.call_spec.in_spec)
 
 

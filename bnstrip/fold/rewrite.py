@@ -139,7 +139,7 @@ def _write_layers(work: Iterable[tuple[str, list[Any]]], held_by_bn: dict[str, t
             if total is None:
                 bn_bias[bn.name] = b64
             else:
-                bn_bias.setdefault(bn.name, torch.zeros(total, dtype=torch.float64))[channels] = b64
+                bn_bias.setdefault(bn.name, torch.zeros(total, dtype=torch.float64, device=b64.device))[channels] = b64
             if module.bias is not None:
                 _set_tensor(module.bias, torch.zeros_like(module.bias))
             continue

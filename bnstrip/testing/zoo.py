@@ -1,6 +1,6 @@
 """Small replica networks covering every pattern the fold engine must fold or refuse.
 
-Each class builds with no arguments (so `--arch bnstrip.zoo:ResNet18Style` works; scripts import it too) and is
+Each class builds with no arguments (so `--arch bnstrip.testing.zoo:ResNet18Style` works; scripts import it too) and is
 kept tiny so tests stay fast. `INPUT_SHAPES` gives a batch shape each model accepts;
 `randomize_bn` gives BatchNorms statistics that make a wrong fold visible.
 
