@@ -23,6 +23,7 @@ from torch import nn
 from bnstrip.core.compare import SelfCheck, model_dtype
 from bnstrip.errors import CheckFailed, InputError
 from bnstrip.fold.model import FoldResult
+from bnstrip.refusals import refusal
 
 DTYPES = {"keep": None, "float32": torch.float32, "float64": torch.float64}
 
@@ -56,7 +57,7 @@ class FuseReport:
             "eps": entries["eps"], "dtype": self.dtype, "format": self.source_format,
             "folded": entries["folded"], "skipped": entries["skipped"], "gained_bias": entries["gained_bias"],
             "merged": entries["merged"],
-            "merge_refused": [{"where": where, "reason": reason} for where, reason in self.result.merge_refused],
+            "merge_refused": [{"where": where, **refusal(reason).to_dict()} for where, reason in self.result.merge_refused],
             "self_check_max_abs_diff": self.self_check.max_abs_diff,
             "self_check_output_scale": self.self_check.output_scale,
             "self_check_rounding": self.self_check.rounding,

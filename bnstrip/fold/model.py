@@ -19,6 +19,7 @@ from bnstrip._torch import own_buffers
 from bnstrip.core.compare import (SelfCheck, compare_outputs, float64_outputs, fresh_inputs, model_dtype,
                                   seeded_outputs)
 from bnstrip.errors import InputError, first_line
+from bnstrip.refusals import refusal
 from bnstrip.fold.bisect import bisect_folds
 from bnstrip.fold.plan import plan_folds, replay_graph
 from bnstrip.fold.rewrite import apply_folds
@@ -53,7 +54,7 @@ class FoldResult:
             "tracer": self.tracer,
             "eps": self.eps,
             "folded": [{"layer": layer, "bn": bn, "into": self.into.get(bn, INTO_PRODUCER)} for layer, bn in self.folded],
-            "skipped": [{"bn": bn, "reason": reason} for bn, reason in self.skipped],
+            "skipped": [{"bn": bn, **refusal(reason).to_dict()} for bn, reason in self.skipped],
             "gained_bias": list(self.gained_bias),
             "merged": [merge.to_dict() for merge in self.merged],
         }
