@@ -30,7 +30,7 @@ def folded_skeleton(model: nn.Module, manifest: dict[str, Any], source: str = "m
                 module = work.get_submodule(name)
             except AttributeError:
                 module = None
-            if not is_batchnorm_like(module):
+            if module is None or not is_batchnorm_like(module):
                 raise InputError(f"{source}: folded BatchNorm {name!r} is not a BatchNorm of {type(model).__name__}; "
                                  "pass the model the checkpoint was folded from")
             work.set_submodule(name, folded_replacement(module))

@@ -102,7 +102,7 @@ def _eps_override(model: nn.Module, eps: float | None) -> Iterator[None]:
     """Every BatchNorm of `model` uses `eps` inside the block (the original as the user asked for it)."""
     saved = [(m, m.eps) for m in model.modules() if is_batchnorm_like(m) and hasattr(m, "eps")] if eps is not None else []
     for module, _ in saved:
-        module.eps = eps
+        setattr(module, "eps", eps)  # noqa: B010 - a look-alike's eps is a plain attribute, not a tensor
     try:
         yield
     finally:
@@ -174,9 +174,10 @@ def _restore_statistics(model: nn.Module, result: FoldResult) -> None:
         except AttributeError:
             continue
         for key, value in own_buffers(model.get_submodule(name)).items():
-            if value is not None and isinstance(own_buffers(target).get(key), torch.Tensor):
+            slot = own_buffers(target).get(key)
+            if value is not None and isinstance(slot, torch.Tensor):
                 with torch.no_grad():
-                    own_buffers(target)[key].copy_(value)
+                    slot.copy_(value)
 
 
 def _fold_copy(model: nn.Module, inputs: tuple[Any, ...] | None, eps: float | None, keep_structure: bool,

@@ -66,7 +66,11 @@ def bn_issue(bn: Op, graph: OpGraph, root: nn.Module, keep_structure: bool, eps:
         bn_scale_shift(bn_stats(bn, root, eps), bn.name)
     except InputError as exc:
         return f"its statistics cannot be folded: {exc}"
-    own_eps = bn.functional.eps if bn.functional is not None else module_stats(bn.module).eps
+    if bn.functional is not None:
+        own_eps = bn.functional.eps
+    else:
+        assert bn.module is not None  # a BatchNorm op is a functional call or a module's
+        own_eps = module_stats(bn.module).eps
     if keep_structure and not (math.isfinite(own_eps) and 0 <= own_eps < 1):
         return f"keep_structure=True: its eps={own_eps} is not in [0, 1), so it cannot become an exact identity"
     return None
@@ -101,8 +105,8 @@ def decide(bn: Op, graph: OpGraph, root: nn.Module, keep_structure: bool, eps: f
     if issue := bn_issue(bn, graph, root, keep_structure, eps, repeated_ok=True):
         return issue
     if graph.calls.get(bn.name, 1) > 1:  # the "(layer, BN) called together" pattern, the only one for repeats
-        match = try_repeated_pair(bn, graph, root)
-        return Fold(match, bn, INTO_PRODUCER) if isinstance(match, Op) else match
+        pair = try_repeated_pair(bn, graph, root)
+        return Fold(pair, bn, INTO_PRODUCER) if isinstance(pair, Op) else pair
     reasons = []
     tail = tail_issue(bn)  # one rule for every pattern that folds into a later layer
     for pattern in PATTERNS:

@@ -42,8 +42,8 @@ def _hook_note(module: nn.Module) -> str:
     return f"{type(module).__name__} has hooks that may change its output"
 
 
-def _forward_note(cls: type, kind: str) -> str | None:
-    if kind == "conv" and (cls.forward not in _CONV_FORWARDS or cls._conv_forward not in _CONV_IMPLS):
+def _forward_note(cls: type[nn.Module], kind: str) -> str | None:
+    if kind == "conv" and (cls.forward not in _CONV_FORWARDS or getattr(cls, "_conv_forward", None) not in _CONV_IMPLS):
         return f"{cls.__name__} overrides forward, so its output is not a plain convolution"
     if kind == "convT" and cls.forward not in _CONVT_FORWARDS:
         return f"{cls.__name__} overrides forward, so its output is not a plain transposed convolution"
@@ -76,6 +76,7 @@ def layer_refusal(module: nn.Module, own_forward: bool = False) -> str | None:
     if "bias" not in own_parameters(module):
         return f"{cls.__name__}'s bias is not a plain Parameter (parametrized)"
     weight = own_parameters(module)["weight"]
+    assert weight is not None  # checked above
     if isinstance(weight, nn.parameter.UninitializedParameter):
         return f"{cls.__name__} is a lazy module that was never run"
     if not weight.is_floating_point():

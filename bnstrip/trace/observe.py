@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import AbstractSet, Any, Sequence
 
 import torch
 from torch import nn
@@ -138,7 +138,7 @@ def _watched_memory(model: nn.Module, watched: Sequence[str]) -> dict[int, list[
 
 
 def observe_run(model: nn.Module, example_inputs: Sequence[Any], watched: Sequence[str],
-                capture: set[str] = frozenset()) -> RunRecord:
+                capture: AbstractSet[str] = frozenset()) -> RunRecord:
     """Run `model` once on the example inputs, counting module calls, BatchNorm input ranks, and reads of the
     tensors of the `watched` modules from anywhere but their own forward; keeps a copy of the first call's
     (args, kwargs, output) of each module named in `capture`, as its forward saw and returned them
