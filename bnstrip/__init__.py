@@ -11,6 +11,7 @@ _LAZY = {
     "fold_model": ("bnstrip.fold.model", "fold_model"),
     "load_folded": ("bnstrip.fold.load", "load_folded"),
     "FoldResult": ("bnstrip.fold.model", "FoldResult"),
+    "FoldOptions": ("bnstrip.fold.options", "FoldOptions"),
     "fold_program": ("bnstrip.fold.program", "fold_program"),
     "load_program": ("bnstrip.io.pt2", "load_program"),
     "fuse_file": ("bnstrip.pipeline", "fuse_file"),

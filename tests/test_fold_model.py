@@ -886,3 +886,33 @@ def test_a_batchnorm_subclass_calling_f_batch_norm_is_named_once() -> None:
     x = torch.randn(3, 3, 8, 8)
     with torch.no_grad():
         assert torch.allclose(result.model(x), model(x), atol=1e-5)
+
+
+# --------------------------------------------------------------------------- FoldOptions
+
+
+def test_fold_options_is_the_same_fold_as_the_keywords() -> None:
+    from bnstrip import FoldOptions
+
+    model, x = zoo.build("Conv1dNet")
+    by_keywords = fold_model(model, (x,), eps=1e-3, keep_structure=True)
+    by_options = fold_model(model, (x,), options=FoldOptions(eps=1e-3, keep_structure=True))
+    assert by_options.folded == by_keywords.folded and by_options.form == by_keywords.form == "keep-structure"
+    assert by_options.eps == 1e-3
+    for a, b in zip(by_keywords.model.state_dict().values(), by_options.model.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_fold_options_are_frozen_and_not_mixed_with_keywords() -> None:
+    import dataclasses
+
+    from bnstrip import FoldOptions
+
+    options = FoldOptions(allow_overflow=True)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        options.eps = 1.0  # type: ignore[misc]
+    model, x = zoo.build("Conv1dNet")
+    with pytest.raises(InputError, match="either as options"):
+        fold_model(model, (x,), eps=1e-3, options=options)
+    with pytest.raises(InputError, match="cannot go with keep_structure"):
+        fold_model(model, (x,), options=FoldOptions(keep_structure=True, reparameterize=True))

@@ -21,6 +21,7 @@ from bnstrip.core.compare import (SelfCheck, compare_outputs, float64_outputs, f
 from bnstrip.errors import InputError, first_line
 from bnstrip.refusals import refusal
 from bnstrip.fold.bisect import bisect_folds
+from bnstrip.fold.options import FoldOptions
 from bnstrip.fold.plan import plan_folds, replay_graph
 from bnstrip.fold.rewrite import apply_folds
 from bnstrip.fold.rules import INTO_PRODUCER
@@ -180,8 +181,8 @@ def _restore_statistics(model: nn.Module, result: FoldResult) -> None:
                     slot.copy_(value)
 
 
-def _fold_copy(model: nn.Module, inputs: tuple[Any, ...] | None, eps: float | None, keep_structure: bool,
-               allow_overflow: bool, excluded: dict[str, str], want_reference: bool = False,
+def _fold_copy(model: nn.Module, inputs: tuple[Any, ...] | None, options: FoldOptions, excluded: dict[str, str],
+               want_reference: bool = False,
                traced: dict[str, OpGraph | None] | None = None) -> tuple[FoldResult, _Reference | None]:
     """Fold a copy of `model`, refusing the BatchNorms in `excluded` (name -> reason); no check.
 
@@ -189,6 +190,7 @@ def _fold_copy(model: nn.Module, inputs: tuple[Any, ...] | None, eps: float | No
     folded: the reference costs no second copy of the model. `traced` keeps the first trace
     (under "graph") so that later calls with it plan again on a copy of that graph (bisection).
     """
+    eps, keep_structure = options.eps, options.keep_structure
     work = _copy_model(model)
     earlier = traced.get("graph") if traced is not None else None
     graph = replay_graph(earlier, work) if earlier is not None else None
@@ -208,7 +210,7 @@ def _fold_copy(model: nn.Module, inputs: tuple[Any, ...] | None, eps: float | No
         samples = int(first.shape[0]) if isinstance(first, torch.Tensor) and first.dim() else 1
         reference = _Reference(outputs, outputs64, model_dtype(model), samples)
     folds, reasons = plan_folds(graph, work, keep_structure, eps)
-    applied = apply_folds(folds, graph, work, eps, keep_structure, allow_overflow)
+    applied = apply_folds(folds, graph, work, eps, keep_structure, options.allow_overflow)
     folded_names = {f.bn.name for f in folds}
     skipped = list(reasons.items())
     seen = folded_names | set(reasons)
@@ -230,7 +232,7 @@ def _fold_copy(model: nn.Module, inputs: tuple[Any, ...] | None, eps: float | No
 
 def fold_model(model: nn.Module, example_inputs: Any = None, *, eps: float | None = None,
                keep_structure: bool = False, allow_overflow: bool = False,
-               reparameterize: bool = False) -> FoldResult:
+               reparameterize: bool = False, options: FoldOptions | None = None) -> FoldResult:
     """Fold every BatchNorm of `model` that can be folded exactly; the input model is left unchanged.
 
     example_inputs (a tensor or a tuple) give shapes to the rules that need them (BatchNorm1d
@@ -246,31 +248,31 @@ def fold_model(model: nn.Module, example_inputs: Any = None, *, eps: float | Non
     With reparameterize=True, sums of parallel branches (RepVGG, MobileOne, ACNet blocks) are then
     merged into one conv each and proven the same way (bnstrip.fold.reparam); it needs
     example_inputs and cannot keep the structure.
+
+    `options` (a FoldOptions) gives all of these settings as one value instead of the keywords.
     """
-    if reparameterize and keep_structure:
-        raise InputError("reparameterize=True cannot go with keep_structure=True: merging branches replaces them by "
-                         "one new conv, so the original structure cannot be kept")
-    if reparameterize and example_inputs is None:
-        raise InputError("reparameterize=True needs example_inputs to prove the merged model")
+    given = FoldOptions(eps, keep_structure, allow_overflow, reparameterize)
+    if options is not None and given != FoldOptions():
+        raise InputError("pass the fold settings either as options=FoldOptions(...) or as keywords, not both")
+    options = options if options is not None else given
+    options.check(example_inputs is not None)
     _refuse_unfoldable_model(model)
     inputs = _as_inputs(example_inputs)
     traced: dict[str, OpGraph | None] = {}
-    result, reference = _fold_copy(model, inputs, eps, keep_structure, allow_overflow, {}, want_reference=True,
-                                   traced=traced)
+    result, reference = _fold_copy(model, inputs, options, {}, want_reference=True, traced=traced)
     if reference is None or inputs is None:
         return result
-    result = _checked(model, inputs, result, reference, eps, keep_structure, allow_overflow, traced)
-    if reparameterize:
+    result = _checked(model, inputs, result, reference, options, traced)
+    if options.reparameterize:
         from bnstrip.fold.reparam import reparameterize_result  # it imports this module
 
-        reparameterize_result(result, inputs, allow_overflow, lambda candidate: _check(reference, candidate, inputs))
+        reparameterize_result(result, inputs, options.allow_overflow, lambda candidate: _check(reference, candidate, inputs))
     _restore_statistics(model, result)
     return result
 
 
 def _checked(model: nn.Module, inputs: tuple[Any, ...], result: FoldResult, reference: _Reference,
-             eps: float | None, keep_structure: bool, allow_overflow: bool,
-             traced: dict[str, OpGraph | None] | None = None) -> FoldResult:
+             options: FoldOptions, traced: dict[str, OpGraph | None] | None = None) -> FoldResult:
     """`result` with its check against the original; folds that moved the outputs are found and undone.
 
     Every retry plans again on a copy of the first trace (`traced`) instead of tracing again.
@@ -284,15 +286,14 @@ def _checked(model: nn.Module, inputs: tuple[Any, ...], result: FoldResult, refe
     undone = f"every rule allowed folding it, but then {problem}; the fold was undone (please report this model)"
 
     def passes(trial_excluded: dict[str, str]) -> bool:
-        trial, _ = _fold_copy(model, inputs, eps, keep_structure, allow_overflow, trial_excluded, traced=traced)
+        trial, _ = _fold_copy(model, inputs, options, trial_excluded, traced=traced)
         return _check(reference, trial.model, inputs)[1] is None
 
     excluded = bisect_folds([bn for _, bn in result.folded], passes, undone)
-    final, _ = _fold_copy(model, inputs, eps, keep_structure, allow_overflow, excluded, traced=traced)
+    final, _ = _fold_copy(model, inputs, options, excluded, traced=traced)
     report, problem = _check(reference, final.model, inputs)
     if problem is not None:  # interactions: undo everything
-        final, _ = _fold_copy(model, inputs, eps, keep_structure, allow_overflow,
-                              {bn: undone for _, bn in result.folded}, traced=traced)
+        final, _ = _fold_copy(model, inputs, options, {bn: undone for _, bn in result.folded}, traced=traced)
         report, _ = _check(reference, final.model, inputs)
     final.check = report
     return final
