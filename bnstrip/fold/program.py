@@ -199,6 +199,7 @@ def fold_program(ep: Any, example_inputs: Any = None, *, eps: float | None = Non
     seen = {bn for _, bn in result.folded} | {bn for bn, _ in result.skipped}
     skipped = result.skipped + [(bn, why) for bn, why in rewritten.unfoldable if bn not in seen]
     folded_module = result.model
+    assert isinstance(folded_module, fx.GraphModule)  # a GraphModule folds into a (copied) GraphModule
     folded_module.graph.set_codegen(copy.copy(codegen))
     folded_module.recompile()
     dynamic, dim_names = _dynamic_shapes(ep, folded_module, args, kwargs)

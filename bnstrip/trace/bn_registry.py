@@ -28,8 +28,8 @@ _PLAIN_FORWARDS = {_BatchNorm.forward, nn.SyncBatchNorm.forward}
 
 def standard_stats(module: nn.Module) -> BNStats:
     """running_mean, running_var, weight, bias (None when absent) and eps, read as attributes of the module."""
-    return BNStats(module.running_mean, module.running_var, getattr(module, "weight", None),
-                   getattr(module, "bias", None), float(module.eps))
+    mean, var = getattr(module, "running_mean"), getattr(module, "running_var")  # noqa: B009 - Tensors, typed as Any
+    return BNStats(mean, var, getattr(module, "weight", None), getattr(module, "bias", None), float(getattr(module, "eps")))  # noqa: B009
 
 
 
