@@ -21,7 +21,7 @@ from torch.nn.modules.conv import _ConvTransposeNd as ConvTransposeNd  # the one
 from torch.utils._python_dispatch import TorchDispatchMode  # see every aten call of a run; no public dispatch mode
 
 __all__ = ["BatchNormBase", "ConvNd", "ConvTransposeNd", "NoDynamoDispatchMode", "OpOverload", "TorchDispatchMode",
-           "graph_codegen", "has_module_hooks", "global_module_hooks", "op_schema", "own_buffers", "own_parameters",
+           "graph_codegen", "has_forward_hooks", "has_module_hooks", "global_module_hooks", "op_schema", "own_buffers", "own_parameters",
            "pytree", "traceable_assert", "weights_only_allowed_globals"]
 
 OpOverload = torch._ops.OpOverload
@@ -66,10 +66,14 @@ def own_buffers(module: nn.Module) -> dict[str, torch.Tensor | None]:
     return module._buffers
 
 
+def has_forward_hooks(module: nn.Module) -> bool:
+    """Forward (pre-)hooks, with or without kwargs, on this one module: no public way to ask."""
+    return bool(module._forward_hooks or module._forward_pre_hooks or getattr(module, "_forward_hooks_with_kwargs", None))
+
+
 def has_module_hooks(module: nn.Module) -> bool:
-    """Forward (pre-)hooks, with or without kwargs, or backward hooks on this one module: no public way to ask."""
-    return bool(module._forward_hooks or module._forward_pre_hooks or getattr(module, "_backward_hooks", None)
-                or getattr(module, "_forward_hooks_with_kwargs", None))
+    """Forward hooks (has_forward_hooks) or backward hooks on this one module."""
+    return has_forward_hooks(module) or bool(getattr(module, "_backward_hooks", None))
 
 
 def global_module_hooks() -> bool:

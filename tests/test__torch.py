@@ -66,14 +66,14 @@ def test_own_slots_keep_none_entries_that_the_public_api_hides() -> None:
 
 
 def test_module_hooks_are_seen() -> None:
-    for register in (lambda m: m.register_forward_hook(lambda *a: None),
-                     lambda m: m.register_forward_pre_hook(lambda *a: None),
-                     lambda m: m.register_forward_hook(lambda *a, **k: None, with_kwargs=True),
-                     lambda m: m.register_full_backward_hook(lambda *a: None)):
+    for register, forward in ((lambda m: m.register_forward_hook(lambda *a: None), True),
+                              (lambda m: m.register_forward_pre_hook(lambda *a: None), True),
+                              (lambda m: m.register_forward_hook(lambda *a, **k: None, with_kwargs=True), True),
+                              (lambda m: m.register_full_backward_hook(lambda *a: None), False)):
         module = nn.Linear(2, 2)
-        assert not _torch.has_module_hooks(module)
+        assert not _torch.has_module_hooks(module) and not _torch.has_forward_hooks(module)
         handle = register(module)
-        assert _torch.has_module_hooks(module)
+        assert _torch.has_module_hooks(module) and _torch.has_forward_hooks(module) == forward
         handle.remove()
         assert not _torch.has_module_hooks(module)
 

@@ -21,6 +21,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from bnstrip._torch import ConvTransposeNd, own_buffers, own_parameters
 from bnstrip.core.foldmath import (BNStats, all_finite, bn_scale_shift, cast_folded, fold_into_consumer, fold_into_producer,
                                    identity_running_var)
 from bnstrip.core.folded_bn import FoldedBatchNorm  # noqa: F401 - re-exported: its old home
@@ -50,7 +51,7 @@ def _fold_in_float64(folds: list[Fold], root: nn.Module, eps: float | None,
             stats = _channel_slice(bn_stats(fold.bn, root, eps), channels)
             name = f"{layer_name} + {fold.bn.name}"
             if fold.into == INTO_PRODUCER:
-                transposed = isinstance(module, nn.modules.conv._ConvTransposeNd)
+                transposed = isinstance(module, ConvTransposeNd)
                 entry[1], entry[2] = fold_into_producer(entry[1], entry[2], stats, out_axis=1 if transposed else 0,
                                                         groups=getattr(module, "groups", 1) if transposed else 1,
                                                         name=name)
@@ -65,7 +66,7 @@ def _single_producer_fold(module: nn.Module, layer_folds: list[tuple[Fold, Op, s
     """The usual case: one BatchNorm folded whole into the output channels (axis 0) of a layer."""
     fold, _, channels = layer_folds[0]
     return (len(layer_folds) == 1 and fold.into == INTO_PRODUCER and channels == slice(None, None)
-            and not isinstance(module, nn.modules.conv._ConvTransposeNd))
+            and not isinstance(module, ConvTransposeNd))
 
 
 def _fold_rounded(module: nn.Module, fold: Fold, root: nn.Module, eps: float | None, layer_name: str,
@@ -195,7 +196,7 @@ def strip_graph(gm: fx.GraphModule, bn_ops: Sequence[Op]) -> None:
             owner = gm.get_submodule(owner_path) if owner_path else gm
         except AttributeError:
             continue  # its module was deleted with it
-        if leaf in owner._buffers or leaf in owner._parameters:
+        if leaf in own_buffers(owner) or leaf in own_parameters(owner):
             delattr(owner, leaf)
     gm.graph.lint()
     gm.recompile()

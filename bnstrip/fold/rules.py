@@ -14,6 +14,7 @@ from typing import Callable
 
 from torch import nn
 
+from bnstrip._torch import has_forward_hooks
 from bnstrip.core.foldmath import bn_scale_shift
 from bnstrip.errors import InputError
 from bnstrip.fold.rules_adjacent import Match, bn_stats, tail_issue, tensor_at, try_consumer, try_producer
@@ -46,7 +47,7 @@ class Fold:
 
 
 def _root_hooks(root: nn.Module) -> bool:
-    return bool(root._forward_hooks or root._forward_pre_hooks or getattr(root, "_forward_hooks_with_kwargs", None))
+    return has_forward_hooks(root)
 
 
 def bn_issue(bn: Op, graph: OpGraph, root: nn.Module, keep_structure: bool, eps: float | None,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from bnstrip._torch import ConvTransposeNd
 from bnstrip.core.foldmath import BNStats
 from bnstrip.fold.proof import own_forward_issue
 from bnstrip.trace.alias import other_readers, writer_of
@@ -145,7 +146,7 @@ def try_consumer(bn: Op, graph: OpGraph, root: nn.Module, keep_structure: bool) 
             return f"its output goes to {consumer.label}, which cannot absorb it ({consumer.note})"
         return f"its output goes to {consumer.label}, not directly to a Linear or Conv"
     module = consumer.module
-    if consumer.module is not None and isinstance(module, nn.modules.conv._ConvTransposeNd):
+    if consumer.module is not None and isinstance(module, ConvTransposeNd):
         return (f"it feeds ConvTranspose {consumer.name}, where border outputs sum fewer taps of the BatchNorm's "
                 "shift, so folding into it is not exact")
     if issue := layer_issue(consumer, graph, "the next layer"):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from bnstrip._torch import ConvTransposeNd
 from bnstrip.fold.rules_adjacent import (Match, aliasing_issue, bn_channels, bn_rank, consumer_fits,
                                          layer_issue, out_channels, try_producer)
 from bnstrip.trace.channels import carry_axis, concatenated, data_input, passes_channels, shape_of
@@ -111,7 +112,7 @@ def try_consumer_through(bn: Op, graph: OpGraph, root: nn.Module, keep_structure
     if len(readers) != 1:
         return f"the output of {op.label} feeds {len(readers)} ops"
     consumer = readers[0]
-    if consumer.kind != "layer" or isinstance(consumer.module, nn.modules.conv._ConvTransposeNd):
+    if consumer.kind != "layer" or isinstance(consumer.module, ConvTransposeNd):
         return f"its output goes through {chain[-1].label} to {consumer.label}, not to a Linear or Conv"
     if issue := layer_issue(consumer, graph, "the next layer") or consumer.own_forward:
         return issue
