@@ -5,12 +5,25 @@ lazily so that ``bnstrip --help`` never pays for ``import torch``.
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 __version__ = "0.1.0"
+
+if TYPE_CHECKING:  # what a type checker sees; at run time the names load lazily (below), without torch
+    from bnstrip.fold.load import load_folded as load_folded
+    from bnstrip.fold.model import FoldResult as FoldResult, fold_model as fold_model
+    from bnstrip.fold.options import FoldOptions as FoldOptions
+    from bnstrip.fold.program import fold_program as fold_program
+    from bnstrip.homework.models import SmallNetTest as SmallNetTest, SmallNetTrain as SmallNetTrain
+    from bnstrip.io.pt2 import load_program as load_program
+    from bnstrip.pipeline import fuse_file as fuse_file
+    from bnstrip.trace.bn_registry import register_batchnorm as register_batchnorm
 
 _LAZY = {
     "fold_model": ("bnstrip.fold.model", "fold_model"),
     "load_folded": ("bnstrip.fold.load", "load_folded"),
     "FoldResult": ("bnstrip.fold.model", "FoldResult"),
+    "FoldOptions": ("bnstrip.fold.options", "FoldOptions"),
     "fold_program": ("bnstrip.fold.program", "fold_program"),
     "fold_onnx": ("bnstrip.onnxfold.fold", "fold_onnx"),
     "load_program": ("bnstrip.io.pt2", "load_program"),

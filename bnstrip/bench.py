@@ -9,18 +9,19 @@ measures: it prints nothing and returns dataclasses.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import statistics
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import nn
 
+from bnstrip._torch import BatchNormBase
 from bnstrip.errors import InputError
 from bnstrip.core.compare import seeded_inputs
+from bnstrip.core.torch_env import torch_threads  # noqa: F401 - re-exported: scripts and tests time with it
 
 SMALLNET_ARCH = "smallnet"
 DEFAULT_SAMPLE_SHAPE = (3, 32, 32)
@@ -50,14 +51,14 @@ class Spread:
     q3: float
 
     @classmethod
-    def of(cls, values: Sequence[float]) -> "Spread":
+    def of(cls, values: Sequence[float]) -> Spread:
         ordered = sorted(values)
         if not ordered:
             nan = float("nan")
             return cls(nan, nan, nan, nan, nan)
         return cls(statistics.median(ordered), ordered[0], ordered[-1], _quantile(ordered, 0.25), _quantile(ordered, 0.75))
 
-    def overlaps(self, other: "Spread") -> bool:
+    def overlaps(self, other: Spread) -> bool:
         """Whether the interquartile ranges overlap."""
         return self.q1 <= other.q3 and other.q1 <= self.q3
 
@@ -123,27 +124,13 @@ def compare(baseline: Timing, candidate: Timing) -> Speedup:
     interquartile range of the paired ratios contains 1: a difference smaller than
     the machine's own jitter is not a speed-up.
     """
-    ratios = tuple(b / c if c > 0 else float("inf") for b, c in zip(baseline.seconds, candidate.seconds))
+    ratios = tuple(b / c if c > 0 else float("inf") for b, c in zip(baseline.seconds, candidate.seconds, strict=True))
     ratio_spread = Spread.of(ratios)
     noisy = baseline.spread.overlaps(candidate.spread) or ratio_spread.q1 <= 1.0 <= ratio_spread.q3
     return Speedup(baseline.label, candidate.label, ratios, noisy)
 
 
 # --------------------------------------------------------------------------- timing
-
-
-@contextlib.contextmanager
-def torch_threads(threads: int | None) -> Iterator[int]:
-    """Run with `threads` intra-op threads (None: leave as is) and restore the previous count afterwards."""
-    previous = torch.get_num_threads()
-    if threads is not None:
-        if threads < 1:
-            raise InputError(f"threads={threads}: needs at least 1 thread")
-        torch.set_num_threads(threads)
-    try:
-        yield torch.get_num_threads()
-    finally:
-        torch.set_num_threads(previous)
 
 
 def _time_calls(fn: Callable[[], Any], calls: int) -> float:
@@ -240,9 +227,9 @@ def bench_pair(bn_model: nn.Module, folded_model: nn.Module, sample_shape: Seque
             _check_runs(folded_model, x, "folded model")
             done_before = index * repeat
             timings = time_interleaved(
-                {"bn": lambda: bn_model(x), "folded": lambda: folded_model(x)}, repeat=repeat, warmup=warmup,
+                {"bn": lambda x=x: bn_model(x), "folded": lambda x=x: folded_model(x)}, repeat=repeat, warmup=warmup,
                 min_sample_seconds=min_sample_seconds,
-                progress=(lambda done, _total: progress(done_before + done, total)) if progress else None)
+                progress=(lambda done, _total, base=done_before: progress(base + done, total)) if progress else None)
             results.append(BatchResult(batch_size, timings["bn"], timings["folded"], compare(timings["bn"], timings["folded"])))
     return BenchReport(results, tuple(sample_shape), used_threads, repeat, warmup)
 
@@ -282,7 +269,7 @@ def randomise_batchnorm_stats(model: nn.Module, seed: int = 0) -> nn.Module:
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for module in model.modules():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            if isinstance(module, BatchNormBase):
                 c = module.num_features
                 if module.running_mean is not None and module.running_var is not None:
                     module.running_mean.copy_(torch.randn(c, generator=generator) * 0.1)

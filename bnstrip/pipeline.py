@@ -23,6 +23,7 @@ from torch import nn
 from bnstrip.core.compare import SelfCheck, model_dtype
 from bnstrip.errors import CheckFailed, InputError
 from bnstrip.fold.model import FoldResult
+from bnstrip.refusals import refusal
 
 DTYPES = {"keep": None, "float32": torch.float32, "float64": torch.float64}
 
@@ -50,7 +51,7 @@ class FuseReport:
         """The report as one JSON object, with the keys of every path (`fuse_report_dict`)."""
         if self.result is not None:
             entries = self.result.manifest_entries()
-            merge_refused = [{"where": where, "reason": reason} for where, reason in self.result.merge_refused]
+            merge_refused = [{"where": where, **refusal(reason).to_dict()} for where, reason in self.result.merge_refused]
         else:  # the smallNet job: the course's pairs, all into the layer before
             entries = {"form": "smallNetTest", "tracer": None, "eps": self.eps, "gained_bias": [], "merged": [],
                        "folded": [{"layer": p, "bn": b, "into": "producer"} for p, b in self.pairs], "skipped": []}

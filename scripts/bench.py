@@ -38,7 +38,7 @@ import torch  # noqa: E402
 
 from bnstrip.bench import Spread, Timing, compare, seeded_batch, time_interleaved  # noqa: E402
 
-ZOO_MODELS = ("bnstrip.zoo:ResNet18Style", "bnstrip.zoo:MobileNetV2Style")
+ZOO_MODELS = ("bnstrip.testing.zoo:ResNet18Style", "bnstrip.testing.zoo:MobileNetV2Style")
 ZOO_SAMPLE_SHAPE = (3, 32, 32)
 PRECISION_DTYPES = (("float32", torch.float32), ("float16", torch.float16), ("bfloat16", torch.bfloat16))
 
@@ -309,7 +309,7 @@ def row_verify(args: argparse.Namespace, report: Report, pair: Any) -> None:
         figures["reference"] = course_reference_loop(pair.bn_model, pair.folded_model, images)
 
     candidates = {"reference": reference, "verify": ours(False), "verify_cl": ours(True),
-                  "floor": lambda: torch.mm(a, b, out=out)}
+                  "floor": lambda: torch.mm(a, b, out=out)}  # noqa: F821 - timed before the del below
     log(f"b. verify vs reference loop vs floor: {n} images, {args.verify_repeat} rounds")
     timings = time_interleaved(candidates, repeat=args.verify_repeat, warmup=0, min_sample_seconds=0)
     del a, b, out
@@ -436,7 +436,7 @@ def row_fuse_and_help(args: argparse.Namespace, report: Report) -> None:
                 rss[key].append(peak)
         breakdown = fuse_breakdown(args.checkpoint, Path(tmp))
     t_fuse, t_import = Timing("fuse", tuple(walls["fuse"]), 1), Timing("import", tuple(walls["import"]), 1)
-    ratios = Spread.of([f / i for f, i in zip(walls["fuse"], walls["import"])])  # paired: fuse time / import time
+    ratios = Spread.of([f / i for f, i in zip(walls["fuse"], walls["import"], strict=True)])  # paired: fuse time / import time
     rss_fuse, rss_import = statistics.median(rss["fuse"]), statistics.median(rss["import"])
     limit = rss_import + 2.5 * ckpt_size
     mb = 1 / 2**20

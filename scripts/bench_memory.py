@@ -1,7 +1,7 @@
 """Peak memory of `bnstrip fuse` and `fold_model`, above the `import torch` baseline, in multiples of the checkpoint.
 
 Issue 9's goal: `fuse --arch` at most baseline + 2.5x the checkpoint, on a ResNet-152-sized
-model (bnstrip.zoo:ResNet152Style, 230 MiB) and on smallNet; `fold_model` at most 2.5x the
+model (bnstrip.testing.zoo:ResNet152Style, 230 MiB) and on smallNet; `fold_model` at most 2.5x the
 model above baseline. Every figure is the peak resident set size (ru_maxrss) of its own fresh
 process, so one measurement never inherits another's memory.
 
@@ -25,7 +25,7 @@ BASELINE = f"import torch\n{_PEAK}"
 
 SAVE_RESNET = """
 import sys, torch
-from bnstrip.zoo import ResNet152Style, randomize_bn
+from bnstrip.testing.zoo import ResNet152Style, randomize_bn
 torch.manual_seed(0)
 torch.save(randomize_bn(ResNet152Style()).eval().state_dict(), sys.argv[1])
 """
@@ -42,7 +42,7 @@ finally:
 FOLD_MODEL = f"""
 import sys, torch
 from bnstrip import fold_model
-from bnstrip.zoo import ResNet152Style
+from bnstrip.testing.zoo import ResNet152Style
 with torch.device("meta"):
     model = ResNet152Style()
 model.load_state_dict(torch.load(sys.argv[1], weights_only=True), assign=True)
@@ -80,7 +80,7 @@ def measure(smallnet: Path | None, input_shape: str) -> dict[str, float]:
                        env={**os.environ, "PYTHONPATH": str(ROOT)})
         size = resnet.stat().st_size / 1024
         rows["resnet152_checkpoint_mib"] = size / 1024
-        peak = _run(FUSE, "fuse", "--arch", "bnstrip.zoo:ResNet152Style", str(resnet), str(Path(tmp) / "out.pt"),
+        peak = _run(FUSE, "fuse", "--arch", "bnstrip.testing.zoo:ResNet152Style", str(resnet), str(Path(tmp) / "out.pt"),
                     "--input-shape", input_shape)["PEAK"]
         rows["fuse_arch_resnet152_x"] = (peak - baseline) / size
         figures = _run(FOLD_MODEL, str(resnet), input_shape)

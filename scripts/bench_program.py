@@ -15,7 +15,7 @@ import time
 import torch
 
 import bnstrip
-from bnstrip import zoo
+from bnstrip.testing import zoo
 from bnstrip.homework.models import SmallNetTrain
 
 

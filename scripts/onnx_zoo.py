@@ -1,6 +1,6 @@
 """Benchmark: bnstrip's ONNX fold against onnxoptimizer, onnxsim and onnxruntime's basic-level graph (issue 20).
 
-Inputs: bnstrip's zoo models (bnstrip/zoo.py, randomised BN statistics) exported with torch's
+Inputs: bnstrip's zoo models (bnstrip/testing/zoo.py, randomised BN statistics) exported with torch's
 TorchScript exporter in TrainingMode.PRESERVE without constant folding (otherwise the exporter
 folds Conv+BN itself and there is nothing left to fold), plus the hand-built graphs of
 bnstrip.onnxfold.samples (patterns exporters never produce: grouped ConvTranspose, BN -> Conv,
@@ -34,7 +34,7 @@ def export_zoo(name: str) -> Any:
     import onnx
     import torch
 
-    from bnstrip.zoo import build
+    from bnstrip.testing.zoo import build
 
     model, example = build(name)
     buffer = io.BytesIO()
@@ -120,7 +120,7 @@ def run_tool(tool: Callable[[Any], Any], model: Any, reference: Any) -> dict[str
 
 def cases(only: list[str] | None) -> list[tuple[str, Callable[[], Any]]]:
     from bnstrip.onnxfold.samples import SAMPLES
-    from bnstrip.zoo import ZOO
+    from bnstrip.testing.zoo import ZOO
 
     found = [(f"zoo:{name}", (lambda n=name: export_zoo(n))) for name in ZOO]
     found += [(f"hand:{name}", build) for name, build in SAMPLES.items()]

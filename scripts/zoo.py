@@ -301,7 +301,7 @@ def refusals(row: dict[str, Any]) -> dict[str, list[str]]:
     out: dict[str, list[str]] = defaultdict(list)
     for bn, reason in row.get("skipped", []):
         out[bn_module(bn)].append(reason)
-    for bn, reasons in out.items():  # a real reason before "never called" (issue 10's double listing)
+    for reasons in out.values():  # a real reason before "never called" (issue 10's double listing)
         reasons.sort(key=lambda r: "never called" in r)
     return {bn: r for bn, r in out.items() if bn not in folded}
 

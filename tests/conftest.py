@@ -70,3 +70,15 @@ def random_smallnet_file(tmp_path: Path, random_smallnet_state) -> Path:
     path = tmp_path / "smallNetRandom.pt"
     torch.save(random_smallnet_state, path)
     return path
+
+
+BIG_ZOO_MODELS = ("ResNet18Style", "MobileNetV2Style")
+"""The zoo's real-size replicas: each parametrization over them is an end-to-end run (slow); every behaviour
+those tests check is also checked on the small zoo models in the default run."""
+
+
+def pytest_collection_modifyitems(config, items) -> None:  # noqa: ANN001 - pytest's hook signature
+    for item in items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        if item.module.__name__.endswith("test_fold_model") and params.get("name") in BIG_ZOO_MODELS:
+            item.add_marker(pytest.mark.slow)

@@ -124,7 +124,7 @@ def test_bench_pair_reports_every_batch_size_and_restores_threads() -> None:
     assert seen[-1] == (4, 4)
     for result in report.results:
         assert len(result.bn.seconds) == len(result.folded.seconds) == 2
-        assert result.speedup.ratios == pytest.approx(tuple(b / f for b, f in zip(result.bn.seconds, result.folded.seconds)))
+        assert result.speedup.ratios == pytest.approx(tuple(b / f for b, f in zip(result.bn.seconds, result.folded.seconds, strict=True)))
     payload = report.to_dict()
     assert json.loads(json.dumps(payload))["results"][1]["batch_size"] == 4
 
@@ -138,7 +138,7 @@ def test_bench_pair_refuses_bad_batch_sizes_and_wrong_shapes() -> None:
 
 
 def test_arch_pair_folds_the_zoo_resnet_exactly() -> None:
-    pair = arch_pair("bnstrip.zoo:ResNet18Style", (3, 16, 16))
+    pair = arch_pair("bnstrip.testing.zoo:ResNet18Style", (3, 16, 16))
     bns = [m for m in pair.bn_model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     assert pair.folded == len(bns) > 0 and not pair.notes
     assert not torch.equal(bns[0].running_var, torch.ones_like(bns[0].running_var))  # randomised statistics
@@ -170,7 +170,7 @@ def test_cli_json_for_smallnet_checkpoint(random_smallnet_file: Path) -> None:
 
 
 def test_cli_table_for_zoo_model() -> None:
-    result = run("bench", "--arch", "bnstrip.zoo:MobileNetV2Style", "--input-shape", "1,3,16,16", "--batch-size", "2",
+    result = run("bench", "--arch", "bnstrip.testing.zoo:MobileNetV2Style", "--input-shape", "1,3,16,16", "--batch-size", "2",
                  "--repeat", "1", "--warmup", "0")
     assert result.exit_code == 0, result.output
     assert "speed-up" in result.stdout and "verdict" in result.stdout and "BatchNorm(s) folded" in result.stdout
@@ -199,16 +199,16 @@ def test_cli_smallnet_refuses_other_input_shape(random_smallnet_file: Path) -> N
 
 
 def test_cli_arch_with_checkpoint_and_bad_arch(tmp_path: Path) -> None:
-    from bnstrip import zoo
+    from bnstrip.testing import zoo
 
     path = tmp_path / "resnet.pt"
     torch.save(zoo.randomize_bn(zoo.ResNet18Style(), seed=3).state_dict(), path)
-    result = run("bench", "--arch", "bnstrip.zoo:ResNet18Style", "--checkpoint", str(path), "--input-shape", "1,3,8,8",
+    result = run("bench", "--arch", "bnstrip.testing.zoo:ResNet18Style", "--checkpoint", str(path), "--input-shape", "1,3,8,8",
                  "--batch-size", "1", "--repeat", "1", "--warmup", "0", "--json")
     assert result.exit_code == 0, result.output
     payload = json.loads(result.stdout)
     assert payload["checkpoint"] == str(path) and payload["sample_shape"] == [3, 8, 8] and payload["folded"] > 0
-    wrong = run("bench", "--arch", "bnstrip.zoo:MobileNetV2Style", "--checkpoint", str(path), "--repeat", "1")
+    wrong = run("bench", "--arch", "bnstrip.testing.zoo:MobileNetV2Style", "--checkpoint", str(path), "--repeat", "1")
     assert wrong.exit_code == 2 and "MobileNetV2Style" in wrong.stderr
-    missing = run("bench", "--arch", "bnstrip.zoo:NoSuchNet", "--repeat", "1")
+    missing = run("bench", "--arch", "bnstrip.testing.zoo:NoSuchNet", "--repeat", "1")
     assert missing.exit_code == 2 and "NoSuchNet" in missing.stderr

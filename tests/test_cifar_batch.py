@@ -35,7 +35,7 @@ def test_python2_style_batch_with_latin1_bytes(tmp_path: Path) -> None:
 
     class Py2Array:
         def __reduce__(self):
-            return (getattr(np, "_core").multiarray._reconstruct, (np.ndarray, (0,), b"b"), state)
+            return (np._core.multiarray._reconstruct, (np.ndarray, (0,), b"b"), state)
 
     path = write(tmp_path / "test_batch", {"data": Py2Array(), "labels": [3, 4]})
     images, labels = read_batch(path)

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from click.testing import CliRunner
 
@@ -79,9 +80,9 @@ def test_fuse_bad_input_is_one_line_exit_2(tmp_path: Path) -> None:
     assert not (tmp_path / "o.pt").exists()
 
 
-def test_verify_in_memory_and_from_fused_file(random_smallnet_file: Path, tmp_path: Path, fake_cifar_dir: Path) -> None:
-    fused = tmp_path / "fused.pt"
-    assert run("fuse", str(random_smallnet_file), str(fused)).exit_code == 0
+def test_verify_in_memory_and_from_fused_file(random_smallnet_state, random_smallnet_file: Path, tmp_path: Path,
+                                              fake_cifar_dir: Path) -> None:
+    fused = _folded_file(random_smallnet_state, tmp_path / "fused.pt")  # what fuse writes (fuse has its own tests)
     for extra in ([], ["--fused", str(fused)]):
         result = run("verify", "--checkpoint", str(random_smallnet_file), "--data-dir", str(fake_cifar_dir),
                      "--tolerance", "1e-4", "--json", *extra)
@@ -93,10 +94,9 @@ def test_verify_in_memory_and_from_fused_file(random_smallnet_file: Path, tmp_pa
         assert payload["images"] == 200 and payload["passed"] is True and payload["batch_size"] == 100
 
 
-def test_verify_fails_with_exit_1_when_outputs_differ(random_smallnet_file: Path, tmp_path: Path,
+def test_verify_fails_with_exit_1_when_outputs_differ(random_smallnet_state, random_smallnet_file: Path, tmp_path: Path,
                                                       fake_cifar_dir: Path) -> None:
-    fused = tmp_path / "fused.pt"
-    assert run("fuse", str(random_smallnet_file), str(fused)).exit_code == 0
+    fused = _folded_file(random_smallnet_state, tmp_path / "fused.pt")
     state = torch.load(fused, weights_only=True)
     state["fc2.0.bias"] += 0.5
     tampered = tmp_path / "tampered.pt"
@@ -109,7 +109,7 @@ def test_verify_fails_with_exit_1_when_outputs_differ(random_smallnet_file: Path
 
 def test_verify_table_and_bad_usage(random_smallnet_file: Path, fake_cifar_dir: Path, tmp_path: Path) -> None:
     result = run("verify", "--checkpoint", str(random_smallnet_file), "--data-dir", str(fake_cifar_dir),
-                 "--tolerance", "1e-4", "--batch-size", "50")
+                 "--tolerance", "1e-4", "--batch-size", "50", "--limit", "100")
     assert result.exit_code == 0 and "max over batches" in result.stdout and "PASS" in result.stdout
     assert run("verify", "--batch-size", "0").exit_code == 2
     missing = run("verify", "--checkpoint", str(tmp_path / "nope.pt"), "--data-dir", str(fake_cifar_dir))
@@ -122,6 +122,7 @@ def test_verify_fused_with_wrong_keys(random_smallnet_file: Path, fake_cifar_dir
     assert result.exit_code == 2 and "not a smallNetTest state_dict" in result.stderr
 
 
+@pytest.mark.slow
 def test_verify_without_data_offline_says_where_it_looked(random_smallnet_file: Path, tmp_path: Path,
                                                           monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
@@ -180,7 +181,7 @@ def test_every_command_json_has_the_core_keys(tmp_path: Path, random_smallnet_st
         "conv-grad": run("conv-grad", "--json"),
         "init-stats": run("init-stats", "--layers", "2,1", "--samples", "2000", "--json"),
         "verify": run("verify", str(random_smallnet_file), str(fused), "--data-dir", str(fake_cifar_dir),
-                      "--tolerance", "1e-4", "--json"),
+                      "--tolerance", "1e-4", "--limit", "100", "--json"),
     }
     for command, result in runs.items():
         assert result.exit_code == 0, (command, result.stderr)
@@ -202,9 +203,9 @@ def test_verify_takes_the_two_files_as_positionals(tmp_path: Path, random_smalln
                                                    fake_cifar_dir: Path) -> None:
     fused = _folded_file(random_smallnet_state, tmp_path / "folded.pt")
     by_flag = run("verify", "--checkpoint", str(random_smallnet_file), "--fused", str(fused), "--data-dir",
-                  str(fake_cifar_dir), "--tolerance", "1e-4", "--json")
+                  str(fake_cifar_dir), "--tolerance", "1e-4", "--limit", "100", "--json")
     by_position = run("verify", str(random_smallnet_file), str(fused), "--data-dir", str(fake_cifar_dir),
-                      "--tolerance", "1e-4", "--json")
+                      "--tolerance", "1e-4", "--limit", "100", "--json")
     assert by_flag.exit_code == by_position.exit_code == 0
     a, b = json.loads(by_flag.stdout), json.loads(by_position.stdout)
     assert a["fused"] == b["fused"] == str(fused) and a["max_batch_sq_norm"] == b["max_batch_sq_norm"]
@@ -220,6 +221,7 @@ def test_verify_fused_given_the_bn_checkpoint_says_where_it_belongs(random_small
     assert "BatchNorm checkpoint" in result.stderr and "--checkpoint" in result.stderr
 
 
+@pytest.mark.slow
 def test_verify_failure_on_float16_says_the_bar_is_float32(tmp_path: Path, random_smallnet_state,
                                                            random_smallnet_file: Path, fake_cifar_dir: Path) -> None:
     half = _folded_file(random_smallnet_state, tmp_path / "half.pt", torch.float16)

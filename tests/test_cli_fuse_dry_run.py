@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture
 def at_repo_root(monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.chdir(ROOT)  # --arch bnstrip.zoo:... resolves from the current directory
+    monkeypatch.chdir(ROOT)  # --arch bnstrip.testing.zoo:... resolves from the current directory
     return ROOT
 
 
@@ -46,7 +46,7 @@ def test_dry_run_lists_what_a_real_fuse_does_and_writes_nothing(tmp_path: Path, 
         model, shape, arch = randomize_bn(RepNet()), [2, 3, 8, 8], "bnstrip.fold.reparam_blocks:RepNet"
     else:
         model, x = zoo.build(name)
-        shape, arch = list(x.shape), f"bnstrip.zoo:{name}"
+        shape, arch = list(x.shape), f"bnstrip.testing.zoo:{name}"
     work = tmp_path / "work"
     work.mkdir()
     torch.save(model.state_dict(), work / "in.pt")
@@ -65,7 +65,7 @@ def test_dry_run_lists_what_a_real_fuse_does_and_writes_nothing(tmp_path: Path, 
 def test_dry_run_with_strict_exits_1_and_writes_nothing(tmp_path: Path, at_repo_root: Path) -> None:
     model, x = zoo.build("ReusedConv")  # two BatchNorms cannot fold (a conv called twice)
     torch.save(model.state_dict(), tmp_path / "in.pt")
-    result = CliRunner().invoke(main, ["fuse", "--arch", "bnstrip.zoo:ReusedConv", str(tmp_path / "in.pt"),
+    result = CliRunner().invoke(main, ["fuse", "--arch", "bnstrip.testing.zoo:ReusedConv", str(tmp_path / "in.pt"),
                                        "--input-shape", ",".join(map(str, x.shape)), "--dry-run", "--strict"])
     assert result.exit_code == 1
     assert "Would fold" in result.stdout and "Not folded (2)" in result.stdout

@@ -74,7 +74,7 @@ def test_fuse_tables(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     model, x = zoo.build("ReusedConv")  # folded and not-folded tables, long reasons
     torch.save(model.state_dict(), tmp_path / "in.pt")
     monkeypatch.chdir(tmp_path)  # short relative paths in the title (a folded path would split its digits)
-    _assert_numbers_whole(_printed(["fuse", "--arch", "bnstrip.zoo:ReusedConv", "in.pt", "out.pt", "--input-shape",
+    _assert_numbers_whole(_printed(["fuse", "--arch", "bnstrip.testing.zoo:ReusedConv", "in.pt", "out.pt", "--input-shape",
                                     ",".join(map(str, x.shape))], monkeypatch))
     assert os.path.exists(tmp_path / "out.pt")
 

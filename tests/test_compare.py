@@ -80,15 +80,16 @@ def test_seeded_inputs_refuse_a_huge_or_empty_shape_before_allocating() -> None:
     assert seeded_inputs([2, 3], seed=1).shape == (2, 3)
 
 
+@pytest.mark.slow
 def test_cli_names_the_flag_for_a_huge_input_shape(tmp_path) -> None:
     import subprocess
     import sys
 
-    from bnstrip.zoo import ResNet18Style
+    from bnstrip.testing.zoo import ResNet18Style
 
     checkpoint = tmp_path / "r18.pt"
     torch.save(ResNet18Style().state_dict(), checkpoint)
-    proc = subprocess.run([sys.executable, "-m", "bnstrip", "fuse", "--arch", "bnstrip.zoo:ResNet18Style",
+    proc = subprocess.run([sys.executable, "-m", "bnstrip", "fuse", "--arch", "bnstrip.testing.zoo:ResNet18Style",
                            str(checkpoint), str(tmp_path / "out.pt"), "--input-shape", "100000,3,1000,1000"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2

@@ -44,7 +44,7 @@ class AfterRelu(nn.Module):
 
 
 MODELS = {  # kind -> (--arch, input shape): "some" folds 2 of 3 BatchNorms, "none" folds none
-    "some": ("bnstrip.zoo:BNBeforePaddedConv", (2, 3, 10, 10)),
+    "some": ("bnstrip.testing.zoo:BNBeforePaddedConv", (2, 3, 10, 10)),
     "none": (f"{__name__}:AfterRelu", (2, 3, 6, 6)),
 }
 

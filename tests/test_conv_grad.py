@@ -32,7 +32,7 @@ def run_cli(*args: str):
 def module_gradients(net: ConvNet, activation: str) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Ground truth built here: nn.Conv1d modules with nn activations, differentiated by autograd."""
     layers = []
-    for index, (w, b) in enumerate(zip(net.filters, net.biases)):
+    for index, (w, b) in enumerate(zip(net.filters, net.biases, strict=True)):
         conv = torch.nn.Conv1d(1, 1, w.numel(), dtype=torch.float64)
         with torch.no_grad():
             conv.weight.copy_(w.view(1, 1, -1))
@@ -54,16 +54,16 @@ def test_backprop_matches_nn_conv1d_autograd(filters: list[int], activation: str
     net = random_conv_net(filters, seed=len(filters))
     grads_w, grads_b = backprop(net, activation)
     truth_w, truth_b = module_gradients(net, activation)
-    for mine, truth in zip(grads_w, truth_w):
+    for mine, truth in zip(grads_w, truth_w, strict=True):
         torch.testing.assert_close(mine, truth, rtol=1e-12, atol=1e-13)
-    for mine, truth in zip(grads_b, truth_b):
+    for mine, truth in zip(grads_b, truth_b, strict=True):
         torch.testing.assert_close(mine, truth, rtol=1e-12, atol=1e-13)
     result = check_conv_grad(net, activation)
     assert result.passed
     assert result.n0 == 1 + sum(f - 1 for f in filters)
     assert [layer.filter_size for layer in result.layers] == filters
     assert result.layers[-1].n_out == 1
-    assert all(max(l.max_abs_diff_autograd, l.max_abs_diff_matrix) < 1e-12 for l in result.layers)
+    assert all(max(layer.max_abs_diff_autograd, layer.max_abs_diff_matrix) < 1e-12 for layer in result.layers)
 
 
 def test_output_layer_gradients_are_exact_for_a_single_layer() -> None:
@@ -113,7 +113,7 @@ def test_cli_json_keys_and_values() -> None:
                               "max_abs_diff_matrix"}
         assert len(layer["grad_w"]) == layer["filter_size"]
     truth_w, truth_b = module_gradients(random_conv_net([4, 2, 3], seed=5), "softplus")
-    for layer, w, b in zip(payload["layers"], truth_w, truth_b):
+    for layer, w, b in zip(payload["layers"], truth_w, truth_b, strict=True):
         assert layer["grad_w"] == pytest.approx(w.tolist(), rel=1e-12, abs=1e-14)
         assert layer["grad_b"] == pytest.approx(float(b), rel=1e-12, abs=1e-14)
 

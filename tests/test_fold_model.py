@@ -26,7 +26,8 @@ if str(ROOT) not in sys.path:
 
 from bnstrip import FoldResult, fold_model  # noqa: E402
 from bnstrip.errors import InputError  # noqa: E402
-from bnstrip import zoo  # noqa: E402
+from bnstrip.refusals import refusal  # noqa: E402
+from bnstrip.testing import zoo  # noqa: E402
 
 REL_TOL = 1e-5
 
@@ -60,7 +61,7 @@ def executed_batch_norms(model: nn.Module, x: torch.Tensor) -> int:
     return counter.count
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def folded_zoo(name: str) -> tuple[nn.Module, torch.Tensor, FoldResult, dict[str, torch.Tensor]]:
     """(original, inputs, fold result, snapshot of the original's state before folding), computed once per model."""
     model, x = zoo.build(name)
@@ -185,19 +186,24 @@ def test_we_fold_at_least_what_fx_fuse_folds(name: str) -> None:
         assert len(result.folded) == fx_count
 
 
+@pytest.mark.torch_behaviour
 def test_fx_fuse_misses_what_we_fold() -> None:
     counts = {name: (_fx_fused(folded_zoo(name)[0])[1], len(folded_zoo(name)[2].folded))
               for name in ("Conv3dNet", "ConvTransposeDecoder", "MLPBothSides", "BNBeforePaddedConv")}
-    assert all(ours > theirs for theirs, ours in counts.values()), counts
+    assert all(ours >= theirs for theirs, ours in counts.values()), counts  # bnstrip's part: never fewer
+    if not all(ours > theirs for theirs, ours in counts.values()):
+        pytest.skip(f"torch's fx fuse now folds as many as we do here: {counts}")
 
 
+@pytest.mark.torch_behaviour
 @pytest.mark.parametrize("name", ["ReusedConv", "LinearBNSequence"])
 def test_fx_fuse_changes_outputs_where_we_refuse(name: str) -> None:
     model, x, result, _ = folded_zoo(name)
-    fused, _ = _fx_fused(model)
-    assert rel_diff(run(model, x), run(fused, x)) > 1e-2  # fx's fuse silently changed the model
-    assert rel_diff(run(model, x), run(result.model, x)) <= REL_TOL
+    assert rel_diff(run(model, x), run(result.model, x)) <= REL_TOL  # bnstrip's part: exact, and says why not
     assert result.skipped
+    fused, _ = _fx_fused(model)
+    if rel_diff(run(model, x), run(fused, x)) <= 1e-2:
+        pytest.skip("torch's fx fuse no longer changes this model's outputs")
 
 
 # --------------------------------------------------------------------------- --keep-structure
@@ -761,7 +767,7 @@ def test_an_in_place_write_to_the_batchnorm_input_blocks_folding_into_the_next_l
     x = torch.randn(2, 3, 4, 4)
     result = fold_model(model, x if with_inputs else None)
     assert not result.folded
-    assert "changed in place" in dict(result.skipped)["bn"] or "out-of-place" in dict(result.skipped)["bn"]
+    assert "IN_PLACE_WRITE" in refusal(dict(result.skipped)["bn"]).causes  # whichever way it was seen
     assert rel_diff(run(model, x), run(result.model, x)) <= REL_TOL
     kept = fold_model(model, x if with_inputs else None, keep_structure=True)  # the BatchNorm stays a real op
     assert kept.folded == [("conv", "bn")]
@@ -880,3 +886,33 @@ def test_a_batchnorm_subclass_calling_f_batch_norm_is_named_once() -> None:
     x = torch.randn(3, 3, 8, 8)
     with torch.no_grad():
         assert torch.allclose(result.model(x), model(x), atol=1e-5)
+
+
+# --------------------------------------------------------------------------- FoldOptions
+
+
+def test_fold_options_is_the_same_fold_as_the_keywords() -> None:
+    from bnstrip import FoldOptions
+
+    model, x = zoo.build("Conv1dNet")
+    by_keywords = fold_model(model, (x,), eps=1e-3, keep_structure=True)
+    by_options = fold_model(model, (x,), options=FoldOptions(eps=1e-3, keep_structure=True))
+    assert by_options.folded == by_keywords.folded and by_options.form == by_keywords.form == "keep-structure"
+    assert by_options.eps == 1e-3
+    for a, b in zip(by_keywords.model.state_dict().values(), by_options.model.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_fold_options_are_frozen_and_not_mixed_with_keywords() -> None:
+    import dataclasses
+
+    from bnstrip import FoldOptions
+
+    options = FoldOptions(allow_overflow=True)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        options.eps = 1.0  # type: ignore[misc]
+    model, x = zoo.build("Conv1dNet")
+    with pytest.raises(InputError, match="either as options"):
+        fold_model(model, (x,), eps=1e-3, options=options)
+    with pytest.raises(InputError, match="cannot go with keep_structure"):
+        fold_model(model, (x,), options=FoldOptions(keep_structure=True, reparameterize=True))

@@ -55,7 +55,8 @@ def bn_case(draw: st.DrawFn, channels: int) -> dict:
 
 
 def stats_in(case: dict, dtype: torch.dtype) -> BNStats:
-    cast = (lambda t: None if t is None else t.to(dtype))
+    def cast(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t.to(dtype)
     return BNStats(cast(case["mean"]), cast(case["var"]), cast(case["gamma"]), cast(case["beta"]), case["eps"])
 
 

@@ -21,7 +21,7 @@ def _run(tmp_path: Path, *extra: str) -> tuple[object, torch.nn.Module]:
     cwd = os.getcwd()
     os.chdir(ROOT)
     try:
-        result = CliRunner().invoke(main, ["fuse", "--arch", "bnstrip.zoo:MLPBothSides", str(tmp_path / "in.pt"),
+        result = CliRunner().invoke(main, ["fuse", "--arch", "bnstrip.testing.zoo:MLPBothSides", str(tmp_path / "in.pt"),
                                            str(tmp_path / "out.pt2"), "--input-shape", "1,12", *extra])
     finally:
         os.chdir(cwd)

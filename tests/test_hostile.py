@@ -15,7 +15,6 @@ import pickle
 import signal
 import subprocess
 import sys
-import time
 import zipfile
 from pathlib import Path
 from typing import Iterator
@@ -111,7 +110,7 @@ def deadline(seconds: float) -> Iterator[None]:
         signal.signal(signal.SIGALRM, previous)
 
 
-def check_refusals(cases: list[Case], commands, out_dir: Path, max_seconds: float = 5.0) -> dict[str, list[str]]:
+def check_refusals(cases: list[Case], commands, out_dir: Path) -> dict[str, list[str]]:
     """Run each case through each command; collect problems per case (so one failure lists them all)."""
     out_dir.mkdir(exist_ok=True)
     before = listing(out_dir)
@@ -119,13 +118,9 @@ def check_refusals(cases: list[Case], commands, out_dir: Path, max_seconds: floa
     for case in cases:
         print_before = fingerprint(case.path)
         for label, make_args in commands:
-            started = time.perf_counter()
-            with deadline(60):
+            with deadline(60):  # a hang guard, not a timing: a refusal must not read the whole claimed size
                 result = invoke(*make_args(case))
-            seconds = time.perf_counter() - started
             found = refusal_problems(result, case.path, case.expect, out_dir, before)
-            if seconds > max_seconds:
-                found.append(f"took {seconds:.1f} s")
             if found:
                 problems[f"{case.name} [{label}]"] = found
         if fingerprint(case.path) != print_before:
@@ -204,6 +199,7 @@ def test_payloads_are_live_when_loaded_unsafely(tmp_path: Path, monkeypatch: pyt
         canary.unlink()
 
 
+@pytest.mark.slow
 def test_code_execution_is_refused_by_fuse_and_verify(code_cases: list[Case], canary: Path, tmp_path: Path,
                                                       smallnet_file: Path, fused_file: Path, fake_cifar_dir: Path) -> None:
     out = tmp_path / "out"
@@ -245,6 +241,7 @@ def real_process(tmp_path_factory: pytest.TempPathFactory, code_cases: list[Case
             "before": before, "after": {p: fingerprint(p) for p in before}}
 
 
+@pytest.mark.slow
 def test_unsafe_env_in_a_real_process(real_process: dict, canary: Path) -> None:
     """TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1 set for the whole process: still refused, the canary never appears."""
     case, outcome = real_process["hostile"], real_process["results"]["hostile"]
@@ -256,6 +253,7 @@ def test_unsafe_env_in_a_real_process(real_process: dict, canary: Path) -> None:
     assert real_process["after"][case.path] == real_process["before"][case.path]
 
 
+@pytest.mark.slow
 def test_full_disk_is_a_clean_error_and_keeps_the_old_output(real_process: dict, smallnet_file: Path) -> None:
     """Writes past `ulimit -f` fail (SIGXFSZ ignored, then EFBIG): one line, old output intact, no temp file."""
     folder, results = real_process["folder"], real_process["results"]
@@ -279,6 +277,7 @@ def test_debug_env_shows_the_traceback(code_cases: list[Case], tmp_path: Path, m
 # --------------------------------------------------------------------------- malformed files
 
 
+@pytest.mark.slow
 def test_malformed_files_are_refused(malformed: list[Case], tmp_path: Path, smallnet_file: Path, fused_file: Path,
                                      fake_cifar_dir: Path) -> None:
     out = tmp_path / "out"
@@ -309,11 +308,8 @@ def test_zip_bomb_is_refused_in_bounded_time_and_memory(malformed: list[Case], t
         baseline_kib = _memory_kib("VmRSS")
     except OSError:
         baseline_kib = None
-    started = time.perf_counter()
     result = invoke("fuse", bomb, out / "bomb_out.pt")
-    seconds = time.perf_counter() - started
     assert not refusal_problems(result, bomb, "zip bomb", out, set())
-    assert seconds < 3.0
     if baseline_kib is not None:
         grown = (_memory_kib("VmHWM") - baseline_kib) * 1024
         assert grown < 2 * size + (16 << 20), f"peak memory grew by {grown:,} bytes for a {size:,}-byte file"
@@ -359,6 +355,7 @@ def test_wrong_content_is_refused_by_name(hostile_dir: Path, random_smallnet_sta
     assert not problems, problems
 
 
+@pytest.mark.slow
 def test_never_trained_and_allowed_overflow_are_warnings(random_smallnet_state, tmp_path: Path) -> None:
     light = light_smallnet_state(random_smallnet_state)
     state = {k: v.half() if v.is_floating_point() else v.clone() for k, v in light.items()}
@@ -434,6 +431,7 @@ def test_unwritable_directory_is_refused_before_any_work(tmp_path: Path) -> None
         checkpoint.save_checkpoint({"w": torch.ones(2)}, targets[-1])
 
 
+@pytest.mark.slow
 def test_sigkill_during_writes_leaves_old_or_new_never_partial(tmp_path: Path) -> None:
     kills = {".pt": 50, ".safetensors": 15}
     proc = subprocess.run([sys.executable, str(TESTS_DIR / "hostile_corpus.py"), "kill-writes", str(tmp_path), "7",
@@ -456,6 +454,7 @@ def round2(hostile_dir: Path, random_smallnet_state) -> list[Case]:
     return round2_cases(hostile_dir / "round2", random_smallnet_state)
 
 
+@pytest.mark.slow
 def test_round2_inputs_are_refused(round2: list[Case], tmp_path: Path, smallnet_file: Path, fused_file: Path,
                                    fake_cifar_dir: Path) -> None:
     """Storages the file does not back, zip parser differences, allocation bombs, cycles, control characters."""
@@ -472,7 +471,7 @@ def test_fake_cifar_batches_are_refused(hostile_dir: Path, tmp_path: Path, small
     out = tmp_path / "out"
     command = ("verify", lambda case: ("verify", "--checkpoint", smallnet_file, "--fused", fused_file, "--no-download",
                                        *case.args))
-    problems = check_refusals(cases, [command], out, max_seconds=3.0)
+    problems = check_refusals(cases, [command], out)
     assert not problems, problems
 
 
@@ -495,9 +494,9 @@ def test_bombs_are_refused_in_bounded_memory(round2: list[Case], hostile_dir: Pa
     with pytest.raises(InputError):  # warm up lazy imports
         checkpoint.load_checkpoint(bombs[0].path)
     for case in bombs:
-        def load() -> None:
+        def load(path: Path = case.path) -> None:
             with pytest.raises(InputError):
-                checkpoint.load_checkpoint(case.path)
+                checkpoint.load_checkpoint(path)
         grown = _peak_growth(load)
         assert grown is None or grown < 200 << 20, f"{case.name}: peak memory grew by {grown:,} bytes"
     ndarray = next(c for c in cifar_cases(hostile_dir / "cifar_mem") if c.name == "ndarray_call")
@@ -510,12 +509,13 @@ def test_bombs_are_refused_in_bounded_memory(round2: list[Case], hostile_dir: Pa
     assert grown is None or grown < 200 << 20, f"ndarray_call: peak memory grew by {grown:,} bytes"
 
 
-def test_sparse_8g_zip_is_refused_before_hashing(round2: list[Case]) -> None:
+def test_sparse_8g_zip_is_refused_before_hashing(round2: list[Case], monkeypatch: pytest.MonkeyPatch) -> None:
     case = next(c for c in round2 if c.name == "sparse_8g.pt")
-    started = time.perf_counter()
+    hashed: list[object] = []
+    monkeypatch.setattr(checkpoint, "_sha256_stream", lambda f: hashed.append(f) or "")
     with pytest.raises(InputError, match="end record"):
         checkpoint.load_checkpoint(case.path)
-    assert time.perf_counter() - started < 3.0
+    assert not hashed, "the sha256 (a read of all 8 GiB) ran before the refusal"
 
 
 def test_control_characters_are_escaped_in_the_one_line(round2: list[Case], tmp_path: Path) -> None:
@@ -632,6 +632,7 @@ def test_signal_during_write_keeps_the_old_output(tmp_path: Path, monkeypatch: p
     assert {sig: signal.getsignal(sig) for sig in before} == before
 
 
+@pytest.mark.slow
 def test_sigterm_during_the_cli_write_exits_143(smallnet_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     out = tmp_path / "out.pt"
     out.write_bytes(b"the previous output")
@@ -643,6 +644,7 @@ def test_sigterm_during_the_cli_write_exits_143(smallnet_file: Path, tmp_path: P
     assert sorted(p.name for p in tmp_path.iterdir()) == [out.name]
 
 
+@pytest.mark.slow
 def test_closed_stdout_after_the_write_exits_quietly(smallnet_file: Path, tmp_path: Path) -> None:
     """`bnstrip fuse IN OUT | (nothing reads)`: OUT is written, exit 141 (128 + SIGPIPE), no traceback, no error line."""
     out = tmp_path / "out.pt"

@@ -81,7 +81,7 @@ def test_per_sample_fresh_modules_agree_with_exact_variance() -> None:
     with torch.no_grad():
         for _ in range(samples):
             y = torch.randn(layers[0], dtype=torch.float64)
-            for n_in, n_out in zip(layers, layers[1:]):
+            for n_in, n_out in zip(layers, layers[1:], strict=False):  # consecutive pairs
                 y = torch.nn.Linear(n_in, n_out, dtype=torch.float64)(y)
             values.append(float(y[0]))
     data = torch.tensor(values, dtype=torch.float64)
@@ -185,6 +185,7 @@ def test_library_rejects_bad_widths() -> None:
         read_init_law(0)
 
 
+@pytest.mark.slow
 def test_budget_picks_fewer_samples_for_a_cifar_sized_mlp_and_says_so() -> None:
     from bnstrip.homework.derivations.init_stats import MIN_BUDGET_SAMPLES, samples_for_budget
 

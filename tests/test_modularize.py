@@ -10,7 +10,7 @@ from torch import nn
 from bnstrip import fold_model
 from bnstrip.fold.program import fold_program
 from bnstrip.trace.export_tracer import real_module_path
-from bnstrip.zoo_patterns import FrozenBatchNorm2d, FrozenFPN, SlicedBackbone
+from bnstrip.testing.zoo_patterns import FrozenBatchNorm2d, FrozenFPN, SlicedBackbone
 
 EXACT = 1e-12
 

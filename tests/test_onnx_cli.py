@@ -85,11 +85,11 @@ def test_help_imports_neither_onnx_nor_torch():
 def test_fuse_arch_exports_a_proven_onnx(tmp_path):
     import torch
 
-    from bnstrip.zoo import build
+    from bnstrip.testing.zoo import build
 
     model, _ = build("MLPBothSides")
     torch.save(model.state_dict(), tmp_path / "m.pt")
-    result = invoke("fuse", tmp_path / "m.pt", tmp_path / "m.onnx", "--arch", "bnstrip.zoo:MLPBothSides",
+    result = invoke("fuse", tmp_path / "m.pt", tmp_path / "m.onnx", "--arch", "bnstrip.testing.zoo:MLPBothSides",
                     "--input-shape", "4,12", "--json")
     assert result.exit_code == 0, result.stderr
     exported = onnx.load(str(tmp_path / "m.onnx"))

@@ -12,7 +12,7 @@ pytest.importorskip("onnxruntime")
 def _export(name: str):
     import torch
 
-    from bnstrip.zoo import build
+    from bnstrip.testing.zoo import build
 
     model, example = build(name)
     buffer = io.BytesIO()

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import bnstrip
-from bnstrip import zoo
+from bnstrip.testing import zoo
 from bnstrip.errors import CheckFailed, InputError
 
 PROGRAM_ZOO = ["Conv1dNet", "Conv3dNet", "ConvTransposeDecoder", "MLPBothSides", "LinearBNSequence", "ReusedConv",
@@ -88,6 +88,7 @@ def test_folded_ops_are_gone_and_conv_gains_bias(exported):
     assert result.program.state_dict["conv2.bias"].shape == (8,)
 
 
+@pytest.mark.slow
 def test_dynamic_batch_stays_dynamic(tmp_path):
     model, x = zoo.build("MobileNetV2Style")
     batch = torch.export.Dim("batch", min=1, max=64)
@@ -104,6 +105,7 @@ def test_dynamic_batch_stays_dynamic(tmp_path):
             assert torch.allclose(loaded(xs), model(xs), atol=1e-4)
 
 
+@pytest.mark.slow
 def test_smallnet_program_folds_like_the_module():
     from bnstrip.homework.models import SMALLNET_PAIRS, SmallNetTrain
 

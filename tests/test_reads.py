@@ -13,7 +13,7 @@ from torch import nn
 from bnstrip import fold_model
 from bnstrip.trace.opgraph import ops_from_fx
 from bnstrip.trace.reads import identity_in_eval, metadata_read, reading_users, value_users
-from bnstrip.zoo import randomize_bn
+from bnstrip.testing.zoo import randomize_bn
 
 
 def _ops(module: nn.Module) -> dict[str, object]:

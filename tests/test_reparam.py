@@ -251,6 +251,7 @@ def test_rebuild_gives_a_skeleton_the_merged_state_loads_into():
 # --------------------------------------------------------------------------- fold_model, fuse --arch, load_folded
 
 
+@pytest.mark.slow
 def test_fold_model_reparameterize_removes_every_bn_of_repnet():
     from bnstrip import fold_model
 

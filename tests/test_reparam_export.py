@@ -11,7 +11,7 @@ from bnstrip import fold_model
 from bnstrip.errors import InputError
 from bnstrip.fold.reparam import rebuild_merges
 from bnstrip.fold.reparam_blocks import RepNet, ShapeLoopRepNet, randomize_bn
-from bnstrip.zoo_patterns import build
+from bnstrip.testing.zoo_patterns import build
 
 EXACT = 1e-12
 

@@ -10,7 +10,7 @@ from torch import nn
 
 from bnstrip import fold_model
 from bnstrip.errors import InputError
-from bnstrip.zoo import randomize_bn
+from bnstrip.testing.zoo import randomize_bn
 
 
 def _conv_bn(dtype: torch.dtype = torch.float32) -> nn.Sequential:

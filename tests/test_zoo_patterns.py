@@ -1,4 +1,4 @@
-"""The later fold patterns (issue 18), each on a small replica of the real layer (bnstrip/zoo_patterns.py).
+"""The later fold patterns (issue 18), each on a small replica of the real layer (bnstrip/testing/zoo_patterns.py).
 
 Ground truth is the unfolded replica itself in float64: a correct fold agrees with it to float64
 rounding (~1e-15 relative), a wrong one by the order of the outputs. Every replica is folded through
@@ -17,8 +17,8 @@ from bnstrip.trace.bn_registry import (
     register_batchnorm,
     unregister_batchnorm,
 )
-from bnstrip.zoo import randomize_bn
-from bnstrip.zoo_patterns import PATTERN_ZOO, BatchNormAct2d, TimmLinear, build
+from bnstrip.testing.zoo import randomize_bn
+from bnstrip.testing.zoo_patterns import PATTERN_ZOO, BatchNormAct2d, TimmLinear, build
 
 SLOW = {"RepViTLike"}
 """Merging then folding again runs several float64 depthwise convs and proofs: seconds, so CI's slow job."""

@@ -312,7 +312,7 @@ class Progress:
         self._started = 0.0
         self._last_line = 0.0
 
-    def __enter__(self) -> "Progress":
+    def __enter__(self) -> Progress:
         self._started = time.perf_counter()
         return self
 

@@ -284,7 +284,7 @@ def density_command(dim: int | None, points: int, matrix: str | None, shift: str
             f"log p_X at the first points (n = {result.dim}, cond(A) = {result.condition_number:.3g}, seed {seed})",
             ["x", "change of variables", "closed form", "torch"],
             [[_short_vector(x, 4), f"{v[0]:.12g}", f"{v[1]:.12g}", f"{v[2]:.12g}"]
-             for x, v in zip(result.sample_points, result.sample_log_densities)]))
+             for x, v in zip(result.sample_points, result.sample_log_densities, strict=True)]))
         console.print(_table(
             f"Max |difference| over {result.points} points",
             ["comparison", "max |diff|", "tolerance"],

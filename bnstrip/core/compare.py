@@ -34,11 +34,10 @@ from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch
-import torch.utils._pytree as pytree
 from torch import nn
 from torch.overrides import TorchFunctionMode
-from torch.utils._python_dispatch import TorchDispatchMode
 
+from bnstrip._torch import NoDynamoDispatchMode, op_schema, pytree
 from bnstrip.errors import InputError
 
 ROUNDING_FACTOR = 4.0
@@ -176,7 +175,7 @@ def outputs_match(expected: Any, got: Any) -> bool:
     got_spec, got_leaves = output_leaves(got)
     if expected_spec != got_spec:
         return False
-    for a, b in zip(expected_leaves, got_leaves):
+    for a, b in zip(expected_leaves, got_leaves, strict=True):
         if isinstance(a, torch.Tensor) != isinstance(b, torch.Tensor):
             return False
         if not isinstance(a, torch.Tensor):
@@ -214,7 +213,7 @@ def output_gap(expected: Any, got: Any) -> tuple[float, float] | None:
     if expected_spec != got_spec:
         return None
     gap, scale = 0.0, 0.0
-    for a, b in zip(expected_leaves, got_leaves):
+    for a, b in zip(expected_leaves, got_leaves, strict=True):
         if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor):
             continue
         if a.shape != b.shape:
@@ -242,7 +241,7 @@ def _blockwise_matmul(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) 
     """mm(x, w) / addmm(b, x, w) in float64, widening w a block of columns at a time (w is a Linear's weight.t())."""
     bias, x, w = (args[0], args[1], args[2]) if func is torch.ops.aten.addmm.default else (None, args[0], args[1])
     x = _widen(x)
-    out = torch.empty(x.shape[0], w.shape[1], dtype=torch.float64)
+    out = torch.empty(x.shape[0], w.shape[1], dtype=torch.float64, device=x.device)  # beside the model, not on the CPU
     step = max(1, _BLOCK_ELEMENTS // max(1, w.shape[0]))
     for start in range(0, w.shape[1], step):
         out[:, start:start + step] = torch.mm(x, w[:, start:start + step].to(torch.float64))
@@ -258,7 +257,7 @@ _VIEWS: dict[Any, bool] = {}
 def _is_view(func: Any) -> bool:
     known = _VIEWS.get(func)
     if known is None:
-        schema = getattr(func, "_schema", None)
+        schema = op_schema(func)
         known = _VIEWS[func] = schema is not None and not schema.is_mutable and any(
             r.alias_info is not None for r in schema.returns)
     return known
@@ -271,7 +270,7 @@ def _widen_operands(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any,
     return tuple(_widen(v) for v in args), {k: _widen(v) for k, v in kwargs.items()}
 
 
-class _Float64Mode(TorchDispatchMode):
+class _Float64Mode(NoDynamoDispatchMode):
     """Runs every op in float64, widening its floating-point operands for that op only.
 
     Views pass through unwidened (they share memory, the op that reads them widens them), and a
@@ -280,12 +279,6 @@ class _Float64Mode(TorchDispatchMode):
     """
 
     _MATMUL = (torch.ops.aten.mm.default, torch.ops.aten.addmm.default)
-
-    @classmethod
-    def _should_skip_dynamo(cls) -> bool:
-        """False: torch would wrap __torch_dispatch__ in torch._dynamo.disable, and that first call imports
-        torch._dynamo and sympy (about 75 MiB of RSS and a second of import) for a mode never compiled."""
-        return False
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}

@@ -4,5 +4,6 @@ from __future__ import annotations
 
 from bnstrip.fold.load import folded_skeleton, load_folded, load_state_strict
 from bnstrip.fold.model import FoldResult, fold_model
+from bnstrip.fold.options import FoldOptions
 
-__all__ = ["FoldResult", "fold_model", "folded_skeleton", "load_folded", "load_state_strict"]
+__all__ = ["FoldOptions", "FoldResult", "fold_model", "folded_skeleton", "load_folded", "load_state_strict"]

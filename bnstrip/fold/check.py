@@ -18,6 +18,7 @@ from torch import nn
 
 from bnstrip.core.compare import SelfCheck, compare_outputs, float64_outputs, fresh_inputs, model_dtype, seeded_outputs
 from bnstrip.errors import InputError, first_line
+from bnstrip.fold.bisect import bisect_folds  # noqa: F401 - re-exported: fold.model imports it from here
 from bnstrip.trace.bn_registry import is_batchnorm_like
 
 
@@ -166,35 +167,3 @@ def modes_as_given(model: nn.Module, work: nn.Module) -> nn.Module:
     return work
 
 
-_MAX_ATTEMPTS = 12
-"""Folds of the model tried while looking for the one that moved the outputs (each is a trace and two runs)."""
-
-
-def bisect_folds(candidates: list[str], passes: Callable[[dict[str, str]], bool], undone: str) -> dict[str, str]:
-    """The folds to undo (name -> reason) so that the rest pass: bisection over the fold list.
-
-    `passes(excluded)` folds again without the excluded BatchNorms and checks the result; at most
-    _MAX_ATTEMPTS such tries are made, after which the undecided folds are undone too.
-    """
-    excluded: dict[str, str] = {}
-    tries = 0
-
-    def search(block: list[str], rest: list[str]) -> None:
-        """Decide `block` given that everything in `rest` (after it) is still excluded."""
-        nonlocal tries
-        if not block:
-            return
-        if tries < _MAX_ATTEMPTS:
-            tries += 1
-            if passes({**excluded, **{bn: "undecided" for bn in rest}}):
-                return  # the whole block is fine with what is already kept
-        if len(block) == 1 or tries >= _MAX_ATTEMPTS:
-            for bn in block:
-                excluded[bn] = undone
-            return
-        middle = len(block) // 2
-        search(block[:middle], block[middle:] + rest)
-        search(block[middle:], rest)
-
-    search(candidates, [])
-    return excluded

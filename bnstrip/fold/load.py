@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from bnstrip._torch import own_parameters
 from bnstrip.errors import InputError
 from bnstrip.fold.rewrite import add_bias, set_unfolded_eps, strip_graph
 from bnstrip.fold.rules_adjacent import out_channels
@@ -30,7 +31,7 @@ def folded_skeleton(model: nn.Module, manifest: dict[str, Any], source: str = "m
                 module = work.get_submodule(name)
             except AttributeError:
                 module = None
-            if not is_batchnorm_like(module):
+            if module is None or not is_batchnorm_like(module):
                 raise InputError(f"{source}: folded BatchNorm {name!r} is not a BatchNorm of {type(model).__name__}; "
                                  "pass the model the checkpoint was folded from")
             work.set_submodule(name, folded_replacement(module))
@@ -52,7 +53,7 @@ def folded_skeleton(model: nn.Module, manifest: dict[str, Any], source: str = "m
             layer = result.get_submodule(name)
         except AttributeError:
             layer = None
-        if layer is None or getattr(layer, "weight", None) is None or "bias" not in layer._parameters:
+        if layer is None or getattr(layer, "weight", None) is None or "bias" not in own_parameters(layer):
             raise InputError(f"{source}: layer {name!r} that gained a bias is not in {type(model).__name__}; "
                              "pass the model the checkpoint was folded from")
         if layer.bias is None:

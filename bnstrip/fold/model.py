@@ -9,6 +9,7 @@ The check itself and the bisection live in bnstrip.fold.check (re-exported here)
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
@@ -16,11 +17,14 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import nn
 
+from bnstrip._torch import own_buffers
 from bnstrip.core.compare import SelfCheck, float64_outputs, model_dtype, seeded_outputs
 from bnstrip.errors import InputError
 from bnstrip.fold.check import (Reference, all_float64, as_inputs, bisect_folds, check_candidate, check_folded,
                                 copy_model, eps_override, measure_sensitivity, modes_as_given, samples_of,
                                 training_batchnorms)
+from bnstrip.fold.options import FoldOptions
+from bnstrip.refusals import refusal
 from bnstrip.fold.plan import plan_folds, replay_graph
 from bnstrip.fold.rewrite import apply_folds
 from bnstrip.fold.rules import INTO_PRODUCER
@@ -57,7 +61,7 @@ class FoldResult:
             "tracer": self.tracer,
             "eps": self.eps,
             "folded": [{"layer": layer, "bn": bn, "into": self.into.get(bn, INTO_PRODUCER)} for layer, bn in self.folded],
-            "skipped": [{"bn": bn, "reason": reason} for bn, reason in self.skipped],
+            "skipped": [{"bn": bn, **refusal(reason).to_dict()} for bn, reason in self.skipped],
             "gained_bias": list(self.gained_bias),
             "merged": [merge.to_dict() for merge in self.merged],
         }
@@ -138,14 +142,15 @@ def _restore_statistics(model: nn.Module, result: FoldResult) -> None:
             target = result.model.get_submodule(name)
         except AttributeError:
             continue
-        for key, value in model.get_submodule(name)._buffers.items():
-            if value is not None and isinstance(target._buffers.get(key), torch.Tensor):
+        for key, value in own_buffers(model.get_submodule(name)).items():
+            slot = own_buffers(target).get(key)
+            if value is not None and isinstance(slot, torch.Tensor):
                 with torch.no_grad():
-                    target._buffers[key].copy_(value)
+                    slot.copy_(value)
 
 
-def _fold_copy(model: nn.Module, inputs: tuple[Any, ...] | None, eps: float | None, keep_structure: bool,
-               allow_overflow: bool, excluded: dict[str, str], want_reference: bool = False,
+def _fold_copy(model: nn.Module, inputs: tuple[Any, ...] | None, options: FoldOptions, excluded: dict[str, str],
+               want_reference: bool = False,
                traced: dict[str, OpGraph | None] | None = None) -> tuple[FoldResult, Reference | None]:
     """Fold a copy of `model`, refusing the BatchNorms in `excluded` (name -> reason); no check.
 
@@ -153,6 +158,7 @@ def _fold_copy(model: nn.Module, inputs: tuple[Any, ...] | None, eps: float | No
     folded: the reference costs no second copy of the model. `traced` keeps the first trace
     (under "graph") so that later calls with it plan again on a copy of that graph (bisection).
     """
+    eps, keep_structure = options.eps, options.keep_structure
     work = copy_model(model)
     earlier = traced.get("graph") if traced is not None else None
     graph = replay_graph(earlier, work) if earlier is not None else None
@@ -171,7 +177,7 @@ def _fold_copy(model: nn.Module, inputs: tuple[Any, ...] | None, eps: float | No
             outputs64 = outputs if all_float64(work, inputs) else float64_outputs(work, inputs)
         reference = Reference(outputs, outputs64, model_dtype(model), samples_of(inputs))
     folds, reasons = plan_folds(graph, work, keep_structure, eps)
-    applied = apply_folds(folds, graph, work, eps, keep_structure, allow_overflow)
+    applied = apply_folds(folds, graph, work, eps, keep_structure, options.allow_overflow)
     folded_names = {f.bn.name for f in folds}
     skipped = list(reasons.items())
     seen = folded_names | set(reasons)
@@ -193,7 +199,7 @@ def _fold_copy(model: nn.Module, inputs: tuple[Any, ...] | None, eps: float | No
 
 def fold_model(model: nn.Module, example_inputs: Any = None, *, eps: float | None = None,
                keep_structure: bool = False, allow_overflow: bool = False,
-               reparameterize: bool = False) -> FoldResult:
+               reparameterize: bool = False, options: FoldOptions | None = None) -> FoldResult:
     """Fold every BatchNorm of `model` that can be folded exactly; the input model is left unchanged.
 
     example_inputs (a tensor or a tuple) give shapes to the rules that need them (BatchNorm1d
@@ -211,46 +217,48 @@ def fold_model(model: nn.Module, example_inputs: Any = None, *, eps: float | Non
     With reparameterize=True, sums of parallel branches (RepVGG, MobileOne, ACNet blocks) are then
     merged into one conv each and proven the same way (bnstrip.fold.reparam); it needs
     example_inputs and cannot keep the structure.
+
+    `options` (a FoldOptions) gives all of these settings as one value instead of the keywords.
     """
-    if reparameterize and keep_structure:
-        raise InputError("reparameterize=True cannot go with keep_structure=True: merging branches replaces them by "
-                         "one new conv, so the original structure cannot be kept")
-    if reparameterize and example_inputs is None:
-        raise InputError("reparameterize=True needs example_inputs to prove the merged model")
+    given = FoldOptions(eps, keep_structure, allow_overflow, reparameterize)
+    if options is not None and given != FoldOptions():
+        raise InputError("pass the fold settings either as options=FoldOptions(...) or as keywords, not both")
+    options = options if options is not None else given
+    options.check(example_inputs is not None)
     _refuse_unfoldable_model(model)
     inputs = as_inputs(example_inputs)
     traced: dict[str, OpGraph | None] = {}
-    result, reference = _fold_copy(model, inputs, eps, keep_structure, allow_overflow, {}, want_reference=True,
-                                   traced=traced)
+    result, reference = _fold_copy(model, inputs, options, {}, want_reference=True, traced=traced)
     if reference is None or inputs is None:
         result.warnings = with_none_folded_warning(result.warnings, result.folded, result.skipped)
         return result
     plan, consumers = list(result.folded), {bn for bn, into in result.into.items() if into != INTO_PRODUCER}
-    reference.measure = lambda: measure_sensitivity(model, inputs, eps, reference, plan, consumers)
-    result = _checked(model, inputs, result, reference, eps, keep_structure, allow_overflow, traced)
-    if reparameterize:
+    reference.measure = lambda: measure_sensitivity(model, inputs, options.eps, reference, plan, consumers)
+    result = _checked(model, inputs, result, reference, options, traced)
+    if options.reparameterize:
         from bnstrip.fold.reparam import reparameterize_result  # it imports this module
 
         with warnings.catch_warnings():  # copying a merged export graph: torch's own pytree deprecation
             warnings.simplefilter("ignore", FutureWarning)
-            reparameterize_result(result, inputs, allow_overflow, lambda candidate: check_candidate(reference, candidate, inputs))
+            reparameterize_result(result, inputs, options.allow_overflow,
+                                  lambda candidate: check_candidate(reference, candidate, inputs))
             if result.merged:  # a BatchNorm right after a merged sum now follows one conv (RepViT)
-                _fold_after_merge(result, inputs, reference, eps, allow_overflow)
+                _fold_after_merge(result, inputs, reference, options)
     _restore_statistics(model, result)
     result.warnings = with_none_folded_warning(result.warnings, result.folded, result.skipped)
     return result
 
 
-def _fold_after_merge(result: FoldResult, inputs: tuple[Any, ...], reference: Reference, eps: float | None,
-                      allow_overflow: bool) -> None:
+def _fold_after_merge(result: FoldResult, inputs: tuple[Any, ...], reference: Reference, options: FoldOptions) -> None:
     """Fold again on the merged model, checked against the original like the first pass; record it in `result`."""
     if not result.skipped:  # every BatchNorm already folded: nothing to trace again
         return
     merged = result.model
-    second, _ = _fold_copy(merged, inputs, eps, False, allow_overflow, {}, traced={})
+    once = dataclasses.replace(options, keep_structure=False, reparameterize=False)
+    second, _ = _fold_copy(merged, inputs, once, {}, traced={})
     if not second.folded:
         return
-    second = _checked(merged, inputs, second, reference, eps, False, allow_overflow, {})
+    second = _checked(merged, inputs, second, reference, once, {})
     folded = {bn for _, bn in second.folded}
     if not folded or second.check is None or not second.check.passed:
         return
@@ -263,8 +271,7 @@ def _fold_after_merge(result: FoldResult, inputs: tuple[Any, ...], reference: Re
 
 
 def _checked(model: nn.Module, inputs: tuple[Any, ...], result: FoldResult, reference: Reference,
-             eps: float | None, keep_structure: bool, allow_overflow: bool,
-             traced: dict[str, OpGraph | None] | None = None) -> FoldResult:
+             options: FoldOptions, traced: dict[str, OpGraph | None] | None = None) -> FoldResult:
     """`result` with its check against the original; folds that moved the outputs are found and undone.
 
     Every retry plans again on a copy of the first trace (`traced`) instead of tracing again.
@@ -278,15 +285,14 @@ def _checked(model: nn.Module, inputs: tuple[Any, ...], result: FoldResult, refe
     undone = f"every rule allowed folding it, but then {problem}; the fold was undone (please report this model)"
 
     def passes(trial_excluded: dict[str, str]) -> bool:
-        trial, _ = _fold_copy(model, inputs, eps, keep_structure, allow_overflow, trial_excluded, traced=traced)
+        trial, _ = _fold_copy(model, inputs, options, trial_excluded, traced=traced)
         return check_candidate(reference, trial.model, inputs)[1] is None
 
     excluded = bisect_folds([bn for _, bn in result.folded], passes, undone)
-    final, _ = _fold_copy(model, inputs, eps, keep_structure, allow_overflow, excluded, traced=traced)
+    final, _ = _fold_copy(model, inputs, options, excluded, traced=traced)
     report, problem = check_candidate(reference, final.model, inputs)
     if problem is not None:  # interactions: undo everything
-        final, _ = _fold_copy(model, inputs, eps, keep_structure, allow_overflow,
-                              {bn: undone for _, bn in result.folded}, traced=traced)
+        final, _ = _fold_copy(model, inputs, options, {bn: undone for _, bn in result.folded}, traced=traced)
         report, _ = check_candidate(reference, final.model, inputs)
     final.check = report
     return final

@@ -12,7 +12,8 @@ def _rewire(bn: Op) -> None:
     """Take the BN out of the op graph so that chains (conv -> BN -> BN) are seen on the next pass."""
     source = bn.inputs[0] if bn.inputs else None
     for user in bn.users:
-        user.inputs = [source if i is bn else i for i in user.inputs if not (i is bn and source is None)]
+        user.inputs = [i for i in user.inputs if i is not bn] if source is None else \
+            [source if i is bn else i for i in user.inputs]
     if source is not None:
         source.users = [u for u in source.users if u is not bn]
         for user in bn.users:

@@ -19,9 +19,9 @@ from typing import Any, Sequence
 
 import torch
 import torch.fx as fx
-import torch.utils._pytree as pytree
 from torch import nn
 
+from bnstrip._torch import graph_codegen, pytree
 from bnstrip.core.compare import SelfCheck, compare_models, seeded_inputs, seeded_outputs
 from bnstrip.errors import CheckFailed, InputError, first_line
 from bnstrip.fold.model import FoldResult, fold_model, with_none_folded_warning
@@ -94,7 +94,7 @@ def program_inputs(ep: Any, seed: int = 0, name: str = "program") -> tuple[tuple
         if val.dtype.is_floating_point:
             leaves.append(seeded_inputs(shape, seed + index, torch.float64).to(val.dtype))
         else:
-            leaves.append(torch.zeros(shape, dtype=val.dtype))
+            leaves.append(torch.zeros(shape, dtype=val.dtype, device=val.device))
     return pytree.tree_unflatten(leaves, ep.call_spec.in_spec)
 
 
@@ -132,7 +132,7 @@ def _dynamic_shapes(ep: Any, module: nn.Module, args: Sequence[Any], kwargs: dic
 
 def _plain_module(unlifted: fx.GraphModule) -> tuple[fx.GraphModule, Any]:
     """ep.module() as a plain GraphModule over the flat input leaves (no pytree code, no input guards)."""
-    codegen = unlifted.graph._codegen
+    codegen = graph_codegen(unlifted.graph)
     graph = fx.Graph()
     values: dict[fx.Node, fx.Node] = {}
     out = graph.graph_copy(unlifted.graph, values)
@@ -145,7 +145,7 @@ def _plain_module(unlifted: fx.GraphModule) -> tuple[fx.GraphModule, Any]:
 
 
 def _export(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], dynamic: Any) -> Any:
-    from bnstrip.trace.export_tracer import _quiet_torch_logs
+    from bnstrip.core.torch_env import quiet_torch_logs as _quiet_torch_logs
 
     with _quiet_torch_logs(), torch.no_grad():
         return torch.export.export(module, args, kwargs, dynamic_shapes=dynamic, strict=False)
@@ -211,7 +211,8 @@ def fold_program(ep: Any, example_inputs: Any = None, *, eps: float | None = Non
     seen = {bn for _, bn in result.folded} | {bn for bn, _ in result.skipped}
     skipped = result.skipped + [(bn, why) for bn, why in rewritten.unfoldable if bn not in seen]
     folded_module = result.model
-    folded_module.graph._codegen = copy.copy(codegen)
+    assert isinstance(folded_module, fx.GraphModule)  # a GraphModule folds into a (copied) GraphModule
+    folded_module.graph.set_codegen(copy.copy(codegen))
     folded_module.recompile()
     dynamic, dim_names = _dynamic_shapes(ep, folded_module, args, kwargs)
     try:

@@ -30,7 +30,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from bnstrip.core.compare import SelfCheck, compare_models, float64_outputs, fresh_inputs, seeded_outputs
 from bnstrip.errors import InputError, first_line
-from bnstrip.fold.model import bisect_folds
+from bnstrip.fold.bisect import bisect_folds
 from bnstrip.fold.reparam_kernel import Geometry, fit_one_conv, merged_conv, shape_problem
 from bnstrip.fold.reparam_match import Branch, Sum, find_sums
 from bnstrip.trace.reads import metadata_read

@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
+from bnstrip._torch import traceable_assert
+from bnstrip._torch import BatchNormBase as _BatchNorm
 
 
 def conv_bn(cin: int, cout: int, k: int | tuple[int, int], stride: int = 1, padding: int | tuple[int, int] = 0,
@@ -114,7 +115,7 @@ class BatchNormAct2d(nn.BatchNorm2d):
         self.act = nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        torch._assert(x.ndim == 4, "expected 4D input")
+        traceable_assert(x.ndim == 4, "expected 4D input")
         x = F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.1, self.eps)
         return self.act(self.drop(x))
 

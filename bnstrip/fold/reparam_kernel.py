@@ -43,7 +43,7 @@ def _int_padding(name: str, conv: nn.Module) -> tuple[int, ...] | str:
         return tuple(conv.padding)
     if conv.padding == "valid":
         return (0,) * len(conv.kernel_size)
-    totals = [d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size)]
+    totals = [d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size, strict=True)]
     if any(t % 2 for t in totals):
         return f"{name} has padding='same' with an even kernel, which pads one side more"
     return tuple(t // 2 for t in totals)
@@ -103,7 +103,7 @@ def _identity_problem(branches: list[Branch], first: nn.Module, kernel: list[int
                 f"{first.in_channels} to {first.out_channels}")
     if any(s != 1 for s in first.stride):
         return f"an identity branch cannot be merged into convs with stride {tuple(first.stride)}"
-    for size, pad, dil in zip(kernel, padding, dilation):
+    for size, pad, dil in zip(kernel, padding, dilation, strict=True):
         if size % 2 == 0 or 2 * pad != dil * (size - 1):
             return f"an identity branch is not centred in the merged kernel {tuple(kernel)} with padding {tuple(padding)}"
     for branch in plain:
@@ -180,7 +180,7 @@ def _branch_kernel(branch: Branch, g: Geometry) -> tuple[torch.Tensor, torch.Ten
             conv = step.module
             small = conv.weight.detach().to(torch.float64) * diag[0]  # only scalars come before a conv
             weight = torch.zeros(g.out_channels, g.in_channels // g.groups, *g.kernel, **f64)
-            window = [slice((size - k) // 2, (size - k) // 2 + k) for size, k in zip(g.kernel, conv.kernel_size)]
+            window = [slice((size - k) // 2, (size - k) // 2 + k) for size, k in zip(g.kernel, conv.kernel_size, strict=True)]
             weight[(slice(None), slice(None), *window)] = small
             bias = conv.bias.detach().to(torch.float64) if conv.bias is not None else bias
         elif step.kind == "bn":

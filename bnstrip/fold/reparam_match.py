@@ -20,8 +20,9 @@ from typing import Any
 import torch
 import torch.fx as fx
 from torch import nn
-from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
 
+from bnstrip._torch import ConvNd as _ConvNd
+from bnstrip._torch import ConvTransposeNd as _ConvTransposeNd
 from bnstrip.core.foldmath import BNStats
 from bnstrip.trace.classify import bn_refusal, layer_refusal
 from bnstrip.trace.opgraph import functional_bn, is_functional_bn

@@ -21,31 +21,14 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from bnstrip._torch import ConvTransposeNd, own_buffers, own_parameters
 from bnstrip.core.foldmath import (BNStats, all_finite, bn_scale_shift, cast_folded, fold_into_consumer, fold_into_producer,
                                    identity_running_var)
-from bnstrip.fold.rules import INTO_PRODUCER, Fold, bn_stats, tensor_at
+from bnstrip.core.folded_bn import FoldedBatchNorm  # noqa: F401 - re-exported: its old home
+from bnstrip.fold.rules import INTO_PRODUCER, Fold, bn_stats
 from bnstrip.fold.rules_affine import through_stats
-from bnstrip.trace.bn_registry import BN_SETTINGS, folded_replacement, is_batchnorm_like
+from bnstrip.trace.bn_registry import folded_replacement, is_batchnorm_like
 from bnstrip.trace.opgraph import Op, OpGraph
-
-class FoldedBatchNorm(nn.Identity):
-    """What a folded BatchNorm module becomes: the identity, keeping the plain settings user code may read.
-
-    `x.view(n, self.bn.num_features, -1)` keeps working; its tensors are gone (reads of them in
-    forward make bnstrip refuse the fold, so none are needed).
-    """
-
-    _SETTINGS = BN_SETTINGS
-
-    def __init__(self, bn: nn.Module | None = None) -> None:
-        super().__init__()
-        for setting in self._SETTINGS:
-            if bn is not None and hasattr(bn, setting):
-                setattr(self, setting, getattr(bn, setting))
-
-    def extra_repr(self) -> str:
-        return f"num_features={getattr(self, 'num_features', '?')} (folded)"
-
 
 def _fold_in_float64(folds: list[Fold], root: nn.Module, eps: float | None,
                      allow_overflow: bool = False) -> Iterator[tuple[str, list[Any]]]:
@@ -73,7 +56,7 @@ def _fold_in_float64(folds: list[Fold], root: nn.Module, eps: float | None,
             if fold.rows is not None:  # a BatchNorm on a slice: those output rows absorb it
                 entry[1], entry[2] = _fold_rows(entry[1], entry[2], stats, slice(*fold.rows), name)
             elif fold.into == INTO_PRODUCER:
-                transposed = isinstance(module, nn.modules.conv._ConvTransposeNd)
+                transposed = isinstance(module, ConvTransposeNd)
                 entry[1], entry[2] = fold_into_producer(entry[1], entry[2], stats, out_axis=1 if transposed else 0,
                                                         groups=getattr(module, "groups", 1) if transposed else 1,
                                                         name=name)
@@ -89,7 +72,7 @@ def _single_producer_fold(module: nn.Module, layer_folds: list[tuple[Fold, Op, s
     fold, _, channels = layer_folds[0]
     return (len(layer_folds) == 1 and fold.into == INTO_PRODUCER and channels == slice(None, None) and fold.rows is None
             and fold.through is None
-            and not isinstance(module, nn.modules.conv._ConvTransposeNd))
+            and not isinstance(module, ConvTransposeNd))
 
 
 def _fold_rounded(module: nn.Module, fold: Fold, root: nn.Module, eps: float | None, layer_name: str,
@@ -172,7 +155,7 @@ def _write_layers(work: Iterable[tuple[str, list[Any]]], held_by_bn: dict[str, t
             if total is None:
                 bn_bias[bn.name] = b64
             else:
-                bn_bias.setdefault(bn.name, torch.zeros(total, dtype=torch.float64))[channels] = b64
+                bn_bias.setdefault(bn.name, torch.zeros(total, dtype=torch.float64, device=b64.device))[channels] = b64
             if module.bias is not None:
                 _set_tensor(module.bias, torch.zeros_like(module.bias))
             continue
@@ -228,7 +211,7 @@ def strip_graph(gm: fx.GraphModule, bn_ops: Sequence[Op]) -> None:
             owner = gm.get_submodule(owner_path) if owner_path else gm
         except AttributeError:
             continue  # its module was deleted with it
-        if leaf in owner._buffers or leaf in owner._parameters:
+        if leaf in own_buffers(owner) or leaf in own_parameters(owner):
             delattr(owner, leaf)
     gm.graph.lint()
     gm.recompile()

@@ -15,6 +15,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from bnstrip._torch import has_forward_hooks
 from bnstrip.core.foldmath import bn_scale_shift
 from bnstrip.errors import InputError
 from bnstrip.fold.rules_adjacent import Match, bn_stats, tail_issue, tensor_at, try_consumer, try_producer
@@ -54,7 +55,7 @@ class Fold:
 
 
 def _root_hooks(root: nn.Module) -> bool:
-    return bool(root._forward_hooks or root._forward_pre_hooks or getattr(root, "_forward_hooks_with_kwargs", None))
+    return has_forward_hooks(root)
 
 
 def bn_issue(bn: Op, graph: OpGraph, root: nn.Module, keep_structure: bool, eps: float | None,
@@ -77,7 +78,11 @@ def bn_issue(bn: Op, graph: OpGraph, root: nn.Module, keep_structure: bool, eps:
     except AttributeError:  # F.batch_norm on plain tensor attributes: not in the state_dict
         return ("its tensors are plain attributes, not parameters or buffers of the model, so a fold into them "
                 "could not be saved; register them with register_buffer")
-    own_eps = bn.functional.eps if bn.functional is not None else module_stats(bn.module).eps
+    if bn.functional is not None:
+        own_eps = bn.functional.eps
+    else:
+        assert bn.module is not None  # a BatchNorm op is a functional call or a module's
+        own_eps = module_stats(bn.module).eps
     if keep_structure and not (math.isfinite(own_eps) and 0 <= own_eps < 1):
         return f"keep_structure=True: its eps={own_eps} is not in [0, 1), so it cannot become an exact identity"
     return None
@@ -117,8 +122,8 @@ def decide(bn: Op, graph: OpGraph, root: nn.Module, keep_structure: bool, eps: f
     if issue := bn_issue(bn, graph, root, keep_structure, eps, repeated_ok=True):
         return issue
     if graph.calls.get(bn.name, 1) > 1:  # the "(layer, BN) called together" pattern, the only one for repeats
-        match = try_repeated_pair(bn, graph, root)
-        return Fold(match, bn, INTO_PRODUCER) if isinstance(match, Op) else match
+        pair = try_repeated_pair(bn, graph, root)
+        return Fold(pair, bn, INTO_PRODUCER) if isinstance(pair, Op) else pair
     reasons = []
     tail = tail_issue(bn)  # one rule for every pattern that folds into a later layer
     for pattern in PATTERNS:

@@ -7,11 +7,11 @@ checks here; bnstrip.fold.rules lists all matchers in its table PATTERNS.
 """
 from __future__ import annotations
 
-from typing import Union
 
 import torch
 from torch import nn
 
+from bnstrip._torch import ConvTransposeNd
 from bnstrip.core.foldmath import BNStats
 from bnstrip.fold.proof import own_forward_issue
 from bnstrip.fold.proof_consumer import own_forward_consumer_issue
@@ -22,7 +22,7 @@ from bnstrip.trace.classify import bn_fixed_rank, has_hooks
 from bnstrip.trace.opgraph import Op, OpGraph
 from bnstrip.trace.reads import identity_in_eval, value_users
 
-Match = Union[Op, list, str, None]
+Match = Op | list | str | None
 """What a matcher returns: the absorbing layer, [(layer, start, stop)] for a concatenation, why not, or None
 when the pattern does not apply at all (it then adds nothing to the reasons)."""
 
@@ -145,7 +145,7 @@ def _zero_padded(conv: nn.Module) -> bool:
     if isinstance(conv.padding, str):
         if conv.padding == "valid":
             return False
-        return any(d * (k - 1) > 0 for d, k in zip(conv.dilation, conv.kernel_size))
+        return any(d * (k - 1) > 0 for d, k in zip(conv.dilation, conv.kernel_size, strict=True))
     return any(p != 0 for p in conv.padding)
 
 
@@ -175,7 +175,7 @@ def try_consumer(bn: Op, graph: OpGraph, root: nn.Module, keep_structure: bool) 
             return f"its output goes to {consumer.label}, which cannot absorb it ({consumer.note})"
         return f"its output goes to {consumer.label}, not directly to a Linear or Conv"
     module = consumer.module
-    if consumer.module is not None and isinstance(module, nn.modules.conv._ConvTransposeNd):
+    if consumer.module is not None and isinstance(module, ConvTransposeNd):
         return (f"it feeds ConvTranspose {consumer.name}, where border outputs sum fewer taps of the BatchNorm's "
                 "shift, so folding into it is not exact")
     if issue := layer_issue(consumer, graph, "the next layer"):

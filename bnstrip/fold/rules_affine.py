@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx, nn
 
+from bnstrip._torch import ConvTransposeNd
 from bnstrip.core.foldmath import BNStats, bn_scale_shift
 from bnstrip.fold.rules_adjacent import (
     Match,
@@ -112,7 +113,7 @@ def try_through_affine(bn: Op, graph: OpGraph, root: nn.Module, keep_structure: 
     if not steps:
         return None
     if op is None or op.kind != "layer" or op.own_forward is not None \
-            or isinstance(op.module, nn.modules.conv._ConvTransposeNd):
+            or isinstance(op.module, ConvTransposeNd):
         return f"its input comes through constant arithmetic from {op.label if op else 'outside the graph'}, not a Conv/Linear"
     if keep_structure:
         return "keep_structure=True keeps it, and the arithmetic before it would apply to the shift"

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from bnstrip._torch import ConvTransposeNd
 from bnstrip.fold.rules_adjacent import (
     Match,
     aliasing_issue,
@@ -70,7 +71,7 @@ def try_slice(bn: Op, graph: OpGraph, root: nn.Module, keep_structure: bool) -> 
         return "keep_structure=True keeps a BatchNorm on a slice of a layer, whose other channels keep their bias"
     if issue := layer_issue(layer, graph, "the sliced layer") or layer.own_forward:
         return issue
-    if isinstance(layer.module, nn.modules.conv._ConvTransposeNd):
+    if isinstance(layer.module, ConvTransposeNd):
         return f"it normalises a slice of ConvTranspose {layer.name}"
     rank = len(shape_of(layer) or ())
     if not rank:
@@ -124,7 +125,7 @@ def _consumer_issue(bn: Op, op: Op, consumer: Op, axis: int, rank: int, graph: O
                     keep_structure: bool) -> str | None:
     """Why `consumer`, one of several readers of `op` (the BatchNorm's output carried to `axis`), cannot absorb it."""
     if consumer.kind != "layer" or consumer.own_forward is not None \
-            or isinstance(consumer.module, nn.modules.conv._ConvTransposeNd):
+            or isinstance(consumer.module, ConvTransposeNd):
         return f"{consumer.label} is not a Linear or Conv that can absorb it"
     if issue := layer_issue(consumer, graph, "the next layer"):
         return issue

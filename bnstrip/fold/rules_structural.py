@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from bnstrip._torch import ConvTransposeNd
 from bnstrip.core.foldmath import BNStats
 from bnstrip.fold.rules_adjacent import (Match, aliasing_issue, bn_channels, bn_rank, bn_stats, consumer_fits,
                                          layer_issue, out_channels, own_forward_consumer_proof, own_forward_proof,
@@ -47,7 +48,7 @@ def try_producer_through(bn: Op, graph: OpGraph, root: nn.Module) -> Match:
         return f"its input comes through {chain[-1].label} from {op.label if op else 'outside the graph'}, not from a layer"
     if issue := layer_issue(op, graph, "its producer") or op.own_forward:
         return issue
-    for source, nxt in zip([op] + chain, chain + [bn]):
+    for source, nxt in zip([op] + chain, chain + [bn], strict=True):
         if issue := _feeds_only(source, nxt):
             return issue
     axis: int | str | None = _channel_axis(op, len(shape_of(op) or ()) or op.rank)
@@ -123,7 +124,7 @@ def try_consumer_through(bn: Op, graph: OpGraph, root: nn.Module, keep_structure
     if len(readers) != 1:
         return f"the output of {op.label} feeds {len(readers)} ops"
     consumer = readers[0]
-    if consumer.kind != "layer" or isinstance(consumer.module, nn.modules.conv._ConvTransposeNd):
+    if consumer.kind != "layer" or isinstance(consumer.module, ConvTransposeNd):
         return f"its output goes through {chain[-1].label} to {consumer.label}, not to a Linear or Conv"
     if issue := layer_issue(consumer, graph, "the next layer"):
         return issue

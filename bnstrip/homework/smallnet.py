@@ -7,6 +7,7 @@ from typing import Mapping
 
 import torch
 
+from bnstrip._torch import BatchNormBase
 from bnstrip.io.checkpoint import key_mismatch
 from bnstrip.errors import CheckFailed, InputError
 from bnstrip.core.foldmath import all_finite, bn_scale_shift, bn_stats_from_state, fold_state_dict
@@ -114,7 +115,7 @@ def _meta_models(eps: float) -> tuple[SmallNetTrain, SmallNetTest]:
     with torch.device("meta"):
         bn_model, test_model = SmallNetTrain(), SmallNetTest()
     for module in bn_model.modules():
-        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+        if isinstance(module, BatchNormBase):
             module.eps = eps
     return bn_model, test_model
 

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from bnstrip.bench import torch_threads
+from bnstrip.core.torch_env import torch_threads
 from bnstrip.threads import available_cores
 from bnstrip.homework.data import to_float_tensor
 

@@ -282,9 +282,9 @@ def scan_legacy(f: BinaryIO, size: int) -> tuple[list[PickleScan], int]:
 
 def allowed_globals() -> set[str]:
     """What torch's weights-only unpickler admits by default (the same set get_unsafe_globals_in_checkpoint uses)."""
-    from torch import _weights_only_unpickler as wou
+    from bnstrip._torch import weights_only_allowed_globals
 
-    return set(wou._get_allowed_globals()) | set(wou._get_user_allowed_globals())
+    return weights_only_allowed_globals()
 
 
 def unsafe_globals(names: Iterable[str]) -> list[str]:
@@ -336,7 +336,7 @@ def _storage_itemsizes(torch: Any) -> dict[str, int]:
             for part in name.split(".")[1:]:
                 target = getattr(target, part)
             dtype = target.dtype
-            sizes[name] = torch._utils._element_size(dtype) if isinstance(dtype, torch.dtype) else 0
+            sizes[name] = dtype.itemsize if isinstance(dtype, torch.dtype) else 0
         except Exception:  # noqa: BLE001 - a storage class this build does not provide is simply unknown
             continue
     return {k: v for k, v in sizes.items() if v > 0}

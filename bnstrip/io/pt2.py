@@ -186,7 +186,7 @@ def load_program(path: str | os.PathLike[str]) -> Any:
     """The ExportedProgram in `path`, loaded from bnstrip's canonical archive; InputError (one line) otherwise."""
     import torch
 
-    from bnstrip.trace.export_tracer import _quiet_torch_logs
+    from bnstrip.core.torch_env import quiet_torch_logs as _quiet_torch_logs
 
     path = Path(path)
     with open_regular_file(path) as f:

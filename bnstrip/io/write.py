@@ -209,7 +209,7 @@ def place(temp_name: str, path: Path, replace: bool) -> None:
     os.unlink(temp_name)
 
 
-def write_atomically(path: Path, write: Callable[[str], None], writer: RecordingWriter | None = None, *,
+def write_atomically(path: Path, write: Callable[[str], object], writer: RecordingWriter | None = None, *,
                      replace: bool = True, before_replace: Callable[[str], None] | None = None) -> None:
     """Call write(temp_name) on a temp file beside `path`, fsync it, then put it at `path` (see the module doc).
 

@@ -14,6 +14,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from bnstrip._torch import op_schema, own_buffers, own_parameters
 from bnstrip.trace.bn_registry import is_batchnorm_like
 from bnstrip.trace.opgraph import Op, join_name
 from bnstrip.trace.reads import call_name as _call_name, metadata_read
@@ -41,7 +42,7 @@ def _writes_first_argument(op: Op) -> bool:
         return False
     if node.op == "call_module":
         return getattr(op.module, "inplace", False) is True
-    schema = getattr(node.target, "_schema", None)
+    schema = op_schema(node.target)
     if schema is not None:  # an aten overload (torch.export): its schema says which arguments it writes
         return bool(schema.arguments) and schema.arguments[0].alias_info is not None \
             and schema.arguments[0].alias_info.is_write
@@ -62,7 +63,7 @@ def _returns_alias(op: Op) -> bool:
     node = op.node
     if node is None or node.op not in ("call_method", "call_function"):
         return False
-    schema = getattr(node.target, "_schema", None)
+    schema = op_schema(node.target)
     if schema is not None:
         return any(r.alias_info is not None for r in schema.returns)
     return _call_name(node) in _VIEW_NAMES
@@ -138,12 +139,12 @@ def byte_range(tensor: torch.Tensor) -> tuple[int, int, int] | None:
         start = tensor.data_ptr()
     except (RuntimeError, NotImplementedError, ValueError):  # lazy/uninitialised or exotic tensors
         return None
-    span = 1 + sum((size - 1) * abs(stride) for size, stride in zip(tensor.shape, tensor.stride()))
+    span = 1 + sum((size - 1) * abs(stride) for size, stride in zip(tensor.shape, tensor.stride(), strict=True))
     return storage, start, start + span * tensor.element_size()
 
 
 def own_tensors(module: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-    for bag in (module._parameters, module._buffers):
+    for bag in (own_parameters(module), own_buffers(module)):
         for attr, tensor in bag.items():
             if isinstance(tensor, torch.Tensor):
                 yield attr, tensor

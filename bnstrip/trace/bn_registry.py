@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Callable, Union
+from typing import Callable
 
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
+from bnstrip._torch import BatchNormBase as _BatchNorm
 
+from bnstrip.core.folded_bn import BN_SETTINGS, FoldedBatchNorm
 from bnstrip.core.foldmath import BNStats
 
 StatsReader = Callable[[nn.Module], BNStats]
@@ -27,12 +28,10 @@ _PLAIN_FORWARDS = {_BatchNorm.forward, nn.SyncBatchNorm.forward}
 
 def standard_stats(module: nn.Module) -> BNStats:
     """running_mean, running_var, weight, bias (None when absent) and eps, read as attributes of the module."""
-    return BNStats(module.running_mean, module.running_var, getattr(module, "weight", None),
-                   getattr(module, "bias", None), float(module.eps))
+    mean, var = getattr(module, "running_mean"), getattr(module, "running_var")  # noqa: B009 - Tensors, typed as Any
+    return BNStats(mean, var, getattr(module, "weight", None), getattr(module, "bias", None), float(getattr(module, "eps")))  # noqa: B009
 
 
-BN_SETTINGS = ("num_features", "eps", "momentum", "affine", "track_running_stats")
-"""The plain settings user code may read off a BatchNorm; kept on whatever replaces a folded one."""
 
 
 class FoldedBatchNormTail(nn.Module):
@@ -79,14 +78,14 @@ class BatchNormLike:
 PLAIN = BatchNormLike("torch.nn BatchNorm")
 """PyTorch's own BatchNorm forward (any _BatchNorm subclass that does not override it)."""
 
-_REGISTRY: dict[Union[type, str], BatchNormLike] = {}
+_REGISTRY: dict[type | str, BatchNormLike] = {}
 
 
 def qualified_name(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
-def register_batchnorm(cls_or_name: Union[type, str], *, stats: StatsReader | None = None,
+def register_batchnorm(cls_or_name: type | str, *, stats: StatsReader | None = None,
                        post: PostFactory | None = None) -> None:
     """Teach bnstrip a BatchNorm-like class: `stats(module)` returns its BNStats (live tensors), `post(module)`
     the module that replaces it after its normalisation is folded (None: it becomes the identity).
@@ -102,7 +101,7 @@ def register_batchnorm(cls_or_name: Union[type, str], *, stats: StatsReader | No
     _REGISTRY[key] = BatchNormLike(key, stats or standard_stats, post)
 
 
-def unregister_batchnorm(cls_or_name: Union[type, str]) -> None:
+def unregister_batchnorm(cls_or_name: type | str) -> None:
     key = cls_or_name if isinstance(cls_or_name, str) else qualified_name(cls_or_name)
     _REGISTRY.pop(key, None)
 
@@ -134,8 +133,6 @@ def module_stats(module: nn.Module, eps: float | None = None) -> BNStats:
 
 def folded_replacement(module: nn.Module) -> nn.Module:
     """The module that takes a folded BatchNorm's place: its entry's post module, else the identity."""
-    from bnstrip.fold.rewrite import FoldedBatchNorm  # rewrite imports the trace package
-
     entry = batchnorm_entry(module)
     if entry is not None and entry.post is not None:
         return entry.post(module)

@@ -7,8 +7,10 @@ BatchNormAct2d) count through bnstrip.trace.bn_registry, by exact class.
 from __future__ import annotations
 
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
-from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
+from bnstrip._torch import BatchNormBase as _BatchNorm
+from bnstrip._torch import ConvNd as _ConvNd
+from bnstrip._torch import ConvTransposeNd as _ConvTransposeNd
+from bnstrip._torch import global_module_hooks, has_module_hooks, own_buffers, own_parameters
 
 from bnstrip.trace.bn_registry import batchnorm_entry, is_batchnorm_like
 
@@ -30,24 +32,18 @@ def layer_kind(module: nn.Module) -> str | None:
 
 def has_hooks(module: nn.Module) -> bool:
     """Forward hooks on this module, or global ones (register_module_forward_hook) that run on every module."""
-    from torch.nn.modules import module as module_globals
-
-    return bool(module._forward_hooks or module._forward_pre_hooks or getattr(module, "_backward_hooks", None)
-                or getattr(module, "_forward_hooks_with_kwargs", None)
-                or module_globals._global_forward_hooks or module_globals._global_forward_pre_hooks)
+    return has_module_hooks(module) or global_module_hooks()
 
 
 def _hook_note(module: nn.Module) -> str:
-    from torch.nn.modules import module as module_globals
-
-    if module_globals._global_forward_hooks or module_globals._global_forward_pre_hooks:
+    if global_module_hooks():
         return ("global module hooks are registered (register_module_forward_hook/_pre_hook) and may change its "
                 "output; remove them before folding")
     return f"{type(module).__name__} has hooks that may change its output"
 
 
-def _forward_note(cls: type, kind: str) -> str | None:
-    if kind == "conv" and (cls.forward not in _CONV_FORWARDS or cls._conv_forward not in _CONV_IMPLS):
+def _forward_note(cls: type[nn.Module], kind: str) -> str | None:
+    if kind == "conv" and (cls.forward not in _CONV_FORWARDS or getattr(cls, "_conv_forward", None) not in _CONV_IMPLS):
         return f"{cls.__name__} overrides forward, so its output is not a plain convolution"
     if kind == "convT" and cls.forward not in _CONVT_FORWARDS:
         return f"{cls.__name__} overrides forward, so its output is not a plain transposed convolution"
@@ -75,11 +71,12 @@ def layer_refusal(module: nn.Module, own_forward: bool = False) -> str | None:
         return note
     if has_hooks(module):
         return _hook_note(module)
-    if "weight" not in module._parameters or module._parameters["weight"] is None:
+    if "weight" not in own_parameters(module) or own_parameters(module)["weight"] is None:
         return f"{cls.__name__}'s weight is not a plain Parameter (parametrized or missing)"
-    if "bias" not in module._parameters:
+    if "bias" not in own_parameters(module):
         return f"{cls.__name__}'s bias is not a plain Parameter (parametrized)"
-    weight = module._parameters["weight"]
+    weight = own_parameters(module)["weight"]
+    assert weight is not None  # checked above
     if isinstance(weight, nn.parameter.UninitializedParameter):
         return f"{cls.__name__} is a lazy module that was never run"
     if not weight.is_floating_point():
@@ -89,7 +86,7 @@ def layer_refusal(module: nn.Module, own_forward: bool = False) -> str | None:
 
 def _own_tensor(module: nn.Module, tensor: object) -> bool:
     """True when `tensor` is one of the module's own Parameter/buffer slots (not a parametrization or property)."""
-    return any(t is tensor for t in (*module._parameters.values(), *module._buffers.values()))
+    return any(t is tensor for t in (*own_parameters(module).values(), *own_buffers(module).values()))
 
 
 def bn_refusal(module: nn.Module, ignore_training: bool = False) -> str | None:

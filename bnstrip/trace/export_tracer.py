@@ -5,19 +5,17 @@ as a module's only when it runs inside that module with that module's own tensor
 """
 from __future__ import annotations
 
-import contextlib
-import io
-import logging
 import operator
 import re
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.fx as fx
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
+from bnstrip._torch import BatchNormBase as _BatchNorm
 
 from bnstrip.core.compare import fresh_inputs
+from bnstrip.core.torch_env import quiet_torch_logs
 from bnstrip.trace.alias import module_refusals
 from bnstrip.trace.bn_registry import PLAIN, batchnorm_entry
 from bnstrip.trace.classify import bn_refusal, layer_kind, layer_refusal, own_forward_note
@@ -30,22 +28,6 @@ _EXPORT_CONVT = {_A.conv_transpose1d.default, _A.conv_transpose2d.input, _A.conv
 _EXPORT_LINEAR = {_A.linear.default}
 _EXPORT_BN = {_A.batch_norm.default}
 _EXPORT_BN_TUPLE = {_A._native_batch_norm_legit_no_training.default}
-
-
-@contextlib.contextmanager
-def _quiet_torch_logs() -> Iterator[None]:
-    """torch.export logs guard warnings and whole graphs on torch.* loggers; the library must not print."""
-    names = ["torch"] + [n for n in logging.Logger.manager.loggerDict if n.startswith("torch.")]
-    loggers = [logging.getLogger(n) for n in names]
-    levels = [logger.level for logger in loggers]
-    for logger in loggers:
-        logger.setLevel(logging.CRITICAL)
-    try:
-        with contextlib.redirect_stderr(io.StringIO()):  # export prints the partial graph of a failure to stderr
-            yield
-    finally:
-        for logger, level in zip(loggers, levels):
-            logger.setLevel(level)
 
 
 _SLICE = re.compile(r"slice\((-?\d+|None),\s*(-?\d+|None),\s*(-?\d+|None)\)")
@@ -160,7 +142,7 @@ class _ExportNames:
 def graph_export(model: nn.Module, example_inputs: Sequence[torch.Tensor]) -> tuple[OpGraph | None, BaseException | None]:
     """Graph from torch.export (aten ops), mapped back to module names through the graph signature."""
     try:
-        with _quiet_torch_logs(), torch.no_grad():
+        with quiet_torch_logs(), torch.no_grad():
             program = torch.export.export(model, tuple(fresh_inputs(example_inputs)), strict=False)
     except Exception as exc:
         return None, exc

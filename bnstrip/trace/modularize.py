@@ -25,6 +25,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from bnstrip._torch import op_schema, own_buffers, own_parameters
 from bnstrip.trace.modularize_affine import Constants, affine_batchnorm
 
 _A = torch.ops.aten
@@ -51,7 +52,7 @@ class Modularized:
 
 def bind(node: fx.Node) -> dict[str, Any]:
     """The arguments of an aten call by schema name, defaults filled in."""
-    schema = node.target._schema  # type: ignore[union-attr]
+    schema = op_schema(node.target)
     values: dict[str, Any] = {}
     for index, argument in enumerate(schema.arguments):
         if index < len(node.args):
@@ -87,8 +88,8 @@ def _holds_only(module: nn.Module, allowed: set[str], installed: dict[str, nn.Mo
     """
     if installed.get(path) is module:
         return True
-    names = {n for n, t in module._parameters.items() if t is not None} | \
-            {n for n, t in module._buffers.items() if t is not None}
+    names = {n for n, t in own_parameters(module).items() if t is not None} | \
+            {n for n, t in own_buffers(module).items() if t is not None}
     return type(module) is nn.Module and not module._modules and names <= allowed
 
 
@@ -127,11 +128,11 @@ def _layer_for(gm: fx.GraphModule, node: fx.Node,
         return None
     owner_path, owner = found
     if not _holds_only(owner, {"weight", "bias"}, installed, owner_path) or \
-            (bias_path is None and owner._parameters.get("bias") is not None):
+            (bias_path is None and own_parameters(owner).get("bias") is not None):
         return None
-    weight = owner._parameters.get("weight")
+    weight = own_parameters(owner).get("weight")
     if weight is None:
-        weight = owner._buffers.get("weight")
+        weight = own_buffers(owner).get("weight")
     if weight is None:
         return None
     data = args["input"]
@@ -159,7 +160,7 @@ def _layer_for(gm: fx.GraphModule, node: fx.Node,
                                       bias=bias_path is not None, dilation=_tuple(args["dilation"], rank))
     module.weight = _param(weight)
     if bias_path is not None:
-        module.bias = _param(getattr(owner, "bias"))
+        module.bias = _param(owner.bias)
     return owner_path, module, data
 
 
@@ -203,19 +204,19 @@ def _bn_module(gm: fx.GraphModule, args: dict[str, Any], rank: int | None,
     if not _holds_only(owner, {"running_mean", "running_var", "num_batches_tracked", "weight", "bias"}, installed,
                        owner_path):
         return None
-    if not affine and (owner._parameters.get("weight") is not None or owner._parameters.get("bias") is not None):
+    if not affine and (own_parameters(owner).get("weight") is not None or own_parameters(owner).get("bias") is not None):
         return None
-    mean = owner._buffers["running_mean"]
+    mean = own_buffers(owner)["running_mean"]
     with torch.device("meta"):
         module = _BN_CLS[rank](mean.numel(), eps=float(args["eps"]), momentum=float(args["momentum"]), affine=affine)
     for name in ("running_mean", "running_var", "num_batches_tracked"):
-        if owner._buffers.get(name) is not None:
-            module._buffers[name] = owner._buffers[name]
+        if own_buffers(owner).get(name) is not None:
+            own_buffers(module)[name] = own_buffers(owner)[name]
         else:
-            module._buffers.pop(name, None)
+            own_buffers(module).pop(name, None)
     if affine:
-        module.weight = _param(getattr(owner, "weight"))
-        module.bias = _param(getattr(owner, "bias"))
+        module.weight = _param(owner.weight)
+        module.bias = _param(owner.bias)
     return owner_path, module.eval()
 
 
@@ -239,7 +240,7 @@ def _same_layer(a: nn.Module, b: nn.Module) -> bool:
     """Same class, hyper-parameters and tensor objects: the second call can call the first's module."""
     if type(a) is not type(b) or a.extra_repr() != b.extra_repr():
         return False
-    tensors = [(a._parameters, b._parameters), (a._buffers, b._buffers)]
+    tensors = [(own_parameters(a), own_parameters(b)), (own_buffers(a), own_buffers(b))]
     return all(x.keys() == y.keys() and all(x[k] is y[k] for k in x) for x, y in tensors)
 
 

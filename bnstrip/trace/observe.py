@@ -9,14 +9,13 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import AbstractSet, Any, Sequence
 
 import torch
-import torch.utils._pytree as pytree
 from torch import nn
 from torch.multiprocessing.reductions import StorageWeakRef
-from torch.utils._python_dispatch import TorchDispatchMode
 
+from bnstrip._torch import NoDynamoDispatchMode, op_schema, pytree
 from bnstrip.core.compare import fresh_inputs
 from bnstrip.errors import InputError
 from bnstrip.trace.alias import byte_range, own_tensors
@@ -36,7 +35,7 @@ class RunRecord:
     """BatchNorm name -> the op that wrote into its input in place after it ran."""
 
 
-class _RunWatcher(TorchDispatchMode):
+class _RunWatcher(NoDynamoDispatchMode):
     """Watches every op of a real run for two things a traced graph can hide.
 
     * Reads of a foldable module's parameter/buffer while that module is not the one running
@@ -56,11 +55,6 @@ class _RunWatcher(TorchDispatchMode):
         # into it, and an entry whose storage expired is skipped, so memory reused by a later tensor never matches.
         self.bn_inputs: dict[int, list[tuple[int, int, str, StorageWeakRef]]] = {}
         self.written: dict[str, str] = {}
-
-    @classmethod
-    def _should_skip_dynamo(cls) -> bool:
-        """See bnstrip.core.compare._Float64Mode: the mode is never compiled, so torch._dynamo is not imported."""
-        return False
 
     def watch_bn_input(self, tensor: torch.Tensor, name: str) -> None:
         where = byte_range(tensor)
@@ -83,7 +77,7 @@ class _RunWatcher(TorchDispatchMode):
                     reader = f"{running}'s forward" if running else "the model's forward"
                     self.found[owner] = (f"its {attr} is also read by {reader} (op {func}) at run time, so folding "
                                          "would change what that code computes")
-        schema = getattr(func, "_schema", None)
+        schema = op_schema(func)
         if self.bn_inputs and schema is not None and schema.is_mutable:
             self._note_writes(func, schema, args, kwargs)
         return func(*args, **kwargs)
@@ -144,7 +138,7 @@ def _watched_memory(model: nn.Module, watched: Sequence[str]) -> dict[int, list[
 
 
 def observe_run(model: nn.Module, example_inputs: Sequence[Any], watched: Sequence[str],
-                capture: set[str] = frozenset()) -> RunRecord:
+                capture: AbstractSet[str] = frozenset()) -> RunRecord:
     """Run `model` once on the example inputs, counting module calls, BatchNorm input ranks, and reads of the
     tensors of the `watched` modules from anywhere but their own forward; keeps a copy of the first call's
     (args, kwargs, output) of each module named in `capture`, as its forward saw and returned them

@@ -14,8 +14,8 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
-from torch.nn.modules.conv import _ConvNd
+from bnstrip._torch import BatchNormBase as _BatchNorm
+from bnstrip._torch import ConvNd as _ConvNd
 
 from bnstrip.errors import first_line
 from bnstrip.trace.bn_registry import is_batchnorm_like
@@ -41,8 +41,8 @@ class Op:
     kind: str
     label: str
     module: nn.Module | None = None
-    inputs: list["Op"] = field(default_factory=list)
-    users: list["Op"] = field(default_factory=list)
+    inputs: list[Op] = field(default_factory=list)
+    users: list[Op] = field(default_factory=list)
     rank: int | None = None
     node: fx.Node | None = None
     functional: FunctionalBN | None = None
@@ -88,7 +88,7 @@ def _bind_functional_bn(node: fx.Node) -> dict[str, Any]:
         bound.apply_defaults()
         return dict(bound.arguments)
     names = ["input", "weight", "bias", "running_mean", "running_var", "training", "momentum", "eps", "cudnn_enabled"]
-    values = dict(zip(names, node.args))
+    values = dict(zip(names, node.args, strict=False))  # the call may pass fewer positionally
     values.update(node.kwargs)
     return values
 

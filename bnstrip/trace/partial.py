@@ -7,8 +7,8 @@ from typing import Sequence
 import torch
 import torch.fx as fx
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
-from torch.nn.modules.conv import _ConvNd
+from bnstrip._torch import BatchNormBase as _BatchNorm
+from bnstrip._torch import ConvNd as _ConvNd
 
 from bnstrip.core.compare import outputs_match
 from bnstrip.trace.alias import attribute_read_refusals, module_refusals

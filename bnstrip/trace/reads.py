@@ -11,11 +11,11 @@ from __future__ import annotations
 import inspect
 from typing import TYPE_CHECKING
 
-import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from bnstrip._torch import OpOverload, has_module_hooks, op_schema
 from bnstrip.trace.bn_registry import qualified_name
 
 if TYPE_CHECKING:  # opgraph builds Ops; this module only reads them
@@ -43,7 +43,7 @@ def call_name(node: fx.Node | None) -> str:
     target = node.target
     if isinstance(target, str):
         return target
-    schema = getattr(target, "_schema", None)
+    schema = op_schema(target)
     if schema is not None:
         return schema.name.split("::")[-1]
     return getattr(target, "__name__", str(target))
@@ -58,8 +58,8 @@ def metadata_read(node: fx.Node | None) -> bool:
         return node.args[1] in _METADATA_ATTRIBUTES
     if node.op == "call_function" and node.target is len:
         return True
-    if node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload):
-        return node.target._schema.name.split("::")[-1] in _METADATA_ATEN
+    if node.op == "call_function" and isinstance(node.target, OpOverload):
+        return op_schema(node.target).name.split("::")[-1] in _METADATA_ATEN
     return node.op == "call_method" and node.target in _METADATA_METHODS
 
 
@@ -82,7 +82,7 @@ def reading_users(op: Op) -> list[Op]:
 
 def _dropout_off(node: fx.Node) -> bool:
     """A functional dropout that does nothing: training=False (F.dropout defaults to True; aten names it train)."""
-    if isinstance(node.target, str) or getattr(node.target, "_schema", None) is None:
+    if isinstance(node.target, str) or op_schema(node.target) is None:
         fn = getattr(F, call_name(node), None)
         if fn is None:
             return False
@@ -104,7 +104,7 @@ def identity_in_eval(op: Op) -> bool:
         return False
     if node.op == "call_module":
         module = op.module
-        if module is None or module._forward_hooks or module._forward_pre_hooks:
+        if module is None or has_module_hooks(module):
             return False
         if type(module) is nn.Identity:
             return True

@@ -136,7 +136,7 @@ def forward(net: ConvNet, activation: str) -> tuple[list[torch.Tensor], list[tor
     """(pre-activations z_1..z_L, outputs y_0..y_L) with convolutions only."""
     pre, outputs = [], [net.x]
     depth = len(net.filters)
-    for index, (w, b) in enumerate(zip(net.filters, net.biases), start=1):
+    for index, (w, b) in enumerate(zip(net.filters, net.biases, strict=True), start=1):
         z = _conv(outputs[-1], w) + b
         pre.append(z)
         outputs.append(z if index == depth else activate(z, activation))
@@ -163,7 +163,7 @@ def autograd_gradients(net: ConvNet, activation: str) -> tuple[list[torch.Tensor
     filters = [w.detach().clone().requires_grad_(True) for w in net.filters]
     biases = [b.detach().clone().requires_grad_(True) for b in net.biases]
     y = net.x.view(1, 1, -1)
-    for index, (w, b) in enumerate(zip(filters, biases), start=1):
+    for index, (w, b) in enumerate(zip(filters, biases, strict=True), start=1):
         y = F.conv1d(y, w.view(1, 1, -1), b.view(1))
         if index < len(filters):
             y = activate(y, activation)
@@ -185,7 +185,7 @@ def matrix_gradients(net: ConvNet, activation: str) -> tuple[list[torch.Tensor],
     """Ground truth 2: explicit A_w; dy_L/dA_l = g_l y_{l-1}^T and dA_l/dw_{l,k} picks the k-th diagonal."""
     matrices, pre, outputs = [], [], [net.x]
     depth = len(net.filters)
-    for index, (w, b) in enumerate(zip(net.filters, net.biases), start=1):
+    for index, (w, b) in enumerate(zip(net.filters, net.biases, strict=True), start=1):
         matrix = conv_matrix(w, outputs[-1].numel())
         matrices.append(matrix)
         z = matrix @ outputs[-1] + b

@@ -5,7 +5,7 @@ BatchNorms on slices of one qkv conv, timm's Conv2dSame pieces concatenated befo
 a BatchNorm read by several layers (NextViT's key and value), a BatchNormAct2d whose act and drop
 are identities, starnet's BatchNorm -> pool -> timm `Linear`, RepViT's BatchNorm after a RepVGG sum,
 and PyTorch's JIT-freezing conv -> mul -> add -> BatchNorm. `build` returns one with randomised
-statistics (bnstrip.zoo.randomize_bn), as bnstrip.zoo does.
+statistics (bnstrip.testing.zoo.randomize_bn), as bnstrip.testing.zoo does.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bnstrip.zoo import randomize_bn
+from bnstrip.testing.zoo import randomize_bn
 
 
 class LambdaQKV(nn.Module):

@@ -1,6 +1,6 @@
 """Small replica networks covering every pattern the fold engine must fold or refuse.
 
-Each class builds with no arguments (so `--arch bnstrip.zoo:ResNet18Style` works; scripts import it too) and is
+Each class builds with no arguments (so `--arch bnstrip.testing.zoo:ResNet18Style` works; scripts import it too) and is
 kept tiny so tests stay fast. `INPUT_SHAPES` gives a batch shape each model accepts;
 `randomize_bn` gives BatchNorms statistics that make a wrong fold visible.
 
@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from bnstrip._torch import BatchNormBase
 
 
 def conv_bn(cin: int, cout: int, k: int = 3, stride: int = 1, groups: int = 1, act: bool = True) -> nn.Sequential:
@@ -352,7 +354,7 @@ def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
         for name, tensor in list(model.named_buffers()) + list(model.named_parameters()):
             leaf = name.rsplit(".", 1)[-1]
             owner = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
-            is_bn = isinstance(owner, nn.modules.batchnorm._BatchNorm)
+            is_bn = isinstance(owner, BatchNormBase)
             n = tensor.numel()
             if leaf.endswith("running_var"):
                 tensor.copy_(10 ** (torch.rand(n, generator=gen, dtype=torch.float64) * 6 - 3))
