@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-__version__ = "0.1.0"
+from bnstrip._version import __version__
 
 if TYPE_CHECKING:  # what a type checker sees; at run time the names load lazily (below), without torch
     from bnstrip.fold.load import load_folded as load_folded

@@ -157,7 +157,7 @@ def _resolve(spec: str) -> tuple[Callable[..., Any], str, str | None]:
     return import_callable(spec), spec.partition(":")[2], spec.partition(":")[0]
 
 
-def import_arch(spec: str, kwargs: dict[str, Any] | None = None) -> "nn.Module":
+def import_arch(spec: str, kwargs: dict[str, Any] | None = None) -> nn.Module:
     """Build the nn.Module that `spec` names (MODULE:CALLABLE, torchvision:NAME, timm:NAME, ultralytics:CONFIG.yaml).
 
     `kwargs` go to the class or factory (`--arch-kwargs`). Whatever the model's code prints goes to
@@ -167,7 +167,7 @@ def import_arch(spec: str, kwargs: dict[str, Any] | None = None) -> "nn.Module":
     return _build(spec, target, shown, module_name, dict(kwargs or {}))
 
 
-def arch_factory(spec: str, kwargs: dict[str, Any] | None = None) -> Callable[[], "nn.Module"]:
+def arch_factory(spec: str, kwargs: dict[str, Any] | None = None) -> Callable[[], nn.Module]:
     """A no-argument factory for `spec`, resolved now: a wrong spec or a missing package is named before any file is
     read, and no model is built yet (memory)."""
     target, shown, module_name = _resolve(spec)
@@ -185,7 +185,7 @@ def _refuse_missing_arguments(spec: str, target: Callable[..., Any], shown: str,
 
 
 def _build(spec: str, target: Callable[..., Any], shown: str, module_name: str | None,
-           kwargs: dict[str, Any]) -> "nn.Module":
+           kwargs: dict[str, Any]) -> nn.Module:
     from torch import nn
 
     if module_name is not None:

@@ -75,7 +75,7 @@ def test_every_frozen_batchnorm_is_listed_once_with_a_reason() -> None:
     assert "also used elsewhere" in reasons["bn_shared"]
     assert "not directly" in reasons["bn_alone"]
     with torch.no_grad():
-        for want, got in zip(model(x), result.program.module()(x)):
+        for want, got in zip(model(x), result.program.module()(x), strict=True):
             assert _rel(want, got) <= EXACT
 
 

@@ -15,7 +15,7 @@ def test_each_nonzero_element_moves_exactly_one_ulp_of_its_dtype(dtype: torch.dt
     values = torch.tensor([1.0, -3.0, 0.0, 1e-3, 250.0, -0.7], dtype=dtype)
     moved = one_ulp_moved(values, torch.Generator().manual_seed(0))
     assert moved.dtype == torch.float64 and moved[2] == 0
-    for original, new in zip(values.tolist(), moved.tolist()):
+    for original, new in zip(values.tolist(), moved.tolist(), strict=True):
         if original == 0:
             continue
         magnitude = torch.tensor(abs(original), dtype=dtype)

@@ -210,7 +210,7 @@ def test_reemitted_program_computes_what_torch_loads(case, tmp_path):
     path = tmp_path / "p.pt2"
     torch.export.save(torch.export.export(model, args, kwargs, dynamic_shapes=shapes), path)
     trusted, ours = torch.export.load(path), load_program(path)
-    for a, b in zip(pytree.tree_leaves(trusted.module()(*args, **kwargs)), pytree.tree_leaves(ours.module()(*args, **kwargs))):
+    for a, b in zip(pytree.tree_leaves(trusted.module()(*args, **kwargs)), pytree.tree_leaves(ours.module()(*args, **kwargs)), strict=True):
         assert torch.equal(a, b)
     symbols = {str(k): (int(v.lower), int(v.upper)) for k, v in trusted.range_constraints.items() if k.is_Symbol}
     assert {str(k): (int(v.lower), int(v.upper)) for k, v in ours.range_constraints.items()} == symbols

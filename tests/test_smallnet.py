@@ -124,7 +124,7 @@ def test_self_check_failure_refuses(random_smallnet_state, monkeypatch) -> None:
 
 @pytest.mark.slow  # a smallNet fold and self-check, twice
 def test_self_check_figures_do_not_depend_on_the_thread_count(random_smallnet_state) -> None:
-    """fuse's self-check runs its parts on one intra-op thread each (bnstrip.threads): same bits at any count."""
+    """fuse's self-check runs its parts on one intra-op thread each (bnstrip.core.threads): same bits at any count."""
     before = torch.get_num_threads()
     figures = []
     try:

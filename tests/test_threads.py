@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from bnstrip.threads import available_cores, map_single_threaded
+from bnstrip.core.threads import available_cores, map_single_threaded
 
 
 def test_results_in_order_and_bit_identical_at_any_worker_count() -> None:
@@ -31,5 +31,7 @@ def test_the_callers_grad_and_inference_modes_hold_in_the_workers() -> None:
 
 
 def test_nested_calls_run_in_turn_inside_a_worker() -> None:
-    inner = lambda x: sum(map_single_threaded(lambda y: y * 2, [x, x + 1], workers=4))
+    def inner(x: int) -> int:
+        return sum(map_single_threaded(lambda y: y * 2, [x, x + 1], workers=4))
+
     assert map_single_threaded(inner, [1, 2, 3], workers=3) == [6, 10, 14]

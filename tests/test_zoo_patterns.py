@@ -86,7 +86,7 @@ def test_each_pattern_folds_exactly_in_float64(name: str, export_only: bool) -> 
     assert {bn: layer for layer, bn in result.folded} == expected
     fresh = tuple(torch.rand_like(t) * 6 - 3 for t in inputs)  # exact, not fitted to the example inputs
     for sample in (inputs, fresh):
-        for want, got in zip(_outputs(model, sample), _outputs(result.model, sample)):
+        for want, got in zip(_outputs(model, sample), _outputs(result.model, sample), strict=True):
             assert _rel(want, got) <= EXACT
 
 
@@ -142,7 +142,7 @@ def test_near_misses_stay_refused_with_the_reason() -> None:
     assert "zero-pads" in reasons["bn_two"]
     assert "multiplies some channel by 0" in reasons["bn_zero"]
     assert "does not give its output" in reasons["bn_head"]
-    for want, got in zip(_outputs(model, inputs), _outputs(result.model, inputs)):
+    for want, got in zip(_outputs(model, inputs), _outputs(result.model, inputs), strict=True):
         assert _rel(want, got) <= EXACT
 
 
@@ -159,7 +159,7 @@ def test_keep_structure_refuses_what_it_cannot_hold() -> None:
         model, inputs = build(name)
         result = fold_model(model, inputs, keep_structure=True)
         assert "keep_structure=True" in dict(result.skipped)[bn]
-        for want, got in zip(_outputs(model, inputs), _outputs(result.model, inputs)):
+        for want, got in zip(_outputs(model, inputs), _outputs(result.model, inputs), strict=True):
             assert _rel(want, got) <= EXACT
 
 

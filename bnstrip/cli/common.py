@@ -197,10 +197,10 @@ def _number_width(cell: str) -> int:
 
 def _grow(widths: list[int], target: list[int], room: int) -> int:
     """Widen `widths` towards `target` within `room`, in proportion to what each lacks; the room left."""
-    lacking = [max(t - w, 0) for w, t in zip(widths, target)]
+    lacking = [max(t - w, 0) for w, t in zip(widths, target, strict=True)]
     total = sum(lacking)
     if total <= room:
-        widths[:] = [max(w, t) for w, t in zip(widths, target)]
+        widths[:] = [max(w, t) for w, t in zip(widths, target, strict=True)]
         return room - total
     for index, lack in enumerate(lacking):
         widths[index] += room * lack // total
@@ -230,12 +230,12 @@ class FittingTable:
 
     def __init__(self, columns: list[str], cells: list[list[Any]], texts: list[list[str]]) -> None:
         self.columns, self.cells = columns, cells
-        by_column = list(zip(*texts)) if texts else [() for _ in columns]
-        self.natural = [max([len(c) for c in column] + [len(name), 1]) for name, column in zip(columns, by_column)]
+        by_column = list(zip(*texts, strict=True)) if texts else [() for _ in columns]
+        self.natural = [max([len(c) for c in column] + [len(name), 1]) for name, column in zip(columns, by_column, strict=True)]
         self.minimum = [max([_number_width(c) for c in column] + [_number_width(name), 1])
-                        for name, column in zip(columns, by_column)]
+                        for name, column in zip(columns, by_column, strict=True)]
         self.words = [max([len(word) for c in (name, *column) for word in c.split()] + [1])
-                      for name, column in zip(columns, by_column)]
+                      for name, column in zip(columns, by_column, strict=True)]
 
     @staticmethod
     def _table(columns: list[str], rows: list[list[Any]], widths: list[int] | None, sections: int = 0):
@@ -253,7 +253,7 @@ class FittingTable:
         if sum(self.minimum) <= available or not self.cells:
             yield self._table(self.columns, self.cells, _fit([self.minimum, self.words, self.natural], available))
             return
-        pairs = [[name, cell] for row in self.cells for name, cell in zip(self.columns, row)]
+        pairs = [[name, cell] for row in self.cells for name, cell in zip(self.columns, row, strict=True)]
         names = max(len(name) for name in self.columns)
         widths = _fit([[1, max(self.minimum)], [names, max(self.words)], [names, max(self.natural)]],
                       options.max_width - 7)
@@ -349,3 +349,37 @@ class Progress:
     def __exit__(self, *exc: Any) -> None:
         if self._progress is not None:
             self._progress.__exit__(*exc)
+
+
+def arch_input_shape(arch: str, input_shape: str | None) -> list[int]:
+    """--input-shape as a list of positive ints; required with --arch."""
+    from bnstrip.cli.common import parse_int_list
+    from bnstrip.errors import InputError
+
+    if not input_shape:
+        raise InputError(f"--arch {arch}: --input-shape is required to trace and self-check the model, "
+                         "e.g. --input-shape 1,3,224,224")
+    shape = parse_int_list(input_shape, "--input-shape")
+    if any(d <= 0 for d in shape):
+        raise InputError(f"--input-shape {input_shape}: every dimension must be positive")
+    return shape
+
+
+def arch_model_factory(arch: str, arch_kwargs: str | None):  # noqa: ANN201 - Callable[[], nn.Module]
+    """--arch (and --arch-kwargs) resolved now, as a factory that builds the model later."""
+    from bnstrip.arch import arch_factory, parse_arch_kwargs
+
+    return arch_factory(arch, parse_arch_kwargs(arch_kwargs))
+
+
+def strict_gate(input_path: str, output_path: str, skipped: list[tuple[str, str]], strict: bool,
+                dry_run: bool = False) -> None:
+    """--strict on every path: exit 1 (after OUT was written, or with --dry-run after the report) when a BatchNorm
+    stayed."""
+    if strict and skipped:
+        from bnstrip.errors import CheckFailed
+
+        bn, reason = skipped[0]
+        written = "dry run, nothing was written" if dry_run else f"{output_path} was written"
+        raise CheckFailed(f"{input_path}: --strict: {len(skipped)} BatchNorm(s) not folded ({written}), "
+                          f"first {bn}: {reason}")

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import click
 
-from bnstrip.cli.common import core_json, emit_json, fmt, handle_errors, make_table, plain, stdout_console, warn
+from bnstrip.cli.common import (arch_input_shape, arch_model_factory, core_json, emit_json, fmt, handle_errors, make_table,
+                                plain, stdout_console, strict_gate, warn)
 
 
 @click.command()
@@ -114,40 +115,6 @@ def _fuse_arch(input_path: str, output_path: str, arch: str, input_shape: str | 
     else:
         _print_arch(input_path, output_path, arch, report, dry_run)
     strict_gate(input_path, output_path, report.result.skipped, strict, dry_run)
-
-
-def arch_input_shape(arch: str, input_shape: str | None) -> list[int]:
-    """--input-shape as a list of positive ints; required with --arch."""
-    from bnstrip.cli.common import parse_int_list
-    from bnstrip.errors import InputError
-
-    if not input_shape:
-        raise InputError(f"--arch {arch}: --input-shape is required to trace and self-check the model, "
-                         "e.g. --input-shape 1,3,224,224")
-    shape = parse_int_list(input_shape, "--input-shape")
-    if any(d <= 0 for d in shape):
-        raise InputError(f"--input-shape {input_shape}: every dimension must be positive")
-    return shape
-
-
-def arch_model_factory(arch: str, arch_kwargs: str | None):  # noqa: ANN201 - Callable[[], nn.Module]
-    """--arch (and --arch-kwargs) resolved now, as a factory that builds the model later."""
-    from bnstrip.arch import arch_factory, parse_arch_kwargs
-
-    return arch_factory(arch, parse_arch_kwargs(arch_kwargs))
-
-
-def strict_gate(input_path: str, output_path: str, skipped: list[tuple[str, str]], strict: bool,
-                dry_run: bool = False) -> None:
-    """--strict on every path: exit 1 (after OUT was written, or with --dry-run after the report) when a BatchNorm
-    stayed."""
-    if strict and skipped:
-        from bnstrip.errors import CheckFailed
-
-        bn, reason = skipped[0]
-        written = "dry run, nothing was written" if dry_run else f"{output_path} was written"
-        raise CheckFailed(f"{input_path}: --strict: {len(skipped)} BatchNorm(s) not folded ({written}), "
-                          f"first {bn}: {reason}")
 
 
 def _print_arch(input_path: str, output_path: str, arch: str, report,  # noqa: ANN001 - a FuseReport

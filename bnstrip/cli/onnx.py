@@ -57,7 +57,9 @@ def fuse_onnx_job(input_path: str, output_path: str, *, arch: str | None, input_
     if arch is not None:
         from bnstrip.onnxfold.export import fuse_arch_to_onnx
 
-        report = fuse_arch_to_onnx(input_path, output_path, arch, input_shape, eps=eps, force=force,
+        from bnstrip.cli.common import arch_input_shape
+
+        report = fuse_arch_to_onnx(input_path, output_path, arch, arch_input_shape(arch, input_shape), eps=eps, force=force,
                                    allow_overflow=allow_overflow, dtype=dtype, arch_kwargs=arch_kwargs)
     else:
         if input_shape or keep_structure or reparameterize or eps is not None or dtype != "keep":

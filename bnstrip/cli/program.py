@@ -36,7 +36,7 @@ def fuse_program_job(input_path: str, output_path: str, *, arch: str | None, inp
         report = fuse_program_file(input_path, output_path, eps=eps, allow_overflow=allow_overflow, force=force,
                                    dry_run=dry_run)
     else:
-        from bnstrip.cli.fuse import arch_input_shape, arch_model_factory
+        from bnstrip.cli.common import arch_input_shape, arch_model_factory
         from bnstrip.core.compare import seeded_inputs
 
         shape = arch_input_shape(arch, input_shape)
@@ -49,7 +49,7 @@ def fuse_program_job(input_path: str, output_path: str, *, arch: str | None, inp
                                    f"static batch: the program takes N={report.input_shape[0]} only"
                                    + ("" if dynamic_batch else " (--static-batch)")), err=True)
     _print_fuse(report, as_json, strict, dry_run)
-    from bnstrip.cli.fuse import strict_gate
+    from bnstrip.cli.common import strict_gate
 
     strict_gate(input_path, output_path, report.result.skipped, strict, dry_run)
     return True

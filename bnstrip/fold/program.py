@@ -21,14 +21,12 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from bnstrip._torch import graph_codegen, pytree
+from bnstrip._torch import pytree
 from bnstrip.core.compare import SelfCheck, compare_models, seeded_inputs, seeded_outputs
 from bnstrip.errors import CheckFailed, InputError, first_line
 from bnstrip.fold.model import FoldResult, fold_model, with_none_folded_warning
+from bnstrip.trace.export_tracer import plain_graph_module
 from bnstrip.trace.modularize import modularize
-
-_GUARDS = "_guards_fn"
-
 
 @dataclass
 class ProgramFoldResult(FoldResult):
@@ -130,20 +128,6 @@ def _dynamic_shapes(ep: Any, module: nn.Module, args: Sequence[Any], kwargs: dic
     return dict(inspect.signature(module.forward).bind(*arg_specs, **kwarg_specs).arguments), sorted(dims)
 
 
-def _plain_module(unlifted: fx.GraphModule) -> tuple[fx.GraphModule, Any]:
-    """ep.module() as a plain GraphModule over the flat input leaves (no pytree code, no input guards)."""
-    codegen = graph_codegen(unlifted.graph)
-    graph = fx.Graph()
-    values: dict[fx.Node, fx.Node] = {}
-    out = graph.graph_copy(unlifted.graph, values)
-    graph.output(out)
-    for node in list(graph.nodes):
-        if node.op == "call_module" and str(node.target) == _GUARDS:
-            graph.erase_node(node)
-    gm = fx.GraphModule(unlifted, graph, "ExportedProgram")
-    return gm, codegen
-
-
 def _export(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], dynamic: Any) -> Any:
     from bnstrip.core.torch_env import quiet_torch_logs as _quiet_torch_logs
 
@@ -200,7 +184,7 @@ def fold_program(ep: Any, example_inputs: Any = None, *, eps: float | None = Non
         raise InputError(f"{name}: example_inputs do not match the program's inputs ({len(leaves)} leaves given); "
                          "pass them as the program was exported with")
     original = ep.module()
-    gm, codegen = _plain_module(original)
+    gm, codegen = plain_graph_module(original)
     rewritten = modularize(gm)
     for node in rewritten.gm.graph.nodes:
         node.meta.pop("val", None)  # fake tensors of the old program: fold_model measures ranks on a real run

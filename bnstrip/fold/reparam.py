@@ -221,7 +221,7 @@ def _attempt(model: nn.Module, inputs: Sequence[Any] | None, keep: Callable[[Mer
 
 def exported_graph(model: nn.Module, inputs: Sequence[Any]) -> tuple[fx.GraphModule | None, Any, str]:
     """(module calls over torch.export's aten graph of `model`, its input/output codegen, '') or (None, None, why)."""
-    from bnstrip.fold.program import _plain_module
+    from bnstrip.trace.export_tracer import plain_graph_module
     from bnstrip.trace.export_tracer import _quiet_torch_logs
     from bnstrip.trace.modularize import modularize
 
@@ -230,7 +230,7 @@ def exported_graph(model: nn.Module, inputs: Sequence[Any]) -> tuple[fx.GraphMod
             program = torch.export.export(model, tuple(fresh_inputs(inputs)), strict=False)
     except Exception as exc:  # noqa: BLE001 - torch.export raises many types; the reason is one line
         return None, None, f"{type(exc).__name__}: {first_line(exc, 200, '')}"
-    gm, codegen = _plain_module(program.module())
+    gm, codegen = plain_graph_module(program.module())
     return modularize(gm).gm, codegen, ""
 
 

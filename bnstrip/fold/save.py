@@ -18,8 +18,8 @@ if TYPE_CHECKING:
     from bnstrip.fold.model import FoldResult
 
 
-def _manifest(result: "FoldResult", output: Path, architecture: str) -> dict[str, Any]:
-    from bnstrip import __version__
+def _manifest(result: FoldResult, output: Path, architecture: str) -> dict[str, Any]:
+    from bnstrip._version import __version__
 
     check = result.check
     assert check is not None
@@ -31,13 +31,13 @@ def _manifest(result: "FoldResult", output: Path, architecture: str) -> dict[str
     }
 
 
-def save_result(result: "FoldResult", path: str | os.PathLike[str], *, force: bool = False) -> Path:
+def save_result(result: FoldResult, path: str | os.PathLike[str], *, force: bool = False) -> Path:
     """Write `result.model`'s state_dict to `path` (.pt or .safetensors) and its manifest beside it.
 
     Only a checked result is saved (fold_model with example_inputs), so the file holds a proven model.
     Returns the manifest's path.
     """
-    from bnstrip import __version__
+    from bnstrip._version import __version__
     from bnstrip.io.checkpoint import sha256_file
     from bnstrip.io.manifest import manifest_path, write_manifest
     from bnstrip.io.write import check_output_path, save_checkpoint

@@ -13,7 +13,7 @@ from bnstrip.errors import CheckFailed, InputError
 from bnstrip.core.foldmath import all_finite, bn_scale_shift, bn_stats_from_state, fold_state_dict
 from bnstrip.homework.models import SMALLNET_EPS, SMALLNET_INPUT_SHAPE, SMALLNET_PAIRS, SmallNetTest, SmallNetTrain
 from bnstrip.core.compare import SelfCheck, compare_outputs, seeded_inputs, seeded_outputs
-from bnstrip.threads import map_single_threaded
+from bnstrip.core.threads import map_single_threaded
 
 
 @dataclass
@@ -167,7 +167,7 @@ class _FewSamplesAtATime(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Each part on one intra-op thread, up to `workers` at once: the same figures at any core count
-        # (bnstrip.threads); `workers` bounds the activations alive at once (fuse's memory goal).
+        # (bnstrip.core.threads); `workers` bounds the activations alive at once (fuse's memory goal).
         return torch.cat(map_single_threaded(self.model, x.split(self.samples), workers=self.workers))
 
 

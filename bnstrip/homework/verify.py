@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from bnstrip.core.torch_env import torch_threads
-from bnstrip.threads import available_cores
+from bnstrip.core.threads import available_cores
 from bnstrip.homework.data import to_float_tensor
 
 
@@ -123,7 +123,7 @@ def _verify(bn_model: nn.Module, folded_model: nn.Module, images: np.ndarray, la
     with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="bnstrip-verify") as pool:
         futures = [pool.submit(_run_chunk, bn_model, folded_model, images[start:start + chunk],
                                labels_t[start:start + chunk], channels_last) for start in starts]
-        for start, future in zip(starts, futures):  # combined in image order: the same sums at any worker count
+        for start, future in zip(starts, futures, strict=True):  # combined in image order: the same sums at any worker count
             part = future.result()
             batch_index = torch.arange(start, start + len(part.row_sq)) // batch_size
             batch_sq.index_add_(0, batch_index, part.row_sq)

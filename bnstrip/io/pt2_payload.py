@@ -44,9 +44,10 @@ def reach_bytes(meta: dict[str, Any]) -> int:
     strides = [s["as_int"] for s in meta["strides"]]
     offset = meta["storage_offset"]["as_int"]
     _need(all(v >= 0 for v in sizes + strides) and offset >= 0, "a stored tensor has negative sizes or strides")
+    _need(len(sizes) == len(strides), "a stored tensor has sizes and strides of different ranks")
     if 0 in sizes:
         return 0
-    return (offset + 1 + sum((n - 1) * s for n, s in zip(sizes, strides))) * SCALAR_TYPES[meta["dtype"]]
+    return (offset + 1 + sum((n - 1) * s for n, s in zip(sizes, strides, strict=True))) * SCALAR_TYPES[meta["dtype"]]
 
 
 def _entries(doc: Any, folder: str, e: Emitter) -> dict[str, tuple[str, bool, dict[str, Any]]]:

@@ -132,11 +132,11 @@ def compare(original: list[Any], folded: list[Any], original64: list[Any] | None
 
     o, f = _leaves(original), _leaves(folded)
     r = _leaves(original64) if original64 is not None else None
-    if len(o) != len(f) or any(a.shape != b.shape for a, b in zip(o, f)):
+    if len(o) != len(f) or any(a.shape != b.shape for a, b in zip(o, f, strict=True)):
         return "the folded graph's outputs have other shapes than the original's"
     diff = scale = rounding = 0.0
     dtype = np.dtype("float32")
-    for index, (a, b) in enumerate(zip(o, f)):
+    for index, (a, b) in enumerate(zip(o, f, strict=True)):
         if a.dtype.kind != "f":
             if not np.array_equal(a, b):
                 diff = math.inf
@@ -179,7 +179,7 @@ class Reference:
         """The rule on `candidate` (a ModelProto): a SelfCheck (passed or not), or why it cannot run."""
         data = candidate.SerializeToString()
         reports = []
-        for feed, outputs, outputs64 in zip(self.feeds, self.outputs, self.outputs64):
+        for feed, outputs, outputs64 in zip(self.feeds, self.outputs, self.outputs64, strict=True):
             try:
                 got = run_ort(data, feed)
             except Exception as exc:  # noqa: BLE001 - the folded graph must run where the original did

@@ -13,7 +13,7 @@ import io
 import time
 from typing import Any
 
-from bnstrip.errors import CheckFailed, InputError
+from bnstrip.errors import CheckFailed
 
 
 def export_bytes(model: Any, example: Any, opset: int | None = None) -> bytes:
@@ -58,13 +58,12 @@ def prove_file(data: bytes, original: Any, example: Any, shown: str) -> Any:
     return model, report
 
 
-def fuse_arch_to_onnx(input_path: str, output_path: str, arch: str, input_shape: str | None, *,
+def fuse_arch_to_onnx(input_path: str, output_path: str, arch: str, shape: list[int], *,
                       eps: float | None = None, force: bool = False, allow_overflow: bool = False,
                       dtype: str = "keep", arch_kwargs: str | None = None) -> Any:
     """Fold the checkpoint in --arch's model, export the folded module, prove the file, write OUT.onnx."""
     from bnstrip import __version__
     from bnstrip.arch import arch_factory, parse_arch_kwargs
-    from bnstrip.cli.common import parse_int_list
     from bnstrip.core.compare import model_dtype, seeded_inputs
     from bnstrip.fold.model import fold_model
     from bnstrip.io.checkpoint import load_checkpoint
@@ -73,9 +72,6 @@ def fuse_arch_to_onnx(input_path: str, output_path: str, arch: str, input_shape:
     from bnstrip.pipeline import _converted, build_loaded
 
     started = time.perf_counter()
-    if not input_shape:
-        raise InputError(f"--arch {arch}: --input-shape is required to export and check the model")
-    shape = parse_int_list(input_shape, "--input-shape")
     factory = arch_factory(arch, parse_arch_kwargs(arch_kwargs))  # a wrong spec is named before any file is read
     loaded = load_checkpoint(input_path)
     check_onnx_outputs(output_path, [input_path], force, external=False)

@@ -110,7 +110,7 @@ def _prune(model: Any, keep: set[tuple[int, str]]) -> None:
             kept = [item for item in repeated if (index, item.name) not in drop]
             if len(kept) != len(repeated):
                 copies = [type(item)() for item in kept]
-                for copy, item in zip(copies, kept):
+                for copy, item in zip(copies, kept, strict=True):
                     copy.CopyFrom(item)
                 del repeated[:]
                 repeated.extend(copies)

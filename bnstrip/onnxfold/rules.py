@@ -108,7 +108,7 @@ def bn_issue(bn: Any, scope: Scope) -> str | None:
         return "spatial=0: per-activation statistics, not per channel"
     if any(name and scope.uses(name) for name in bn.output[1:]):
         return "its running-statistics outputs are used (a training graph)"
-    for name, what in zip(bn.input[1:5], ("scale", "B", "input_mean", "input_var")):
+    for name, what in zip(bn.input[1:5], ("scale", "B", "input_mean", "input_var"), strict=True):
         if name in scope.graph_inputs:
             return f"its {what} '{name}' is a graph input, so it can change at run time"
         tensor = scope.constant(name)

@@ -32,7 +32,7 @@ def bn_node(x: str, y: str, channels: int, rng: np.random.Generator, inits: list
     names = [f"{prefix}.{k}" for k in ("scale", "B", "mean", "var")]
     values = [rng.uniform(0.5, 2.0, channels), rng.normal(0, 1, channels), rng.normal(0, 1, channels),
               rng.uniform(0.2, 3.0, channels)]
-    inits.extend(init(n, v.astype(np.float32)) for n, v in zip(names, values))
+    inits.extend(init(n, v.astype(np.float32)) for n, v in zip(names, values, strict=True))
     return onnx.helper.make_node("BatchNormalization", [x, *names], [y], name=prefix, **attrs)
 
 

@@ -71,7 +71,7 @@ def load_inputs(path: str, model: Any) -> list[dict[str, Any]]:
         if len(arrays) != len(names):
             raise InputError(f"{printable(path)}: holds {len(arrays)} arrays but the model has {len(names)} inputs "
                              f"({', '.join(names)}); name them after the inputs")
-        arrays = dict(zip(names, arrays.values()))
+        arrays = dict(zip(names, arrays.values(), strict=True))
     feed = {}
     for name in names:
         want = template[name]

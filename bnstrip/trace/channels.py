@@ -158,7 +158,7 @@ def _split_ranges(node: fx.Node, length: int) -> list[tuple[int, int]] | None:
             or sum(spec) != length:
         return None
     starts = [sum(spec[:i]) for i in range(len(spec))]
-    return [(start, start + size) for start, size in zip(starts, spec)]
+    return [(start, start + size) for start, size in zip(starts, spec, strict=True)]
 
 
 def _split_dim(node: fx.Node) -> Any:

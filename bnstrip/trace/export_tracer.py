@@ -13,6 +13,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 from bnstrip._torch import BatchNormBase as _BatchNorm
+from bnstrip._torch import graph_codegen
 
 from bnstrip.core.compare import fresh_inputs
 from bnstrip.core.torch_env import quiet_torch_logs
@@ -241,3 +242,21 @@ def _absorb_conv_padding(ops: Sequence[Op]) -> None:
             if data is not None:
                 op.inputs = [data]
                 pad.inputs = []
+
+
+_GUARDS_MODULE = "_guards_fn"
+"""The submodule torch.export puts in ep.module() to check its input guards."""
+
+
+def plain_graph_module(unlifted: fx.GraphModule) -> tuple[fx.GraphModule, Any]:
+    """ep.module() as a plain GraphModule over the flat input leaves (no pytree code, no input guards)."""
+    codegen = graph_codegen(unlifted.graph)
+    graph = fx.Graph()
+    values: dict[fx.Node, fx.Node] = {}
+    out = graph.graph_copy(unlifted.graph, values)
+    graph.output(out)
+    for node in list(graph.nodes):
+        if node.op == "call_module" and str(node.target) == _GUARDS_MODULE:
+            graph.erase_node(node)
+    gm = fx.GraphModule(unlifted, graph, "ExportedProgram")
+    return gm, codegen

@@ -64,7 +64,7 @@ class Constants:
         shape = getattr(node.meta.get("val"), "shape", None)
         if shape is None or math.prod(int(s) for s in shape) > largest:
             return None  # no op may allocate more than the tensors it reads justify
-        by_node = dict(zip(inputs, values))
+        by_node = dict(zip(inputs, values, strict=True))
         args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda n: by_node[n])
         self.leaves[node] = set().union(*(self.leaves[i] for i in inputs))
         self.members[node] = {node}.union(*(self.members[i] for i in inputs))

@@ -35,7 +35,7 @@ def map_single_threaded(fn: Callable[[T], R], items: Iterable[T], workers: int |
     torch) hold in the workers too. Called from inside a worker, it runs the items in turn."""
     import torch
 
-    from bnstrip.bench import torch_threads
+    from bnstrip.core.torch_env import torch_threads
 
     items = list(items)
     count = min(len(items), available_cores() if workers is None else max(1, workers))
