@@ -280,14 +280,18 @@ def is_program_path(path: str) -> bool:
 
 
 def write_program(program: Any, output_path: str, input_path: str, force: bool) -> None:
-    """torch.export.save into a temp file beside OUT, then the one atomic placement (bnstrip.io.write)."""
-    from bnstrip.io.write import write_atomically
+    """torch.export.save into memory, then bnstrip's own plain writes through the one atomic writer (bnstrip.io.write).
 
-    def save(tmp_name: str) -> None:
-        with open(tmp_name, "wb") as f:
-            torch.export.save(program, f)
+    torch's native zip writer aborts the process (SIGABRT) when a write fails, e.g. on a full disk, so it never
+    touches a file: a failed write is then the same one-line error as for every other output.
+    """
+    import io
 
-    write_atomically(Path(output_path), save, replace=force)
+    from bnstrip.io.write import write_bytes_atomically
+
+    buffer = io.BytesIO()
+    torch.export.save(program, buffer)
+    write_bytes_atomically(Path(output_path), buffer.getbuffer(), replace=force)
 
 
 def fuse_program_file(input_path: str, output_path: str, *, eps: float | None = None, allow_overflow: bool = False,
