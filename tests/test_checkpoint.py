@@ -143,7 +143,7 @@ def test_a_failed_write_keeps_the_old_file_and_leaves_no_temp(tmp_path: Path, mo
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(torch, "save", disk_full)
-    with pytest.raises(InputError, match=r"out.pt: write failed \(No space left on device\)"):
+    with pytest.raises(InputError, match=rf"out.pt: no space left on {tmp_path}"):
         save_checkpoint({"w": torch.zeros(2)}, out, force=True)
     assert out.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["out.pt"]
