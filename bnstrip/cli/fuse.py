@@ -8,12 +8,13 @@ from __future__ import annotations
 import click
 
 from bnstrip.cli.common import core_json, emit_json, fmt, handle_errors, make_table, plain, stdout_console, warn
+from bnstrip.cli.types import EPS
 
 
 @click.command()
 @click.argument("input_path", metavar="IN", type=click.Path(dir_okay=True, path_type=str))
 @click.argument("output_path", metavar="OUT", type=click.Path(path_type=str))
-@click.option("--eps", type=float, default=None, help="BatchNorm eps (not stored in a state_dict). Default: the model's own (1e-5 for smallNet).")
+@click.option("--eps", type=EPS, default=None, help="BatchNorm eps (not stored in a state_dict). Default: the model's own (1e-5 for smallNet).")
 @click.option("--arch", default=None, metavar="MODULE:CALLABLE", help="Build this model (a class or factory) instead of smallNet; IN must load into it strictly. Runs your code, by design.")
 @click.option("--input-shape", default=None, metavar="N,C,H,W", help="Shape of the random inputs for tracing and the self-check (with --arch), batch dimension first.")
 @click.option("--keep-structure", is_flag=True, help="With --arch: keep every module (folded BNs become exact identity-plus-bias), so OUT loads into the original class; no speed-up.")
