@@ -19,8 +19,10 @@ code is dropped (bnstrip exports its own programs again, with guards torch write
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import json
+import logging
 import os
 import re
 from pathlib import Path
@@ -37,6 +39,20 @@ _OPERATOR_TARGETS = {f"_operator.{n}" for n in (
     f"math.{n}" for n in ("ceil", "floor", "trunc", "sqrt", "exp", "log", "sin", "cos", "tan", "pow")}
 _OP_TARGET = re.compile(r"torch\.ops\.[A-Za-z_][A-Za-z0-9_]*\.[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)?")
 _DOTTED = re.compile(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*")
+
+
+def _reserved_part(fqn: str) -> str | None:
+    """A part of a tensor's dotted name that torch cannot rebuild as a module attribute (a dunder, or a name
+    nn.Module itself has: training, forward, ...), else None (issue 17 item 10)."""
+    return next((part for part in fqn.split(".") if part.startswith("__") or part in _module_attributes()), None)
+
+
+@functools.lru_cache(maxsize=1)
+def _module_attributes() -> frozenset[str]:
+    """What every nn.Module has, class and instance attributes alike (`training` is set in __init__)."""
+    from torch import nn
+
+    return frozenset(dir(nn.Module()))
 _EXPR_TOKEN = re.compile(r"\s*(?:(?P<name>[A-Za-z_][A-Za-z0-9_]*)|(?P<num>\d+(?:\.\d*)?(?:[eE][-+]?\d+)?)"
                          r"|(?P<str>'[A-Za-z_][A-Za-z0-9_]*')|(?P<op>\*\*|//|==|!=|<=|>=|[-+*/%(),<>=&|~]))")
 _EXPR_NAMES = {
@@ -142,6 +158,9 @@ def _check_payloads(f: BinaryIO, layout: ZipLayout, folder: str, config: Any, pa
     for fqn, meta in entries.items():
         if not _DOTTED.fullmatch(str(fqn)) or not isinstance(meta, dict) or not isinstance(meta.get("path_name"), str):
             raise _refuse(path, f"{folder} entry {printable(str(fqn)[:60])!r} is malformed")
+        if _reserved_part(fqn) is not None:
+            raise _refuse(path, f"tensor name {printable(fqn[:60])!r} uses {_reserved_part(fqn)!r}, an attribute every "
+                                "torch module has")
         record = f"{layout.prefix}/{folder}/{meta['path_name']}"
         if "/" in meta["path_name"] or record not in layout.records:
             raise InputError(f"{printable(path)}: {printable(fqn)} names record {printable(record)}, which the archive "
@@ -222,6 +241,33 @@ def _weights_only_loads() -> Iterator[None]:
             os.environ[UNSAFE_LOAD_ENV] = saved
 
 
+class _LoggedErrors(logging.Handler):
+    """Keeps the first exception torch.export logs while loading: its error then names that, not "the warnings above"."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.first: BaseException | None = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.first is None and record.exc_info and record.exc_info[1] is not None:
+            cause = record.exc_info[1]
+            while cause.__cause__ is not None:  # the innermost reason ("failed to resolve X to an operator")
+                cause = cause.__cause__
+            self.first = cause
+
+    @contextlib.contextmanager
+    def attached(self) -> Iterator[None]:
+        logger = logging.getLogger("torch.export")
+        level, propagate, handlers = logger.level, logger.propagate, logger.handlers
+        logger.setLevel(logging.WARNING)  # heard here only: no other handler, not propagated, nothing printed
+        logger.propagate, logger.handlers = False, [self]
+        try:
+            yield
+        finally:
+            logger.setLevel(level)
+            logger.propagate, logger.handlers = propagate, handlers
+
+
 def load_program(path: str | os.PathLike[str]) -> Any:
     """The ExportedProgram in `path`, after validate_pt2; InputError (one line) for anything refused or broken."""
     import torch
@@ -234,12 +280,14 @@ def load_program(path: str | os.PathLike[str]) -> Any:
         validate_pt2(f, size, path)
         f.seek(0)
         data = f.read()  # torch reads the validated bytes, not the path (which could be swapped meanwhile)
+    logged = _LoggedErrors()
     try:
-        with _weights_only_loads(), _quiet_torch_logs():
+        with _weights_only_loads(), _quiet_torch_logs(), logged.attached():
             program = torch.export.load(io.BytesIO(data))
     except Exception as exc:  # noqa: BLE001 - torch raises many types on a broken program
-        raise InputError(f"{printable(path)}: torch.export.load fails ({type(exc).__name__}: "
-                         f"{first_line(exc, 200, '')}); {_FIX}") from None
+        reason = logged.first or exc  # torch logs the real reason and raises "check the warnings above", unshown
+        text = first_line(reason, 200, "").replace("Please check the warnings above for possible errors.", "").strip()
+        raise InputError(f"{printable(path)}: torch.export.load fails ({type(reason).__name__}: {text}); {_FIX}") from None
     program._guards_code = []  # code from the file; bnstrip never runs it
     return program
 
