@@ -95,3 +95,8 @@ def test_closed_form_of_1000_layers_is_linear_time() -> None:
     law = InitLaw(2, 0.5 ** 0.5, 0.5 ** 0.5, Fraction(1, 2), Fraction(1, 2), 0.0)
     widths = [2] * 1001
     assert closed_form_variance(widths, {2: law}) == exact_moments(widths, {2: law})[-1].variance
+
+
+def test_bare_command_still_shows_the_help() -> None:
+    result = CliRunner().invoke(main, [])
+    assert "Commands:" in result.output and "fuse" in result.output

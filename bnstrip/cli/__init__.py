@@ -26,6 +26,10 @@ COMMANDS: dict[str, str] = {
 """Command name -> `module:attribute` of its click.Command; add a command by adding a line here."""
 
 
+_NO_ARGS_IS_HELP: type[BaseException] | tuple[()] = getattr(click.exceptions, "NoArgsIsHelpError", ())
+"""click >= 8.2 raises it for a bare `bnstrip`; 8.1 prints the help itself."""
+
+
 class LazyGroup(click.Group):
     """A click.Group whose subcommands are imported on first use (click's documented lazy-loading pattern)."""
 
@@ -43,6 +47,9 @@ class LazyGroup(click.Group):
             return super().main(args, prog_name, complete_var, standalone_mode, **extra)
         try:
             code = super().main(args, prog_name, complete_var, False, **extra)
+        except _NO_ARGS_IS_HELP as exc:  # `bnstrip` alone: the help, as click shows it
+            exc.show()
+            sys.exit(exc.exit_code)
         except click.ClickException as exc:
             ctx = getattr(exc, "ctx", None)
             command = ctx.command_path if ctx is not None else (prog_name or "bnstrip")
