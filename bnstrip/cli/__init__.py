@@ -48,6 +48,7 @@ class LazyGroup(click.Group):
         try:
             code = super().main(args, prog_name, complete_var, False, **extra)
         except _NO_ARGS_IS_HELP as exc:  # `bnstrip` alone: the help, as click shows it
+            assert isinstance(exc, click.ClickException)
             exc.show()
             sys.exit(exc.exit_code)
         except click.ClickException as exc:

@@ -47,7 +47,7 @@ def own_forward_issue(layer: nn.Module, input_shape: Sequence[int] | None, stats
             pairs = [(original(unit * scale), folded(unit * scale)) for scale in PROOF_SCALES]
     except Exception as exc:  # noqa: BLE001 - user code in forward (dtype checks, ...)
         return f"{kind} overrides forward and cannot be run in float64 to prove the fold ({type(exc).__name__})"
-    for magnitude, (expected, got) in zip(PROOF_SCALES, pairs):
+    for magnitude, (expected, got) in zip(PROOF_SCALES, pairs, strict=True):
         problem = _scaled_gap(layer, expected, got, scale, shift)
         if problem is not None:
             return f"{kind} overrides forward, and {problem} (inputs of magnitude {magnitude:g}), so it cannot absorb it"

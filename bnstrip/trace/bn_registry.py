@@ -143,7 +143,7 @@ def _resolves_to(cls: type, entry: BatchNormLike) -> bool:
     if entry.distribution is None:
         return True
     path = getattr(module, "__file__", None)
-    return bool(path) and os.path.realpath(path) in _distribution_files(entry.distribution)
+    return isinstance(path, str) and os.path.realpath(path) in _distribution_files(entry.distribution)
 
 
 def batchnorm_entry(module: nn.Module | None) -> BatchNormLike | None:
