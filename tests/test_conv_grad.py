@@ -138,7 +138,7 @@ def test_cli_bad_filters_exit_2_with_one_line(args: list[str], message: str) -> 
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--filters", "3,x"], "'x' is not an integer in the range"),
+    (["--filters", "3,x"], "not a comma-separated list of integers"),
     (["--filters", ""], "needs at least one integer"),
     (["--activation", "relu"], "'relu' is not one of"),
 ])

@@ -92,8 +92,8 @@ def bounded_int_list(text: str, name: str, low: int, high: int, max_items: int) 
     values = []
     for part in parts:
         if len(part) > MAX_JSON_DIGITS or not part.lstrip("+-").isdigit() or not low <= int(part) <= high:
-            raise click.BadParameter(f"{part[:40]!r} is not an integer in the range {low} <= x <= {high}",
-                                     param_hint=name)
+            raise click.BadParameter(f"{text[:60]!r} is not a comma-separated list of integers: {part[:40]!r} is not "
+                                     f"an integer in the range {low} <= x <= {high}", param_hint=name)
         values.append(int(part))
     return values
 
