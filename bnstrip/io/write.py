@@ -335,9 +335,8 @@ def _unshared(state_dict: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def stream_safetensors(tensors: Mapping[str, Any], out: RecordingWriter, metadata: dict[str, str]) -> None:
-    """The safetensors format (8-byte header length, JSON header padded to 8 bytes, raw little-endian data) written
-    tensor by tensor through bnstrip's own writes: safetensors' writer renames its own temp file into place, so a
-    full disk would leave its temp behind, and its bytes-in-memory `save` doubles the output's memory."""
+    """safetensors (8-byte header length, JSON header padded to 8, raw little-endian data) through bnstrip's writes:
+    the library's writer renames its own temp into place (left behind on a full disk); its `save` doubles memory."""
     import json
     import sys
 
@@ -351,6 +350,8 @@ def stream_safetensors(tensors: Mapping[str, Any], out: RecordingWriter, metadat
     header: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
     offset = 0
     for key, tensor in tensors.items():
+        if tensor.dtype not in names:
+            raise InputError(f"tensor {key} is {tensor.dtype}, which safetensors cannot hold; write a .pt checkpoint")
         nbytes = tensor.numel() * tensor.element_size()
         header[key] = {"dtype": names[tensor.dtype], "shape": list(tensor.shape), "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
