@@ -119,12 +119,20 @@ def _state_dtype(state: Mapping[str, torch.Tensor]) -> torch.dtype | None:
     return dtypes.pop() if len(dtypes) == 1 else None
 
 
-def _converted(state: dict[str, Any], dtype: str) -> dict[str, Any]:
-    """The state_dict in `dtype` ('keep' leaves it as it is); integer tensors (num_batches_tracked) stay."""
+def _converted(state: dict[str, Any], dtype: str, source: str = "checkpoint") -> dict[str, Any]:
+    """The state_dict in `dtype` ('keep' leaves it as it is); integer tensors (num_batches_tracked) stay.
+
+    float8 tensors load, but torch has no float8 arithmetic to fold or check them in: 'keep' refuses them, by name.
+    """
     if dtype not in DTYPES:
         raise InputError(f"dtype={dtype!r}: expected one of {', '.join(DTYPES)}")
     target = DTYPES[dtype]
     if target is None:
+        float8 = next((k for k, v in state.items() if isinstance(v, torch.Tensor) and v.is_floating_point()
+                       and v.element_size() == 1), None)
+        if float8 is not None:
+            raise InputError(f"{source}: tensor {float8} is {str(state[float8].dtype).replace('torch.', '')}, which torch "
+                             "cannot compute with to fold and check; pass dtype='float32'")
         return state
     return {k: v.to(target) if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in state.items()}
 
@@ -235,7 +243,7 @@ def fuse_file(input_path: str, output_path: str, model_factory: Callable[[], nn.
     started = time.perf_counter()
     smallnet = model_factory is SmallNetTrain
     loaded = load_checkpoint(input_path)
-    state = _converted(loaded.state_dict, dtype)
+    state = _converted(loaded.state_dict, dtype, str(input_path))
     name = "smallNetTest" if smallnet else (arch or getattr(model_factory, "__name__", "model"))
     if smallnet:
         from bnstrip.homework.smallnet import refuse_swapped_arguments
@@ -312,14 +320,18 @@ def is_program_path(path: str) -> bool:
 
 
 def write_program(program: Any, output_path: str, input_path: str, force: bool) -> None:
-    """torch.export.save into a temp file beside OUT, then the one atomic placement (bnstrip.io.write)."""
-    from bnstrip.io.write import write_atomically
+    """torch.export.save into memory, then bnstrip's own plain writes through the one atomic writer (bnstrip.io.write).
 
-    def save(tmp_name: str) -> None:
-        with open(tmp_name, "wb") as f:
-            torch.export.save(program, f)
+    torch's native zip writer aborts the process (SIGABRT) when a write fails, e.g. on a full disk, so it never
+    touches a file: a failed write is then the same one-line error as for every other output.
+    """
+    import io
 
-    write_atomically(Path(output_path), save, replace=force)
+    from bnstrip.io.write import write_bytes_atomically
+
+    buffer = io.BytesIO()
+    torch.export.save(program, buffer)
+    write_bytes_atomically(Path(output_path), buffer.getbuffer(), replace=force)
 
 
 def fuse_program_file(input_path: str, output_path: str, *, eps: float | None = None, allow_overflow: bool = False,
@@ -392,7 +404,7 @@ def fuse_arch_to_program(input_path: str, output_path: str, model_factory: Calla
 
     started = time.perf_counter()
     loaded = load_checkpoint(input_path)
-    state = _converted(loaded.state_dict, dtype)
+    state = _converted(loaded.state_dict, dtype, str(input_path))
     if not dry_run:
         check_output_path(output_path, [input_path], force, what="program", checkpoint=False)
     model = build_loaded(model_factory, state, input_path)

@@ -196,3 +196,56 @@ def test_lookalikes_fold_through_the_torch_export_fallback(registered) -> None:
     assert sorted(result.folded) == [("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3")] and not result.skipped
     with torch.no_grad():
         assert torch.allclose(model(x), result.model(x), rtol=1e-4, atol=1e-4)
+
+
+# --------------------------------------------------------------------------- trust by class object (issue 17 item 9)
+
+
+class ThresholdBatchNormAct2d(nn.BatchNorm2d):
+    """Claims to be timm's BatchNormAct2d but normalises only where |x| <= 20 (elsewhere it passes x through)."""
+
+    def __init__(self, num_features: int) -> None:
+        super().__init__(num_features)
+        self.drop = nn.Identity()
+        self.act = nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        normalised = F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+        return torch.where(x.abs() <= 20, normalised, x)
+
+
+def _claiming_timms_name() -> type:
+    """A fresh subclass whose qualified name is timm's: timm.layers.norm_act.BatchNormAct2d."""
+    return type("BatchNormAct2d", (ThresholdBatchNormAct2d,), {"__module__": "timm.layers.norm_act",
+                                                                "__qualname__": "BatchNormAct2d"})
+
+
+@pytest.mark.parametrize("how", ["__module__ renamed", "module planted in sys.modules"])
+def test_a_class_claiming_timms_name_is_not_trusted(monkeypatch: pytest.MonkeyPatch, how: str) -> None:
+    import sys
+    import types
+
+    claimant = _claiming_timms_name()
+    if how == "module planted in sys.modules":  # as an attacker's timm/layers/norm_act.py on sys.path would be
+        fake = types.ModuleType("timm.layers.norm_act")
+        fake.BatchNormAct2d = claimant
+        monkeypatch.setitem(sys.modules, "timm.layers.norm_act", fake)
+    model = _randomise(nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), claimant(4), nn.ReLU()))
+    assert batchnorm_entry(model[1]) is None
+    x = torch.randn(2, 3, 8, 8)  # |x| <= 20 here: the example inputs alone cannot tell
+    result = fold_model(model, x)
+    assert result.folded == [] and "1" in dict(result.skipped)
+    with torch.no_grad():
+        big = x * 50
+        assert torch.equal(model(big), result.model(big))
+
+
+def test_by_name_entries_match_the_class_that_name_resolves_to() -> None:
+    """A user's entry by name matches the class its module holds, and not a same-named class elsewhere."""
+    register_batchnorm(f"{__name__}.FrozenBatchNorm2d")
+    try:
+        impostor = type("FrozenBatchNorm2d", (FrozenBatchNorm2d,), {"__module__": __name__})
+        assert batchnorm_entry(FrozenBatchNorm2d(3)) is not None
+        assert batchnorm_entry(impostor(3)) is None
+    finally:
+        unregister_batchnorm(f"{__name__}.FrozenBatchNorm2d")

@@ -105,9 +105,9 @@ def test_cli_default_run_passes() -> None:
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--dim", "0"], "--dim 0: the dimension must be between 1"),
-    (["--dim", "-3"], "--dim -3: the dimension must be between 1"),
-    (["--points", "0"], "--points 0"),
+    (["--dim", "0"], "'--dim': 0 is not in the range 1 <= x <= 1000"),
+    (["--dim", "-3"], "'--dim': -3 is not in the range 1 <= x <= 1000"),
+    (["--points", "0"], "'--points': 0 is not in the range"),
     (["--matrix", "[[1, 2], [2, 4]]"], "A is singular"),
     (["--matrix", "[[0, 0], [0, 0]]"], "A is singular"),
     (["--matrix", "[[1, 2, 3]]"], "must be square"),
@@ -117,7 +117,7 @@ def test_cli_default_run_passes() -> None:
     (["--matrix", "[[1, 0], [0, 1]]", "--dim", "3"], "does not match --matrix"),
     (["--shift", "[1, 2]"], "--shift needs --matrix"),
     (["--matrix", "[[1, 0], [0, x]]"], "is not valid JSON"),
-    (["--matrix", "[[1, 0], [0, NaN]]"], "NaN or infinite"),
+    (["--matrix", "[[1, 0], [0, NaN]]"], "entry NaN is outside"),
     (["--matrix", "[[1, 0], [0, \"a\"]]"], "is not a number"),
 ])
 def test_cli_bad_input_exits_2_with_one_line(args: list[str], message: str) -> None:

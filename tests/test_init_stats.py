@@ -136,7 +136,7 @@ def test_cli_layers_1_1_json() -> None:
     assert payload["mean"] == 0.0 and payload["layers"] == [1, 1] and payload["passed"] is True
     assert payload["per_layer"] == [{"layer": 1, "width": 1, "mean": 0.0, "variance": 2 / 3,
                                      "variance_fraction": "2/3"}]
-    assert set(payload["mc"]) == {"samples", "mean", "variance", "mean_stderr", "variance_stderr"}
+    assert set(payload["mc"]) == {"samples", "mean", "variance", "mean_stderr", "variance_stderr", "stopped_at_budget"}
 
 
 def test_cli_default_run_passes_its_monte_carlo_check() -> None:
@@ -162,7 +162,7 @@ def test_cli_table_shows_fraction_and_pass() -> None:
     (["--layers", "3,-2,1"], "width n1 = -2 is not positive"),
     (["--layers", "5"], "give at least n0,n1"),
     (["--layers", "3000,3000"], "use narrower layers"),
-    (["--samples", "1"], "needs between 2 and"),
+    (["--samples", "1"], "not in the range 2 <= x <= 100000000"),
 ])
 def test_cli_bad_input_exits_2_with_one_line(args: list[str], message: str) -> None:
     result = run_cli("init-stats", *args)
@@ -192,10 +192,22 @@ def test_budget_picks_fewer_samples_for_a_cifar_sized_mlp_and_says_so() -> None:
     assert samples_for_budget([16, 8, 4, 1], seconds=10) == 100_000  # small nets keep the full default
     wide = samples_for_budget([3072, 1024, 256, 10, 1], seconds=1)
     assert MIN_BUDGET_SAMPLES <= wide < 100_000
-    result = run_cli("init-stats", "--layers", "3072,1024,256,10,1", "--budget", "1", "--json")
+
+
+
+def test_cli_budget_stops_the_monte_carlo_run_and_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A clock of one tick per layer and chunk: the budget (in ticks) stops the run after 16+32+64 samples."""
+    import itertools
+
+    from bnstrip.homework.derivations import init_stats as module
+
+    ticks = itertools.count()
+    monkeypatch.setattr(module, "_clock", lambda: float(next(ticks)))
+    result = run_cli("init-stats", "--layers", "64,32,16,1", "--budget", "10", "--json")
     assert result.exit_code == 0, result.output
     payload = json.loads(result.stdout)
-    assert payload["mc"]["samples"] < 100_000 and "time budget" in payload["samples_chosen_by"]
+    assert payload["mc"]["samples"] == 112 and payload["mc"]["stopped_at_budget"] is True
+    assert "time budget stopped the run" in payload["samples_chosen_by"]
     assert payload["command"] == "init-stats" and payload["passed"] is True
     table = run_cli("init-stats", "--layers", "64,32,1", "--samples", "300")
     assert "Monte Carlo samples: --samples" in table.stdout and "Monte Carlo over 300" in table.stdout

@@ -170,12 +170,12 @@ def _with(**changes: str) -> list[str]:
     (_with(mu0="[true, 0]"), "is not a number"),
     (_with(mu0="[[0, 0]]"), "expected a vector"),
     (_with(cov0="[1, 0]"), "expected a matrix"),
-    (_with(mu0="[NaN, 0]"), "NaN or infinite"),
+    (_with(mu0="[NaN, 0]"), "--mu0: entry NaN is outside"),
     (_with(cov0="[[1, 0.5], [0.5, 1]]") + ["--independent"], "--independent needs diagonal covariances"),
     (["--mu0", "[0]", "--cov0", "[[1]]", "--mu1", "[1]"], "missing --cov1"),
     (["--mu0", "[0]", "--dim", "2"], "not both"),
-    (["--dim", "0"], "--dim 0"),
-    (["--samples", "1"], "--samples 1"),
+    (["--dim", "0"], "'--dim': 0 is not in the range"),
+    (["--samples", "1"], "'--samples': 1 is not in the range"),
 ])
 def test_cli_bad_input_exits_2_with_one_line(args: list[str], message: str) -> None:
     result = run_cli("kl", *args)

@@ -83,3 +83,21 @@ def test_weight_standardised_conv_is_refused_by_the_local_proof() -> None:
 def test_without_example_inputs_an_own_forward_conv_is_refused() -> None:
     result = fold_model(_eval(Net(Conv2dSame)))
     assert result.folded == [] and "example inputs" in dict(result.skipped)["bn1"]
+
+
+class ClampedConv(nn.Conv2d):
+    """A conv whose output is clamped to |y| <= 20: folding a BN after it is exact only while nothing is clamped."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x).clamp(-20, 20)
+
+
+def test_an_own_forward_that_changes_at_large_inputs_is_refused() -> None:
+    """The example inputs never reach the clamp; the proof's inputs at magnitudes up to 1e4 do (issue 17 item 9)."""
+    model = _eval(Net(ClampedConv))
+    x = torch.randn(2, 3, 9, 9)
+    result = fold_model(model, x)
+    assert result.folded == []
+    assert "inputs of magnitude" in dict(result.skipped)["bn1"]
+    with torch.no_grad():
+        assert torch.allclose(model(x * 50), result.model(x * 50), rtol=1e-5, atol=1e-5)

@@ -7,6 +7,8 @@ Shell completion comes from click: `eval "$(_BNSTRIP_COMPLETE=bash_source bnstri
 from __future__ import annotations
 
 import importlib
+import sys
+from typing import Any
 
 import click
 
@@ -24,6 +26,10 @@ COMMANDS: dict[str, str] = {
 """Command name -> `module:attribute` of its click.Command; add a command by adding a line here."""
 
 
+_NO_ARGS_IS_HELP: type[BaseException] | tuple[()] = getattr(click.exceptions, "NoArgsIsHelpError", ())
+"""click >= 8.2 raises it for a bare `bnstrip`; 8.1 prints the help itself."""
+
+
 class LazyGroup(click.Group):
     """A click.Group whose subcommands are imported on first use (click's documented lazy-loading pattern)."""
 
@@ -33,6 +39,29 @@ class LazyGroup(click.Group):
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted({*super().list_commands(ctx), *self.lazy_subcommands})
+
+    def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
+             standalone_mode: bool = True, **extra: Any) -> Any:
+        """click's main, except that a usage error is ONE stderr line (click prints usage, a hint and the error)."""
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, False, **extra)
+        except _NO_ARGS_IS_HELP as exc:  # `bnstrip` alone: the help, as click shows it
+            assert isinstance(exc, click.ClickException)
+            exc.show()
+            sys.exit(exc.exit_code)
+        except click.ClickException as exc:
+            ctx = getattr(exc, "ctx", None)
+            command = ctx.command_path if ctx is not None else (prog_name or "bnstrip")
+            hint = f" (see `{command} --help`)" if isinstance(exc, click.UsageError) else ""
+            message = " ".join(exc.format_message().split())
+            click.echo(f"bnstrip: error: {message}{hint}", err=True)
+            sys.exit(exc.exit_code)
+        except click.Abort:
+            click.echo("bnstrip: aborted", err=True)
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
         if cmd_name in self.lazy_subcommands:

@@ -10,14 +10,14 @@ import time
 import click
 
 from bnstrip.cli.common import (DEFAULT_CHECKPOINT, Progress, core_json, emit_json, fmt, handle_errors, make_table,
-                                parse_int_list, stdout_console, warn)
+                                stdout_console, warn)
+from bnstrip.cli.types import MAX_BATCH, MAX_LIST_ITEMS, MAX_LIST_VALUE, THREADS, BoundedInt, bounded_int_list
 
 
 def _positive_int_list(text: str, name: str) -> list[int]:
-    values = parse_int_list(text, name)
-    if any(v < 1 for v in values):
-        raise click.BadParameter(f"{text!r}: every value must be at least 1", param_hint=name)
-    return values
+    """Positive integers (batch sizes at most MAX_BATCH); click.BadParameter naming the option and range otherwise."""
+    batch = name == "--batch-size"
+    return bounded_int_list(text, name, 1, MAX_BATCH if batch else MAX_LIST_VALUE, 64 if batch else MAX_LIST_ITEMS)
 
 
 def _ms(seconds: float) -> str:
@@ -38,11 +38,11 @@ def _ms(seconds: float) -> str:
                    "--batch-size.")
 @click.option("--batch-size", "batch_sizes", default="1,32,100", show_default=True, metavar="N[,N...]",
               help="Batch sizes to time, comma-separated.")
-@click.option("--threads", default=None, type=click.IntRange(min=1),
+@click.option("--threads", default=None, type=THREADS,
               help="torch intra-op threads while timing (default: torch's current setting).")
-@click.option("--repeat", default=20, show_default=True, type=click.IntRange(min=1),
+@click.option("--repeat", default=20, show_default=True, type=BoundedInt(1, 100_000),
               help="Interleaved rounds per batch size (each round times both models).")
-@click.option("--warmup", default=3, show_default=True, type=click.IntRange(min=0), help="Untimed calls per model first.")
+@click.option("--warmup", default=3, show_default=True, type=BoundedInt(0, 100_000), help="Untimed calls per model first.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 @handle_errors
 def bench(arch: str, arch_kwargs: str | None, checkpoint: str | None, input_shape: str | None, batch_sizes: str,

@@ -285,14 +285,10 @@ def fmt(value: float, digits: int = 3) -> str:
 
 
 def parse_int_list(text: str, name: str) -> list[int]:
-    """'1,32,100' -> [1, 32, 100]; a click.BadParameter (exit 2) otherwise."""
-    try:
-        values = [int(part) for part in text.split(",") if part.strip() != ""]
-    except ValueError:
-        raise click.BadParameter(f"{text!r} is not a comma-separated list of integers", param_hint=name) from None
-    if not values:
-        raise click.BadParameter("needs at least one integer", param_hint=name)
-    return values
+    """'1,32,100' -> [1, 32, 100], each within 32 bits; a click.BadParameter (exit 2) otherwise."""
+    from bnstrip.cli.types import MAX_LIST_ITEMS, MAX_LIST_VALUE, bounded_int_list
+
+    return bounded_int_list(text, name, -MAX_LIST_VALUE, MAX_LIST_VALUE, MAX_LIST_ITEMS)
 
 
 class Progress:

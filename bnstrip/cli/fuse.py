@@ -9,12 +9,13 @@ import click
 
 from bnstrip.cli.common import (arch_input_shape, arch_model_factory, core_json, emit_json, fmt, handle_errors, make_table,
                                 plain, stdout_console, strict_gate, warn)
+from bnstrip.cli.types import EPS
 
 
 @click.command()
 @click.argument("input_path", metavar="IN", type=click.Path(dir_okay=True, path_type=str))
 @click.argument("output_path", metavar="OUT", required=False, type=click.Path(path_type=str))
-@click.option("--eps", type=float, default=None, help="BatchNorm eps (not stored in a state_dict). Default: the model's own (1e-5 for smallNet).")
+@click.option("--eps", type=EPS, default=None, help="BatchNorm eps (not stored in a state_dict). Default: the model's own (1e-5 for smallNet).")
 @click.option("--arch", default=None, metavar="SOURCE", help="Build this model instead of smallNet: MODULE:CALLABLE (a class or factory), torchvision:NAME, timm:NAME or ultralytics:CONFIG.yaml (no weights downloaded); IN must load into it strictly. Runs that code, by design.")
 @click.option("--arch-kwargs", default=None, metavar="JSON", help="Keyword arguments for the --arch class or factory, a JSON object, e.g. '{\"num_classes\": 10}'.")
 @click.option("--input-shape", default=None, metavar="N,C,H,W", help="Shape of the random inputs for tracing and the self-check (with --arch), batch dimension first.")

@@ -5,7 +5,6 @@ here; torch and bnstrip.homework.derivations are imported inside the command bod
 """
 from __future__ import annotations
 
-import json
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -21,6 +20,7 @@ from bnstrip.cli.common import (
     parse_int_list,
     stdout_console,
 )
+from bnstrip.cli.types import MAX_BUDGET_SECONDS, SEED, BoundedFloat, BoundedInt, parse_json_array
 from bnstrip.errors import CheckFailed, InputError
 
 if TYPE_CHECKING:  # the CLI imports the maths only when a command runs
@@ -28,27 +28,6 @@ if TYPE_CHECKING:  # the CLI imports the maths only when a command runs
 
 SEED_HELP = "Seed of every random draw, for reproducible figures."
 JSON_HELP = "Print one JSON object on stdout."
-
-
-def parse_json_array(text: str | None, option: str) -> Any:
-    """A JSON array of numbers (nested for matrices) from an option value; one-line InputError otherwise."""
-    if text is None:
-        return None
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise InputError(f"{option}: {text!r} is not valid JSON ({exc.msg} at character {exc.pos}); "
-                         "write e.g. '[0, 0]' or '[[1, 0], [0, 1]]'") from None
-    if not isinstance(value, list):
-        raise InputError(f"{option}: {text!r} is not a JSON array; write e.g. '[0, 0]' or '[[1, 0], [0, 1]]'")
-    stack = [value]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, list):
-            stack.extend(item)
-        elif isinstance(item, bool) or not isinstance(item, (int, float)):
-            raise InputError(f"{option}: entry {json.dumps(item)} is not a number; vectors and matrices hold numbers only")
-    return value
 
 
 def _table(title: str, columns: list[str], rows: list[list[Any]]):
@@ -95,7 +74,7 @@ def _init_stats_json(result: InitStatsResult, how: str, seed: int) -> dict[str, 
         "per_layer": [{"layer": m.layer, "width": m.width, "mean": float(m.mean), "variance": float(m.variance),
                        "variance_fraction": str(m.variance)} for m in result.per_layer],
         "mc": {"samples": mc.samples, "mean": mc.mean, "variance": mc.variance, "mean_stderr": mc.mean_stderr,
-               "variance_stderr": mc.variance_stderr},
+               "variance_stderr": mc.variance_stderr, "stopped_at_budget": mc.stopped_at_budget},
         "samples_chosen_by": how,
         "init_law": [{"fan_in": law.fan_in, "weight_bound": law.weight_bound, "bias_bound": law.bias_bound,
                       "weight_variance_fraction": str(law.weight_variance),
@@ -109,7 +88,7 @@ def _print_init_stats(result: InitStatsResult, how: str, seed: int) -> None:
     """init-stats as tables: the init law torch uses, the exact moments per layer, the Monte Carlo check."""
     import torch
 
-    from bnstrip.homework.derivations.init_stats import MC_STDERR_BAR
+    from bnstrip.homework.derivations.init_stats import MC_STDERR_BAR, in_stderrs
 
     mc, console = result.mc, stdout_console()
     console.print(_table(
@@ -128,22 +107,22 @@ def _print_init_stats(result: InitStatsResult, how: str, seed: int) -> None:
     console.print(_table(
         f"Monte Carlo over {mc.samples} fresh default-initialised networks (seed {seed}), y_L[0]",
         ["figure", "exact", "Monte Carlo", "std. error", "|diff| / std. error", "bar"],
-        [["mean", "0", f"{mc.mean:.6g}", fmt(mc.mean_stderr), f"{abs(mc.mean) / mc.mean_stderr:.2f}",
+        [["mean", "0", f"{mc.mean:.6g}", fmt(mc.mean_stderr), f"{in_stderrs(mc.mean, mc.mean_stderr):.2f}",
           f"<= {MC_STDERR_BAR:g}"],
          ["variance", f"{exact:.6g}", f"{mc.variance:.6g}", fmt(mc.variance_stderr),
-          f"{abs(mc.variance - exact) / mc.variance_stderr:.2f}", f"<= {MC_STDERR_BAR:g}"]]))
+          f"{in_stderrs(mc.variance - exact, mc.variance_stderr):.2f}", f"<= {MC_STDERR_BAR:g}"]]))
     _say(f"Monte Carlo samples: {how}")
 
 
 @click.command("init-stats")
 @click.option("--layers", default="16,8,4,1", show_default=True, metavar="n0,n1,...,nL",
               help="Widths of the identity-activation MLP, input first.")
-@click.option("--samples", default=None, type=int,
+@click.option("--samples", default=None, type=BoundedInt(2, 100_000_000),
               help="Monte Carlo samples (fresh default-initialised layers and a fresh x each). Default: as many as "
                    "fit --budget, at most 100000.")
-@click.option("--budget", default=10.0, show_default=True, type=click.FloatRange(min=0.1), metavar="SECONDS",
+@click.option("--budget", default=10.0, show_default=True, type=BoundedFloat(0.1, MAX_BUDGET_SECONDS), metavar="SECONDS",
               help="Time budget of the Monte Carlo check when --samples is not given.")
-@click.option("--seed", default=0, show_default=True, type=int, help=SEED_HELP)
+@click.option("--seed", default=0, show_default=True, type=SEED, help=SEED_HELP)
 @click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
 @handle_errors
 def init_stats_command(layers: str, samples: int | None, budget: float, seed: int, as_json: bool) -> None:
@@ -152,19 +131,21 @@ def init_stats_command(layers: str, samples: int | None, budget: float, seed: in
     The init law is read off the installed torch; the variances are exact fractions.  Exit 1 when the
     Monte Carlo mean or variance is more than 4 standard errors from the exact value.
     """
-    from bnstrip.homework.derivations.init_stats import DEFAULT_SAMPLES, init_stats, samples_for_budget, validate_layers
+    from bnstrip.homework.derivations.init_stats import DEFAULT_SAMPLES, init_stats, validate_layers
 
     started = time.perf_counter()
     widths = validate_layers(parse_int_list(layers, "--layers"))
-    if samples is None:
-        samples = samples_for_budget(widths, budget, seed)
-        how = (f"{samples} samples fit the {budget:g} s time budget" if samples < DEFAULT_SAMPLES
-               else f"the default {samples} samples fit the {budget:g} s time budget")
-        how += "; --samples N sets the count (the std. error shrinks as 1/sqrt(N))"
-    else:
-        how = "--samples"
     with Progress("Monte Carlo", after=2.0) as progress:
-        result = init_stats(widths, samples, seed, progress=progress)
+        result = init_stats(widths, samples or DEFAULT_SAMPLES, seed, progress=progress,
+                            budget=budget if samples is None else None)
+    if samples is not None:
+        how = "--samples"
+    elif result.mc.stopped_at_budget:
+        how = (f"{result.mc.samples} samples, where the {budget:g} s time budget stopped the run; --samples N sets "
+               "the count (the std. error shrinks as 1/sqrt(N))")
+    else:
+        how = (f"the default {result.mc.samples} samples fit the {budget:g} s time budget; --samples N sets the "
+               "count (the std. error shrinks as 1/sqrt(N))")
     if as_json:
         emit_json({**core_json("init-stats", result.passed, time.perf_counter() - started),
                    **_init_stats_json(result, how, seed)})
@@ -186,7 +167,7 @@ def _short_vector(values: list[float], limit: int = 6) -> str:
               help="Filter sizes; n0 = 1 + sum(f_l - 1) so that n_L = 1.")
 @click.option("--activation", default="tanh", show_default=True,
               type=click.Choice(["tanh", "sigmoid", "softplus", "identity"]), help="sigma of the hidden layers.")
-@click.option("--seed", default=0, show_default=True, type=int, help=SEED_HELP)
+@click.option("--seed", default=0, show_default=True, type=SEED, help=SEED_HELP)
 @click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
 @handle_errors
 def conv_grad_command(filters: str, activation: str, seed: int, as_json: bool) -> None:
@@ -236,11 +217,11 @@ def conv_grad_command(filters: str, activation: str, seed: int, as_json: bool) -
 
 
 @click.command("density")
-@click.option("--dim", default=None, type=int, help="Dimension n of a random invertible A and b (default 3).")
-@click.option("--points", default=1000, show_default=True, type=int, help="Points x drawn from X = AY + b.")
+@click.option("--dim", default=None, type=BoundedInt(1, 1000), help="Dimension n of a random invertible A and b (default 3).")
+@click.option("--points", default=1000, show_default=True, type=BoundedInt(1, 1_000_000), help="Points x drawn from X = AY + b.")
 @click.option("--matrix", default=None, metavar="JSON", help="Use this A instead of a random one, e.g. '[[2,1],[0,1]]'.")
 @click.option("--shift", default=None, metavar="JSON", help="With --matrix: use this b (default 0), e.g. '[1,-1]'.")
-@click.option("--seed", default=0, show_default=True, type=int, help=SEED_HELP)
+@click.option("--seed", default=0, show_default=True, type=SEED, help=SEED_HELP)
 @click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
 @handle_errors
 def density_command(dim: int | None, points: int, matrix: str | None, shift: str | None, seed: int,
@@ -305,11 +286,11 @@ def density_command(dim: int | None, points: int, matrix: str | None, shift: str
 @click.option("--cov0", default=None, metavar="JSON", help="Covariance of the first Gaussian, e.g. '[[1,0],[0,1]]'.")
 @click.option("--mu1", default=None, metavar="JSON", help="Mean of the second Gaussian.")
 @click.option("--cov1", default=None, metavar="JSON", help="Covariance of the second Gaussian.")
-@click.option("--dim", default=None, type=int, help="Draw a random pair of this dimension instead (default 3).")
+@click.option("--dim", default=None, type=BoundedInt(1, 1000), help="Draw a random pair of this dimension instead (default 3).")
 @click.option("--independent", is_flag=True,
               help="Diagonal covariances; also print the per-coordinate 1-D KLs (Problem 5b).")
-@click.option("--samples", default=100_000, show_default=True, type=int, help="Monte Carlo samples of log f - log g.")
-@click.option("--seed", default=0, show_default=True, type=int, help=SEED_HELP)
+@click.option("--samples", default=100_000, show_default=True, type=BoundedInt(2, 100_000_000), help="Monte Carlo samples of log f - log g.")
+@click.option("--seed", default=0, show_default=True, type=SEED, help=SEED_HELP)
 @click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
 @handle_errors
 def kl_command(mu0: str | None, cov0: str | None, mu1: str | None, cov1: str | None, dim: int | None,

@@ -94,11 +94,10 @@ def _load_inputs(path: str) -> Any:
     with open_regular_file(path) as f:
         size = os.fstat(f.fileno()).st_size
         fmt_name = detect(f, size, Path(path))
-        if fmt_name == "safetensors":
-            from safetensors.torch import load as load_bytes
+        if fmt_name == "safetensors":  # the checkpoints' validator: bounded header and count, no overlaps
+            from bnstrip.io.safetensors_check import read_tensors, validate_safetensors
 
-            f.seek(0)
-            tensors = load_bytes(f.read())
+            tensors = read_tensors(f, validate_safetensors(f, size, Path(path)), Path(path))
             return tuple(tensors[k] for k in sorted(tensors))
         validate_pickled(f, fmt_name, size, Path(path))
         f.seek(0)
@@ -119,8 +118,8 @@ def verify_programs(reference: str, candidate: str, inputs_file: str | None, as_
     from bnstrip.io.pt2 import load_program
 
     started = time.perf_counter()
+    inputs = _load_inputs(inputs_file) if inputs_file else None  # first: the cheap file is refused before any program
     a, b = load_program(reference), load_program(candidate)
-    inputs = _load_inputs(inputs_file) if inputs_file else None
     check = compare_programs(a, b, inputs, name=f"{reference} vs {candidate}")
     seconds = time.perf_counter() - started
     if as_json:

@@ -10,6 +10,7 @@ import click
 
 from bnstrip.cli.common import (DEFAULT_CHECKPOINT, Progress, core_json, emit_json, fmt, handle_errors, make_table,
                                 plain, stdout_console, warn)
+from bnstrip.cli.types import EPS, THREADS, BoundedFloat, BoundedInt
 from bnstrip.errors import CheckFailed, InputError
 
 
@@ -76,11 +77,11 @@ def _fused_dtypes(path: str | None) -> set[str]:
 @click.option("--checkpoint", default=None, type=click.Path(path_type=str), help=f"The smallNetTrain checkpoint (with BatchNorm); default {DEFAULT_CHECKPOINT}. Same as the first argument.")
 @click.option("--fused", default=None, type=click.Path(path_type=str), help="A smallNetTest checkpoint written by `bnstrip fuse`; default: fold in memory. Same as the second argument.")
 @click.option("--data-dir", default=None, type=click.Path(path_type=str), help="Folder holding cifar-10-batches-py/; an error if it lacks it. Without it: $BNSTRIP_DATA_DIR, ~/.cache/bnstrip, ./data, then a download (about 163 MB).")
-@click.option("--batch-size", default=100, show_default=True, type=click.IntRange(min=1), help="Batch size of the course's figure.")
-@click.option("--tolerance", default=1e-8, show_default=True, type=click.FloatRange(min=0, min_open=True), help="Pass if max over batches of ||diff||^2 is below this.")
-@click.option("--eps", type=float, default=None, help="BatchNorm eps of the checkpoint (default 1e-5).")
-@click.option("--limit", default=None, type=click.IntRange(min=1), help="Use only the first N test images.")
-@click.option("--threads", default=None, type=click.IntRange(min=1), help="Workers for the comparison, each on one torch thread (default: one per core); the figures are the same at any count.")
+@click.option("--batch-size", default=100, show_default=True, type=BoundedInt(1, 10_000), help="Batch size of the course's figure.")
+@click.option("--tolerance", default=1e-8, show_default=True, type=BoundedFloat(0, None, low_open=True), help="Pass if max over batches of ||diff||^2 is below this.")
+@click.option("--eps", type=EPS, default=None, help="BatchNorm eps of the checkpoint (default 1e-5).")
+@click.option("--limit", default=None, type=BoundedInt(1, 10**9), help="Use only the first N test images.")
+@click.option("--threads", default=None, type=THREADS, help="Workers for the comparison, each on one torch thread (default: one per core); the figures are the same at any count.")
 @click.option("--no-download", is_flag=True, help="Fail instead of downloading CIFAR-10 when no local copy is found.")
 @click.option("--inputs", "inputs_file", default=None, type=click.Path(path_type=str), help="With two exported programs (.pt2): run both on these inputs (a .pt tensor/tuple or a .safetensors file) instead of the program's example inputs. With two ONNX models: an .npz or .safetensors file of arrays named after the graph inputs.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")

@@ -109,6 +109,8 @@ def all_finite(tensor: torch.Tensor) -> bool:
     """One reduction pass, no temporaries (torch.isfinite would allocate |x| and two masks of the tensor's size)."""
     if tensor.numel() == 0:
         return True
+    if tensor.is_floating_point() and tensor.element_size() == 1:  # float8: no aminmax kernel; widening is exact
+        tensor = tensor.float()
     low, high = torch.aminmax(tensor)
     return bool(torch.isfinite(low)) and bool(torch.isfinite(high))  # aminmax propagates NaN
 

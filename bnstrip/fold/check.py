@@ -149,8 +149,10 @@ def copy_model(model: nn.Module) -> nn.Module:
     try:
         work = copy.deepcopy(model).eval()
     except Exception as exc:
-        hint = ("; a torch.nn.utils.weight_norm module cannot be copied: use "
-                "torch.nn.utils.parametrizations.weight_norm" if "deepcopy protocol" in str(exc) else "")
+        weight_norm = any(isinstance(getattr(m, "weight_g", None), nn.Parameter) for m in model.modules())
+        hint = ("; a torch.nn.utils.weight_norm module cannot be copied: use torch.nn.utils.parametrizations."
+                "weight_norm" if weight_norm else "; a tensor held by the model is computed from another (a view or "
+                "an alias, not a leaf)") if "deepcopy protocol" in str(exc) else ""
         raise InputError(f"{type(model).__name__}: cannot copy the model ({type(exc).__name__}: "
                          f"{first_line(exc, 200, '').split('. ')[0][:160]})"
                          f"{hint}; the input model must stay untouched, so fold a copyable model") from None

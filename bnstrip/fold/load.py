@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 from typing import Any
 
@@ -84,7 +85,7 @@ def load_state_strict(model: nn.Module, state: dict[str, torch.Tensor], source: 
         raise InputError(f"{source}: does not load into {type(model).__name__} ({text[0] if text else exc})") from None
 
 
-def _model_and_path(first: Any, second: Any) -> tuple[nn.Module, str | Path]:
+def _model_and_path(first: Any, second: Any) -> tuple[nn.Module, str | os.PathLike[str]]:
     """load_folded(PATH, ModelClass_or_factory) or load_folded(model_instance, PATH): the model built, and the path."""
     import os
 
@@ -104,11 +105,17 @@ def _model_and_path(first: Any, second: Any) -> tuple[nn.Module, str | Path]:
     return built, path
 
 
-def load_folded(first: Any, second: Any) -> nn.Module:
+def load_folded(first: Any, second: Any, *, eps: float | None = None) -> nn.Module:
     """The folded module saved by `FoldResult.save(PATH)` or `bnstrip fuse --arch`, rebuilt from PATH and its manifest.
 
     `load_folded(PATH, ModelClass)` (a class or a factory with no required arguments), or
     `load_folded(model, PATH)` with a fresh instance of the original class.
+
+    The manifest is untrusted input: its schema and bounds are checked (io.manifest.validate_manifest), it must
+    name OUT's sha256, every name in it must be a module of `model` of the right kind and agree with the
+    checkpoint's keys (check_manifest_agrees).  Its `eps` is written into BatchNorms only when that changes
+    nothing, or when something bound to OUT confirms it: OUT's own metadata (a .safetensors OUT records the eps
+    it was folded with) or the caller's `eps` (a .pt OUT cannot record it).
     """
     from bnstrip.io.checkpoint import load_checkpoint
     from bnstrip.io.manifest import manifest_path, read_manifest
@@ -121,10 +128,57 @@ def load_folded(first: Any, second: Any) -> nn.Module:
                          "fresh model with bnstrip.fold_model and load this file into result.model strictly")
     manifest = read_manifest(path)
     loaded = load_checkpoint(path)
-    expected_sha = manifest.get("output_sha256")
-    if expected_sha and expected_sha != loaded.sha256:
+    if manifest["output_sha256"] != loaded.sha256:
         raise InputError(f"{path}: file changed since {manifest_path(path)} was written (sha256 differs); "
                          "fold it again with fuse_file")
+    check_manifest_agrees(model, manifest, loaded.state_dict, str(path))
+    check_manifest_eps(model, manifest, loaded.metadata, str(path), eps)
     skeleton = folded_skeleton(model, manifest, source=str(path))
     load_state_strict(skeleton, loaded.state_dict, str(path))
     return skeleton.eval()
+
+
+def _disagrees(source: str, field: str, what: str) -> InputError:
+    return InputError(f"{source}: manifest field '{field}' {what}; the manifest does not belong to this checkpoint "
+                      "and model, fold it again with fuse_file")
+
+
+def check_manifest_agrees(model: nn.Module, manifest: dict[str, Any], state: dict[str, Any], source: str) -> None:
+    """Every name in the manifest is a module of `model` of the right kind, and agrees with the checkpoint's keys."""
+    modules = dict(model.named_modules())
+    prefixes = {key.rsplit(".", 1)[0] for key in state}
+    graph_ops = manifest["form"] == "graph"  # there functional BatchNorms are graph ops: folded_skeleton finds them
+    for field in ("folded", "skipped"):
+        for entry in manifest[field]:
+            if not (graph_ops and entry["bn"] not in modules) and not is_batchnorm_like(modules.get(entry["bn"])):
+                raise _disagrees(source, field, f"names {entry['bn']!r}, not a BatchNorm of {type(model).__name__}")
+    for entry in manifest["folded"]:
+        if entry["layer"] not in modules:
+            raise _disagrees(source, "folded", f"names layer {entry['layer']!r}, not a module of {type(model).__name__}")
+        if manifest["form"] != "keep-structure" and entry["bn"] in prefixes:
+            raise _disagrees(source, "folded", f"says {entry['bn']!r} was folded away, but the checkpoint holds its tensors")
+    for entry in manifest["skipped"]:
+        module = modules.get(entry["bn"])
+        if module is not None and module.state_dict() and entry["bn"] not in prefixes:  # a BN without tensors holds none
+            raise _disagrees(source, "skipped", f"says {entry['bn']!r} was kept, but the checkpoint has no tensors of it")
+    merged = [str(name) for merge in manifest["merged"] for name in [merge.get("conv"), *merge["branches"]]]
+    for name in manifest["gained_bias"]:
+        if f"{name}.bias" not in state and not any(name == m or name.startswith(f"{m}.") for m in merged):
+            raise _disagrees(source, "gained_bias", f"says {name!r} gained a bias, but the checkpoint has no {name}.bias")
+
+
+def check_manifest_eps(model: nn.Module, manifest: dict[str, Any], metadata: dict[str, str] | None, source: str,
+                       eps: float | None) -> None:
+    """The manifest's eps may be written into the BatchNorms left only if that changes nothing or is confirmed."""
+    wanted = manifest["eps"]
+    if eps is not None and wanted != eps:
+        raise _disagrees(source, "eps", f"is {wanted!r}, but eps={eps!r} was passed")
+    if wanted is None or eps is not None or (metadata or {}).get("eps") == repr(wanted):
+        return
+    folded = {entry["bn"] for entry in manifest["folded"]}
+    for name, module in model.named_modules():
+        own = getattr(module, "eps", None)
+        if name not in folded and is_batchnorm_like(module) and own is not None and own != wanted:
+            raise InputError(f"{source}: manifest field 'eps' ({wanted!r}) would replace BatchNorm {name!r}'s own eps "
+                             f"({own!r}) and nothing bound to the checkpoint records it; pass eps={wanted!r} if the "
+                             "checkpoint was folded with it, or fold it again")

@@ -8,6 +8,7 @@ back as untrusted input: size-capped, regular files only, bounded nesting.
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -71,12 +72,64 @@ def read_manifest(output: str | os.PathLike[str]) -> dict[str, Any]:
     if document.get("version") != MANIFEST_VERSION:
         raise InputError(f"{printable(path)}: manifest version {printable(repr(document.get('version')))[:40]} is not supported "
                          f"(expected {MANIFEST_VERSION}); upgrade bnstrip or rewrite it")
+    validate_manifest(document, path)
+    return document
+
+
+MAX_NAME_CHARS = 1000
+"""A module path: dotted names of a real model are far shorter."""
+INTO = ("producer", "consumer")
+
+
+def _names(document: dict[str, Any], key: str, path: Path, field: str | None = None) -> list[str]:
+    """The names under document[key] (entries' `field`, or the entries themselves): printable, bounded, unique."""
+    from bnstrip.io.limits import MAX_TENSORS
+
+    entries = document[key]
+    if len(entries) > MAX_TENSORS:
+        raise _rewrite(path, f"manifest field '{key}' lists {len(entries):,} entries, over bnstrip's {MAX_TENSORS:,}")
+    names = []
+    for entry in entries:
+        name = entry.get(field) if field is not None and isinstance(entry, dict) else entry
+        if not (isinstance(name, str) and name and len(name) <= MAX_NAME_CHARS and name.isprintable()):
+            raise _rewrite(path, f"manifest field '{key}' holds {printable(repr(name))[:60]}, not a module name")
+        names.append(name)
+    if len(set(names)) != len(names):
+        raise _rewrite(path, f"manifest field '{key}' names a module twice")
+    return names
+
+
+def validate_manifest(document: dict[str, Any], path: Path) -> None:
+    """The manifest schema and its bounds (docs/safety.md): every field load_folded uses, checked before any is used.
+
+    form one of FORMS; eps null or a finite number with 0 < eps <= 1; folded [{layer, bn, into}], skipped
+    [{bn, reason}], gained_bias [name], merged [{conv, branches}] with printable, unique module names;
+    output_sha256 64 hex digits (it binds the manifest to OUT, so it is required).
+    """
     if document.get("form") not in FORMS:
         raise _rewrite(path, f"manifest form {printable(repr(document.get('form')))[:40]} is not one of {', '.join(FORMS)}")
     for key in ("folded", "skipped", "gained_bias"):
         if not isinstance(document.get(key), list):
             raise _rewrite(path, f"manifest has no '{key}' list")
     for entry in document["folded"]:
-        if not (isinstance(entry, dict) and isinstance(entry.get("layer"), str) and isinstance(entry.get("bn"), str)):
+        if not (isinstance(entry, dict) and isinstance(entry.get("layer"), str) and isinstance(entry.get("bn"), str)
+                and entry.get("into", "producer") in INTO):
             raise _rewrite(path, "a 'folded' entry is not {layer, bn, into}")
-    return document
+    _names(document, "folded", path, "bn")
+    _names(document, "skipped", path, "bn")
+    _names(document, "gained_bias", path)
+    for entry in document["folded"]:
+        _names({"folded": [entry]}, "folded", path, "layer")
+    merged = document.setdefault("merged", [])
+    if not isinstance(merged, list) or not all(isinstance(m, dict) and isinstance(m.get("branches"), list) for m in merged):
+        raise _rewrite(path, "manifest field 'merged' is not a list of {conv, branches}")
+    _names(document, "merged", path, "conv")
+    eps = document.setdefault("eps", None)
+    if eps is not None and (isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps)
+                            or not 0 < eps <= 1):
+        raise _rewrite(path, f"manifest field 'eps' is {printable(repr(eps))[:40]}; a BatchNorm eps is a finite "
+                             "number with 0 < eps <= 1")
+    sha = document.get("output_sha256")
+    if not (isinstance(sha, str) and len(sha) == 64 and all(c in "0123456789abcdef" for c in sha)):
+        raise _rewrite(path, "manifest field 'output_sha256' is missing or not a sha256; it binds the manifest to "
+                             "its checkpoint")

@@ -18,6 +18,7 @@ Only that archive is given to torch.export.load; every other record of the file 
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import json
 import logging
@@ -180,6 +181,33 @@ def _reason(exc: BaseException) -> str:
     if root is not exc:
         text += f"; cause {type(root).__name__}: {first_line(root, 80, '')}"
     return printable(text)
+
+
+class _LoggedErrors(logging.Handler):
+    """Keeps the first exception torch.export logs while loading: its error then names that, not "the warnings above"."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.first: BaseException | None = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.first is None and record.exc_info and record.exc_info[1] is not None:
+            cause = record.exc_info[1]
+            while cause.__cause__ is not None:  # the innermost reason ("failed to resolve X to an operator")
+                cause = cause.__cause__
+            self.first = cause
+
+    @contextlib.contextmanager
+    def attached(self) -> Iterator[None]:
+        logger = logging.getLogger("torch.export")
+        level, propagate, handlers = logger.level, logger.propagate, logger.handlers
+        logger.setLevel(logging.WARNING)  # heard here only: no other handler, not propagated, nothing printed
+        logger.propagate, logger.handlers = False, [self]
+        try:
+            yield
+        finally:
+            logger.setLevel(level)
+            logger.propagate, logger.handlers = propagate, handlers
 
 
 def load_program(path: str | os.PathLike[str]) -> Any:

@@ -21,6 +21,8 @@ FORMAT_MAX_HEADER = 100_000_000
 """The safetensors library's own header limit; a larger claim is hostile or broken."""
 MAX_HEADER = 16 << 20
 """bnstrip's limit: a real header takes 100-200 bytes per tensor, so 16 MiB is room for MAX_TENSORS with margin."""
+MAX_DIM = (1 << 63) - 1
+"""torch sizes are int64: a dimension (or an element count, even of an empty tensor) past it cannot be a tensor."""
 BYTES_PER_EXTRA_TENSOR = 256
 """Past the first 1,024 tensors, each must be paid for by 256 bytes of file: real tensors average kilobytes, while
 empty ones declared by the hundred thousand cost seconds of parsing and a Python object each."""
@@ -51,7 +53,7 @@ def torch_dtypes() -> dict[str, Any]:
 def validate_safetensors(f: BinaryIO, size: int, path: Path) -> SafetensorsLayout:
     """Check the header the way the format requires (see the module doc); InputError naming the tensor otherwise.
 
-    Header length within the file and under MAX_HEADER; at most MAX_TENSORS entries;
+    Header length within the file and under MAX_HEADER; at most MAX_TENSORS entries; dims and counts within int64;
     valid UTF-8 JSON object with no repeated keys; dtypes torch can hold; each range
     exactly numel * itemsize; ranges back to back from 0 to the end of the file.
     """
@@ -115,9 +117,15 @@ def _entry(name: str, info: object, dtypes: dict[str, Any], path: Path) -> Safet
     if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int and o >= 0 for o in offsets)
             and offsets[0] <= offsets[1]):
         raise InputError(f"{shown}: tensor {key} has invalid data_offsets {printable(repr(offsets))[:80]}; the file is corrupt, re-export it")
+    if any(d > MAX_DIM for d in shape):
+        raise InputError(f"{shown}: tensor {key} has a dimension over {MAX_DIM:,} ({printable(repr(shape))[:80]}), more than "
+                         "torch can index; the file is crafted or corrupt, re-export it")
     numel = 1
     for d in shape:
         numel *= d
+    if numel > MAX_DIM:
+        raise InputError(f"{shown}: tensor {key} claims {numel:,} elements, more than torch can index; the file is "
+                         "crafted or corrupt, re-export it")
     expected = numel * dtypes[dtype].itemsize
     if offsets[1] - offsets[0] != expected:
         raise InputError(f"{shown}: tensor {key} {dtype}{shape} needs {expected:,} bytes but its range holds "

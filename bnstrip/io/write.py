@@ -9,7 +9,9 @@ the write remove the temp file, keep the old output and raise Interrupted (exit
 128 + signal); SIGXFSZ is ignored so `ulimit -f` is an EFBIG error we clean up
 after.  `check_output_paths` checks every path a command will write (and the temp
 names) before any work, so nothing is replaced unless everything can be written.
-`save_checkpoint` writes a state_dict as `.pt` or `.safetensors` through it.
+`save_checkpoint` writes a state_dict as `.pt` or `.safetensors` through it; `.pt2` bytes
+(serialized in memory by torch, whose native writer aborts on a failed write) go through
+`write_bytes_atomically`.  A full disk is one line, "no space left on DIR", for every format.
 """
 from __future__ import annotations
 
@@ -33,6 +35,9 @@ SAFETENSORS_SUFFIXES = (".safetensors",)
 TEMP_SUFFIX = ".tmp"
 TEMP_OVERHEAD = len("." + "." + "abcdefgh" + TEMP_SUFFIX)
 """What mkstemp adds around the output's name: leading dot, dot, 8 random characters, .tmp."""
+NO_SPACE_ERRNOS = frozenset(code for code in (errno.ENOSPC, getattr(errno, "EDQUOT", None)) if code is not None)
+"""A full disk or an exhausted quota: reported as "no space left on DIR"."""
+WRITE_CHUNK = 1 << 20
 HANDLED_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
 
 
@@ -260,26 +265,49 @@ def write_atomically(path: Path, write: Callable[[str], object], writer: Recordi
                                  "choose another output path") from None
             if isinstance(exc, (KeyboardInterrupt, SystemExit)):
                 raise
-            reason = _write_failure_reason(exc, writer)
+            reason, code = _write_failure_reason(exc, writer)
             if reason is None:
                 raise
+            if code in NO_SPACE_ERRNOS:
+                raise InputError(f"{shown}: no space left on {printable(parent)}; nothing was written and the old output "
+                                 "is unchanged; free space or choose another output path") from None
             raise InputError(f"{shown}: write failed ({reason}); nothing was written, free space or choose another output path") from None
     if state.signum is not None:  # arrived after the file was in place: the write is complete, deliver it now
         signal.raise_signal(state.signum)
 
 
-def _write_failure_reason(exc: BaseException, writer: RecordingWriter | None) -> str | None:
-    """A readable reason for an I/O failure, or None for a failure that is not about I/O (re-raised as is)."""
+def _write_failure_reason(exc: BaseException, writer: RecordingWriter | None) -> tuple[str | None, int | None]:
+    """(a readable reason, its errno) for an I/O failure; (None, None) for one not about I/O (re-raised as is)."""
     if writer is not None and writer.error is not None:
-        return writer.error.strerror or str(writer.error)
+        return writer.error.strerror or str(writer.error), writer.error.errno
     if isinstance(exc, OSError):
-        return exc.strerror or str(exc)
+        return exc.strerror or str(exc), exc.errno
     match = re.search(r"os error (\d+)", str(exc))
     if match:
-        return os.strerror(int(match.group(1)))
+        return os.strerror(int(match.group(1))), int(match.group(1))
     if type(exc).__name__ == "SafetensorError" or "inline_container" in str(exc):
-        return first_line(exc)
-    return None
+        return first_line(exc), None
+    return None, None
+
+
+def write_bytes_atomically(path: Path, data: bytes | memoryview, *, replace: bool = True,
+                           before_replace: Callable[[str], None] | None = None) -> None:
+    """`data` written by bnstrip itself (plain writes, chunk by chunk) through write_atomically.
+
+    For outputs a library serializes with a native writer that aborts the process on a
+    full disk (torch.export.save): the library fills a memory buffer, this writes it.
+    """
+    recorder = RecordingWriter(None)
+    view = memoryview(data)
+
+    def write(tmp_name: str) -> None:
+        with open(tmp_name, "wb") as f:
+            recorder.attach(f)
+            for start in range(0, len(view), WRITE_CHUNK):
+                recorder.write(view[start:start + WRITE_CHUNK])
+            recorder.flush()
+
+    write_atomically(path, write, recorder, replace=replace, before_replace=before_replace)
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -306,6 +334,37 @@ def _unshared(state_dict: Mapping[str, Any]) -> dict[str, Any]:
     return tensors
 
 
+def stream_safetensors(tensors: Mapping[str, Any], out: RecordingWriter, metadata: dict[str, str]) -> None:
+    """safetensors (8-byte header length, JSON header padded to 8, raw little-endian data) through bnstrip's writes:
+    the library's writer renames its own temp into place (left behind on a full disk); its `save` doubles memory."""
+    import json
+    import sys
+
+    import torch
+
+    from bnstrip.io.safetensors_check import torch_dtypes
+
+    if sys.byteorder != "little":
+        raise InputError("safetensors output needs a little-endian machine; write a .pt checkpoint instead")
+    names = {dtype: name for name, dtype in torch_dtypes().items()}
+    header: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    for key, tensor in tensors.items():
+        if tensor.dtype not in names:
+            raise InputError(f"tensor {key} is {tensor.dtype}, which safetensors cannot hold; write a .pt checkpoint")
+        nbytes = tensor.numel() * tensor.element_size()
+        header[key] = {"dtype": names[tensor.dtype], "shape": list(tensor.shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+    out.write(len(raw).to_bytes(8, "little"))
+    out.write(raw)
+    for tensor in tensors.values():
+        if tensor.numel():
+            flat = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+            out.write(memoryview(flat.numpy()))
+
+
 def save_checkpoint(state_dict: Mapping[str, Any], path: str | os.PathLike[str], *, force: bool = False,
                     inputs: list[str | os.PathLike[str]] | None = None, metadata: Mapping[str, str] | None = None,
                     before_replace: Callable[[str], None] | None = None) -> Path:
@@ -316,12 +375,15 @@ def save_checkpoint(state_dict: Mapping[str, Any], path: str | os.PathLike[str],
     """
     path = check_output_path(path, list(inputs or []), force)
     if output_format(path) == "safetensors":
-        from safetensors.torch import save_file
+        recorder_st = RecordingWriter(None)
 
         def write_safetensors(tmp_name: str) -> None:
-            save_file(_unshared(state_dict), tmp_name, metadata=dict(metadata or {}))
+            with open(tmp_name, "wb") as f:
+                recorder_st.attach(f)
+                stream_safetensors(_unshared(state_dict), recorder_st, dict(metadata or {}))
+                recorder_st.flush()
 
-        write_atomically(path, write_safetensors, replace=force, before_replace=before_replace)
+        write_atomically(path, write_safetensors, recorder_st, replace=force, before_replace=before_replace)
         return path
 
     import torch

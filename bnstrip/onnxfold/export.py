@@ -75,7 +75,7 @@ def fuse_arch_to_onnx(input_path: str, output_path: str, arch: str, shape: list[
     factory = arch_factory(arch, parse_arch_kwargs(arch_kwargs))  # a wrong spec is named before any file is read
     loaded = load_checkpoint(input_path)
     check_onnx_outputs(output_path, [input_path], force, external=False)
-    model = build_loaded(factory, _converted(loaded.state_dict, dtype), input_path)
+    model = build_loaded(factory, _converted(loaded.state_dict, dtype, str(input_path)), input_path)
     example = seeded_inputs(shape, seed=0).to(model_dtype(model))
     result = fold_model(model, (example,), eps=eps, allow_overflow=allow_overflow)
     if result.check is None or not result.check.passed:

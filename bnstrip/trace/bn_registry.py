@@ -5,12 +5,20 @@ FrozenBatchNorm2d (buffers only, no `_BatchNorm` base) and timm's BatchNormAct2d
 that applies dropout and an activation after normalising). An entry says how to read a class's
 statistics (live tensors, so keep-structure can rewrite them in place) and what module replaces
 it once its normalisation is folded (the part after the normalisation, or None for nothing).
-Entries match by exact class, or by its qualified name so that timm/torchvision need not be
-imported; the real-run check in fold_model proves every fold made through an entry.
+Entries match by the class object, never by a name: an entry registered as a class matches that
+class; one registered by qualified name (so that timm/torchvision need not be imported) matches only
+the class object that name resolves to in the module already imported under it (sys.modules), and a
+built-in entry only when that module is a file of the installed distribution it names (timm,
+torchvision).  A class elsewhere that calls itself `timm.layers.norm_act.BatchNormAct2d` (its
+__module__ set, or a module of that name planted on sys.path) matches nothing.  The real-run check
+in fold_model then proves every fold made through an entry on the example inputs.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
+import os
+import sys
 from dataclasses import dataclass
 from typing import Callable
 
@@ -73,12 +81,15 @@ class BatchNormLike:
     key: str
     stats: StatsReader = standard_stats
     post: PostFactory | None = None
+    distribution: str | None = None
+    """For an entry by name: the installed distribution whose files must define the class (built-in entries)."""
 
 
 PLAIN = BatchNormLike("torch.nn BatchNorm")
 """PyTorch's own BatchNorm forward (any _BatchNorm subclass that does not override it)."""
 
 _REGISTRY: dict[type | str, BatchNormLike] = {}
+"""Entries by class object (registered as a class) or by qualified name (resolved through sys.modules)."""
 
 
 def qualified_name(cls: type) -> str:
@@ -86,24 +97,52 @@ def qualified_name(cls: type) -> str:
 
 
 def register_batchnorm(cls_or_name: type | str, *, stats: StatsReader | None = None,
-                       post: PostFactory | None = None) -> None:
+                       post: PostFactory | None = None, distribution: str | None = None) -> None:
     """Teach bnstrip a BatchNorm-like class: `stats(module)` returns its BNStats (live tensors), `post(module)`
     the module that replaces it after its normalisation is folded (None: it becomes the identity).
 
     `cls_or_name` is the class itself or its qualified name ("timm.layers.norm_act.BatchNormAct2d"); only
-    that exact class matches, not its subclasses. Its forward must normalise its single input first and then
-    apply what `post` returns; fold_model's real-run check proves each fold on the example inputs.
+    that exact class object matches, not its subclasses nor another class claiming the name (see the module
+    doc); with `distribution`, only when its module is a file of that installed distribution. Its forward
+    must normalise its single input first and then apply what `post` returns; fold_model's real-run check
+    proves each fold on the example inputs.
     """
-    key = cls_or_name if isinstance(cls_or_name, str) else qualified_name(cls_or_name)
-    if not isinstance(key, str) or "." not in key:
+    if isinstance(cls_or_name, type):
+        _REGISTRY[cls_or_name] = BatchNormLike(qualified_name(cls_or_name), stats or standard_stats, post)
+        return
+    if not isinstance(cls_or_name, str) or "." not in cls_or_name:
         raise ValueError(f"register_batchnorm: {cls_or_name!r} is not a class or a qualified class name "
                          "like 'package.module.Class'")
-    _REGISTRY[key] = BatchNormLike(key, stats or standard_stats, post)
+    _REGISTRY[cls_or_name] = BatchNormLike(cls_or_name, stats or standard_stats, post, distribution)
 
 
 def unregister_batchnorm(cls_or_name: type | str) -> None:
-    key = cls_or_name if isinstance(cls_or_name, str) else qualified_name(cls_or_name)
-    _REGISTRY.pop(key, None)
+    _REGISTRY.pop(cls_or_name, None)
+
+
+@functools.lru_cache(maxsize=None)
+def _distribution_files(name: str) -> frozenset[str]:
+    """The real paths of the .py files an installed distribution owns (empty when it is not installed)."""
+    from importlib.metadata import PackageNotFoundError, distribution
+
+    try:
+        installed = distribution(name)
+    except PackageNotFoundError:
+        return frozenset()
+    return frozenset(os.path.realpath(str(installed.locate_file(f))) for f in installed.files or []
+                     if str(f).endswith(".py"))
+
+
+def _resolves_to(cls: type, entry: BatchNormLike) -> bool:
+    """Does the entry's qualified name, looked up in the module already imported under it, give this very class?"""
+    module_name, _, class_name = entry.key.rpartition(".")
+    module = sys.modules.get(module_name)
+    if module is None or getattr(module, class_name, None) is not cls:
+        return False
+    if entry.distribution is None:
+        return True
+    path = getattr(module, "__file__", None)
+    return isinstance(path, str) and os.path.realpath(path) in _distribution_files(entry.distribution)
 
 
 def batchnorm_entry(module: nn.Module | None) -> BatchNormLike | None:
@@ -111,7 +150,10 @@ def batchnorm_entry(module: nn.Module | None) -> BatchNormLike | None:
     if module is None:
         return None
     cls = type(module)
-    entry = _REGISTRY.get(qualified_name(cls))
+    entry = _REGISTRY.get(cls)
+    if entry is None:
+        by_name = _REGISTRY.get(qualified_name(cls))
+        entry = by_name if by_name is not None and _resolves_to(cls, by_name) else None
     if entry is not None:
         return entry
     if isinstance(module, _BatchNorm) and cls.forward in _PLAIN_FORWARDS:
@@ -139,8 +181,8 @@ def folded_replacement(module: nn.Module) -> nn.Module:
     return FoldedBatchNorm(module)
 
 
-for _name, _post in (("torchvision.ops.misc.FrozenBatchNorm2d", None),
-                     ("timm.layers.norm_act.BatchNormAct2d", children_after("drop", "act")),
-                     ("timm.layers.norm_act.SyncBatchNormAct", children_after("drop", "act")),
-                     ("timm.layers.norm_act.FrozenBatchNormAct2d", children_after("drop", "act"))):
-    register_batchnorm(_name, post=_post)
+for _name, _post, _dist in (("torchvision.ops.misc.FrozenBatchNorm2d", None, "torchvision"),
+                            ("timm.layers.norm_act.BatchNormAct2d", children_after("drop", "act"), "timm"),
+                            ("timm.layers.norm_act.SyncBatchNormAct", children_after("drop", "act"), "timm"),
+                            ("timm.layers.norm_act.FrozenBatchNormAct2d", children_after("drop", "act"), "timm")):
+    register_batchnorm(_name, post=_post, distribution=_dist)

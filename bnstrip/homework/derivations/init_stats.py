@@ -26,6 +26,8 @@ from bnstrip.errors import CheckFailed, InputError
 
 MC_STDERR_BAR = 4.0
 MAX_SAMPLES = 100_000_000
+MAX_DEPTH = 1000
+"""Layers L at most: the exact variances are fractions whose denominators grow like 3^L (477 digits at L = 1000)."""
 MAX_LAYER_ENTRIES = 1 << 22  # n_{l-1} * n_l above this would not fit one Monte Carlo draw in memory
 _CHUNK_ENTRIES = 1 << 21  # weights drawn per layer and chunk of Monte Carlo samples
 _READ_ROWS = 64  # rows of the probe layer used to read the init law
@@ -70,6 +72,8 @@ class MonteCarloMoments:
     variance: float
     mean_stderr: float
     variance_stderr: float
+    stopped_at_budget: bool = False
+    """True when the time budget ended the run before `samples` reached the count asked for."""
 
 
 @dataclass(frozen=True)
@@ -98,6 +102,9 @@ def validate_layers(layers: Sequence[int]) -> list[int]:
     widths = [int(n) for n in layers]
     if len(widths) < 2:
         raise InputError(f"--layers {','.join(map(str, widths))}: give at least n0,n1 (the input width and one layer)")
+    if len(widths) - 1 > MAX_DEPTH:
+        raise InputError(f"--layers: {len(widths) - 1} layers, more than {MAX_DEPTH}; the exact variances would be "
+                         f"fractions of thousands of digits, give at most {MAX_DEPTH + 1} widths")
     for index, width in enumerate(widths):
         if width <= 0:
             raise InputError(f"--layers: width n{index} = {width} is not positive; every width must be >= 1")
@@ -168,10 +175,12 @@ def closed_form_variance(layers: Sequence[int], laws: dict[int, InitLaw]) -> Fra
     depth = len(layers) - 1
     gains = [layers[k - 1] * laws[layers[k - 1]].weight_variance for k in range(1, depth + 1)]
     offsets = [laws[layers[k - 1]].bias_variance for k in range(1, depth + 1)]
-    total = math.prod(gains, start=Fraction(1))
-    for k in range(depth):
-        total += offsets[k] * math.prod(gains[k + 1:], start=Fraction(1))
-    return total
+    total = Fraction(0)
+    later = Fraction(1)  # prod_{l>k} a_l, built from the last layer back (linear, not quadratic, in the depth)
+    for k in reversed(range(depth)):
+        total += offsets[k] * later
+        later *= gains[k]
+    return total + later
 
 
 def _is_torch_default(law: InitLaw) -> bool:
@@ -187,41 +196,71 @@ def describe_formulas(layers: Sequence[int], laws: dict[int, InitLaw]) -> tuple[
             "Var(y_L) = prod_l a_l + sum_k c_k prod_{l>k} a_l,  a_l = n_{l-1} B_w^2/3,  c_k = B_b^2/3")
 
 
+class _OutOfTime(Exception):
+    """The deadline passed in the middle of a chunk of Monte Carlo samples."""
+
+
+def _clock() -> float:
+    import time
+
+    return time.perf_counter()
+
+
+def _draw_chunk(widths: Sequence[int], size: int, deadline: float | None) -> torch.Tensor:
+    """y_L[0] of `size` fresh networks; _OutOfTime as soon as the deadline passes (checked after every layer)."""
+    y = torch.randn(size, widths[0], dtype=torch.float64)
+    for k in range(1, len(widths)):
+        layer = torch.nn.Linear(widths[k - 1], size * widths[k], dtype=torch.float64)
+        weight = layer.weight.view(size, widths[k], widths[k - 1])
+        bias = layer.bias.view(size, widths[k])
+        y = torch.einsum("soi,si->so", weight, y) + bias
+        if deadline is not None and _clock() > deadline:
+            raise _OutOfTime
+    return y[:, 0]
+
+
 def monte_carlo_moments(layers: Sequence[int], samples: int, seed: int,
-                        progress: Callable[[int, int], None] | None = None) -> MonteCarloMoments:
+                        progress: Callable[[int, int], None] | None = None,
+                        deadline: float | None = None) -> MonteCarloMoments:
     """Sample y_L[0] over fresh default-initialised nn.Linear layers and a fresh x ~ N(0, I) per sample.
 
     A chunk of S samples uses one fresh ``nn.Linear(n_{l-1}, S * n_l)`` per layer: its init law depends only
     on fan_in = n_{l-1}, so its S row blocks are S independent fresh ``nn.Linear(n_{l-1}, n_l)`` drawn by
-    torch's own reset_parameters, without constructing S modules.
+    torch's own reset_parameters, without constructing S modules.  With a `deadline` (a time.perf_counter()
+    value) chunks start at 16 samples and double, the run stops at the deadline with the samples of the
+    chunks it finished (`stopped_at_budget`), and fewer than two is an InputError.
     """
     widths = validate_layers(layers)
     validate_samples(samples)
     widest = max(widths[k - 1] * widths[k] for k in range(1, len(widths)))
-    chunk = max(1, min(samples, _CHUNK_ENTRIES // widest))
-    outputs = []
+    largest = max(1, min(samples, _CHUNK_ENTRIES // widest))
+    chunk = largest if deadline is None else min(largest, 16)
+    outputs: list[torch.Tensor] = []
+    done, stopped = 0, False
     with torch.random.fork_rng(devices=[]), torch.no_grad():
         torch.manual_seed(seed)
-        done = 0
         while done < samples:
             size = min(chunk, samples - done)
-            y = torch.randn(size, widths[0], dtype=torch.float64)
-            for k in range(1, len(widths)):
-                layer = torch.nn.Linear(widths[k - 1], size * widths[k], dtype=torch.float64)
-                weight = layer.weight.view(size, widths[k], widths[k - 1])
-                bias = layer.bias.view(size, widths[k])
-                y = torch.einsum("soi,si->so", weight, y) + bias
-            outputs.append(y[:, 0])
+            try:
+                outputs.append(_draw_chunk(widths, size, deadline))
+            except _OutOfTime:
+                stopped = True
+                break
             done += size
+            chunk = min(chunk * 2, largest)
             if progress is not None:
                 progress(done, samples)
+    if done < (MIN_BUDGET_SAMPLES if stopped else 2):
+        raise InputError(f"--budget: the time budget ran out after {done} Monte Carlo samples of this "
+                         f"{len(widths) - 1}-layer network, fewer than the {MIN_BUDGET_SAMPLES} a check needs; raise "
+                         "--budget, or give --samples or fewer layers")
     values = torch.cat(outputs)
     mean = float(values.mean())
     centred = values - mean
-    variance = float(centred.square().sum() / (samples - 1))
+    variance = float(centred.square().sum() / (done - 1))
     fourth = float(centred.pow(4).mean())
-    return MonteCarloMoments(samples, mean, variance, math.sqrt(variance / samples),
-                             math.sqrt(max(fourth - variance**2, 0.0) / samples))
+    return MonteCarloMoments(done, mean, variance, math.sqrt(variance / done),
+                             math.sqrt(max(fourth - variance**2, 0.0) / done), stopped)
 
 
 DEFAULT_SAMPLES = 100_000
@@ -255,9 +294,17 @@ def samples_for_budget(layers: Sequence[int], seconds: float = DEFAULT_BUDGET_SE
     return max(min(fitting, cap), min(MIN_BUDGET_SAMPLES, cap))
 
 
+def in_stderrs(difference: float, stderr: float) -> float:
+    """|difference| in standard errors (infinite for a zero standard error, e.g. a sample of a few draws)."""
+    return abs(difference) / stderr if stderr > 0 else math.inf
+
+
 def init_stats(layers: Sequence[int], samples: int, seed: int = 0,
-               progress: Callable[[int, int], None] | None = None) -> InitStatsResult:
-    """Exact moments of y_1..y_L under torch's default init, checked by Monte Carlo (fail beyond 4 standard errors)."""
+               progress: Callable[[int, int], None] | None = None, budget: float | None = None) -> InitStatsResult:
+    """Exact moments of y_1..y_L under torch's default init, checked by Monte Carlo (fail beyond 4 standard errors).
+
+    With a `budget` (seconds) the Monte Carlo run stops when it is spent (see monte_carlo_moments' deadline).
+    """
     widths = validate_layers(layers)
     validate_samples(samples)
     laws = {n: read_init_law(n, seed) for n in sorted(set(widths[:-1]))}
@@ -267,12 +314,13 @@ def init_stats(layers: Sequence[int], samples: int, seed: int = 0,
     if closed != per_layer[-1].variance:
         failures.append(f"closed form {closed} != recursion {per_layer[-1].variance}")
     recursion_text, closed_text = describe_formulas(widths, laws)
-    mc = monte_carlo_moments(widths, samples, seed, progress)
+    mc = monte_carlo_moments(widths, samples, seed, progress, None if budget is None else _clock() + budget)
     exact_variance = float(per_layer[-1].variance)
     if abs(mc.mean - 0.0) > MC_STDERR_BAR * mc.mean_stderr:
-        failures.append(f"Monte Carlo mean {mc.mean:.4g} is {abs(mc.mean) / mc.mean_stderr:.1f} standard errors from 0")
+        failures.append(f"Monte Carlo mean {mc.mean:.4g} is {in_stderrs(mc.mean, mc.mean_stderr):.1f} standard "
+                        "errors from 0")
     if abs(mc.variance - exact_variance) > MC_STDERR_BAR * mc.variance_stderr:
-        distance = abs(mc.variance - exact_variance) / mc.variance_stderr
+        distance = in_stderrs(mc.variance - exact_variance, mc.variance_stderr)
         failures.append(f"Monte Carlo variance {mc.variance:.4g} is {distance:.1f} standard errors from the exact "
                         f"{exact_variance:.4g}")
     return InitStatsResult(widths, [laws[n] for n in sorted(laws)], per_layer, closed, recursion_text, closed_text,
