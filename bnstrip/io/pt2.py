@@ -18,7 +18,6 @@ Only that archive is given to torch.export.load; every other record of the file 
 from __future__ import annotations
 
 import contextlib
-import functools
 import io
 import json
 import logging

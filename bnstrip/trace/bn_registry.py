@@ -120,7 +120,7 @@ def unregister_batchnorm(cls_or_name: type | str) -> None:
     _REGISTRY.pop(cls_or_name, None)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _distribution_files(name: str) -> frozenset[str]:
     """The real paths of the .py files an installed distribution owns (empty when it is not installed)."""
     from importlib.metadata import PackageNotFoundError, distribution
