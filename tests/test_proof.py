@@ -97,7 +97,27 @@ def test_an_own_forward_that_changes_at_large_inputs_is_refused() -> None:
     model = _eval(Net(ClampedConv))
     x = torch.randn(2, 3, 9, 9)
     result = fold_model(model, x)
-    assert result.folded == []
+    # bn1 would need conv1's clamped output scaled: refused. bn0 before conv2 is exact even so (conv2 clamps the
+    # same pre-activation either way), and the consumer proof runs at every magnitude too.
+    assert result.folded == [("conv2", "bn0")]
     assert "inputs of magnitude" in dict(result.skipped)["bn1"]
     with torch.no_grad():
         assert torch.allclose(model(x * 50), result.model(x * 50), rtol=1e-5, atol=1e-5)
+
+
+class InputClampedConv(nn.Conv2d):
+    """Clamps its input to |x| <= 20: a BatchNorm before it moves where the clamp bites, so it cannot absorb one."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.clamp(-20, 20))
+
+
+def test_an_own_forward_consumer_that_changes_at_large_inputs_is_refused() -> None:
+    """The consumer-side proof (BatchNorm -> own-forward layer) also runs at magnitudes up to 1e4 (issue 17 item 9)."""
+    model = _eval(Net(InputClampedConv))
+    x = torch.randn(2, 3, 9, 9) * 0.1  # the example never reaches either clamp
+    result = fold_model(model, x)
+    assert ("conv2", "bn0") not in result.folded
+    assert "inputs of magnitude" in dict(result.skipped)["bn0"]
+    with torch.no_grad():
+        assert torch.allclose(model(x * 500), result.model(x * 500), rtol=1e-5, atol=1e-5)
