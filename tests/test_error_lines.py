@@ -55,11 +55,14 @@ def _one_line_exit_2(args: list[str]) -> str:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("fqn", ["__class__.weight", "training", "lin.__dict__", "lin._parameters"])
-def test_pt2_tensor_named_like_a_module_attribute_is_one_line(good_pt2: Path, tmp_path: Path, fqn: str) -> None:
+def test_pt2_tensor_named_like_a_module_attribute_is_renamed(good_pt2: Path, tmp_path: Path, fqn: str) -> None:
+    """Such a name cannot become a module attribute: the re-emitted archive renames it (never a bare RuntimeError)."""
     bad = _rewritten(good_pt2, tmp_path / "bad.pt2", '"lin.weight"', f'"{fqn}"')
-    line = _one_line_exit_2(["fuse", str(bad), str(tmp_path / "out.pt2")])
-    assert str(bad) in line and fqn in line and "re-export" in line and "Error:" not in line, line
-    assert not (tmp_path / "out.pt2").exists()
+    result = CliRunner().invoke(main, ["fuse", str(bad), str(tmp_path / "out.pt2")])
+    assert result.exit_code == 0 and "Error" not in result.stderr, result.stderr[-2000:]
+    names = torch.export.load(tmp_path / "out.pt2").state_dict  # bnstrip's own output: trusted
+    reserved = {"training", "_parameters", "__dict__", "__class__"}
+    assert names and not any(set(name.split(".")) & reserved for name in names), sorted(names)
 
 
 @pytest.mark.slow

@@ -25,6 +25,7 @@ from bnstrip.io.pt2_schema import (
     _list,
     _need,
     _union,
+    plain_identifier,
     safe_identifier,
 )
 
@@ -145,7 +146,7 @@ def _node(e: Emitter, value: Any, index: int) -> dict[str, Any]:
     inputs, flags, self_arg = [], {}, None
     for position, named in enumerate(_list(body.get("inputs"), f"{what} inputs")):
         named = _dict(named, f"{what} input", {"name", "arg", "kind"})
-        _need(safe_identifier(named.get("name")) or named.get("name") == "self",
+        _need(plain_identifier(named.get("name")),  # an op's keyword name (`device=`), never a variable
               f"{what}: argument name {str(named.get('name'))[:40]!r}")
         kind = named.get("kind")
         _need(kind is None or _is_int_in(kind, {1, 2}), f"{what}: argument kind {str(kind)[:10]}")

@@ -87,10 +87,15 @@ _CODEGEN_GLOBALS = frozenset({"self", "torch", "fx_pytree", "pytree", "inf", "na
 """Names the forward torch generates relies on: an argument may not shadow them."""
 
 
+def plain_identifier(name: Any) -> bool:
+    """A plain Python identifier that cannot be code: an op's keyword-argument name (`device=`), which shadows nothing."""
+    return isinstance(name, str) and bool(_IDENT.fullmatch(name)) and not keyword.iskeyword(name) \
+        and not name.startswith("__")
+
+
 def safe_identifier(name: Any) -> bool:
     """A plain Python identifier that cannot be code and shadows nothing the generated forward uses."""
-    return isinstance(name, str) and bool(_IDENT.fullmatch(name)) and not keyword.iskeyword(name) \
-        and not name.startswith("__") and name not in _CODEGEN_GLOBALS
+    return plain_identifier(name) and name not in _CODEGEN_GLOBALS
 
 
 class Emitter:
