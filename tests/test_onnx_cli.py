@@ -31,9 +31,10 @@ def test_fuse_json_has_fuse_keys_and_manifest(tmp_path):
     result = invoke("fuse", src, tmp_path / "out.onnx", "--json")
     assert result.exit_code == 0, result.stderr
     payload = json.loads(result.stdout)
-    for key in ("command", "passed", "folded", "skipped", "gained_bias", "self_check_max_abs_diff",
-                "self_check_tolerance", "self_check_rounding", "manifest", "form", "warnings"):
-        assert key in payload
+    from bnstrip.pipeline import FUSE_JSON_KEYS  # the keys of every fuse path (tests/test_contract.py)
+
+    core = ("command", "passed", "seconds", "bnstrip_version", "torch_version")
+    assert tuple(payload) == core + tuple(k for k in FUSE_JSON_KEYS if k not in core) + ("external_data",)
     assert payload["passed"] and [f["bn"] for f in payload["folded"]] == ["bn1", "bn2"]
     manifest = json.loads((tmp_path / "out.onnx.bnstrip.json").read_text())
     assert manifest["form"] == "onnx" and len(manifest["output_sha256"]) == 64

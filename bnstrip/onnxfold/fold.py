@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from bnstrip.refusals import refusal
 from bnstrip.core.compare import SelfCheck
 from bnstrip.errors import CheckFailed, first_line, printable
 from bnstrip.onnxfold.graph import (
@@ -51,7 +52,7 @@ class OnnxFoldResult:
         return {
             "form": self.form, "tracer": self.tracer, "eps": self.eps,
             "folded": [{"layer": layer, "bn": bn, "into": self.into.get(bn, INTO_PRODUCER)} for layer, bn in self.folded],
-            "skipped": [{"bn": bn, "reason": reason} for bn, reason in self.skipped],
+            "skipped": [{"bn": bn, **refusal(reason).to_dict()} for bn, reason in self.skipped],
             "gained_bias": list(self.gained_bias), "merged": [],
         }
 

@@ -43,17 +43,14 @@ class OnnxFuseReport:
         return self.result.check or NOTHING_TO_CHECK
 
     def to_dict(self) -> dict[str, Any]:
-        entries = self.result.manifest_entries()
-        check = self.self_check
-        return {
-            "input": self.input, "output": self.output, "manifest": self.manifest, "arch": self.arch,
-            "input_shape": self.input_shape, "form": entries["form"], "tracer": entries["tracer"], "eps": None, "dtype": "keep", "format": "onnx",
-            "folded": entries["folded"], "skipped": entries["skipped"], "gained_bias": entries["gained_bias"],
-            "merged": [], "merge_refused": [], "external_data": self.data_file,
-            "self_check_max_abs_diff": check.max_abs_diff, "self_check_output_scale": check.output_scale,
-            "self_check_rounding": check.rounding, "self_check_tolerance": check.tolerance,
-            "self_check_samples": check.samples, "unwrapped": [], "warnings": self.warnings, "seconds": self.seconds,
-        }
+        """The report with the keys of every fuse path (pipeline.fuse_report_dict), plus the external data file."""
+        from bnstrip.pipeline import fuse_report_dict
+
+        report = fuse_report_dict(self.input, self.output, self.arch,  # type: ignore[arg-type]  # None: no --arch
+                                  self.result.manifest_entries(),
+                                  self.self_check, manifest=self.manifest, input_shape=self.input_shape, dtype="keep",
+                                  source_format="onnx", warnings=self.warnings, seconds=self.seconds)
+        return {**report, "external_data": self.data_file}
 
 
 def data_path(output: str | Path) -> Path:
