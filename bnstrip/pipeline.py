@@ -73,7 +73,7 @@ FUSE_JSON_KEYS = (
 
 def fuse_report_dict(input_path: str, output: str, arch: str, entries: dict[str, Any], check: SelfCheck, *,
                      manifest: str | None = None, input_shape: list[int] | None = None, dtype: str | None = None,
-                     source_format: str | None = None, merge_refused: list[dict[str, str]] | None = None,
+                     source_format: str | None = None, merge_refused: list[dict[str, Any]] | None = None,
                      dynamic_dims: list[str] | None = None, unwrapped: list[str] | None = None,
                      warnings: list[str] | None = None, seconds: float = 0.0) -> dict[str, Any]:
     """One fuse report with FUSE_JSON_KEYS, whatever the path; `entries` as FoldResult.manifest_entries gives."""
@@ -193,6 +193,7 @@ def _write(folded: _Folded, output_path: str, input_path: str, force: bool, meta
     from bnstrip.io.manifest import write_manifest
 
     def write_manifest_first(tmp_name: str) -> None:
+        assert manifest is not None  # only passed as a callback when there is one
         write_manifest(output_path, {**manifest, "output_sha256": sha256_file(tmp_name)})
 
     save_checkpoint(folded.state, output_path, force=force, inputs=[input_path], metadata=metadata,
@@ -244,7 +245,7 @@ def fuse_file(input_path: str, output_path: str, model_factory: Callable[[], nn.
     smallnet = model_factory is SmallNetTrain
     loaded = load_checkpoint(input_path)
     state = _converted(loaded.state_dict, dtype, str(input_path))
-    name = "smallNetTest" if smallnet else (arch or getattr(model_factory, "__name__", "model"))
+    name = "smallNetTest" if smallnet else str(arch or getattr(model_factory, "__name__", "model"))
     if smallnet:
         from bnstrip.homework.smallnet import refuse_swapped_arguments
 
@@ -256,6 +257,7 @@ def fuse_file(input_path: str, output_path: str, model_factory: Callable[[], nn.
     if not dry_run:
         check_outputs(output_path, input_path, force, with_manifest=not smallnet)
     metadata = {"source_sha256": loaded.sha256, "bnstrip_version": __version__, "architecture": name}
+    eps_used: float | None
     if smallnet:
         folded, eps_used = _fold_smallnet(state, eps, input_path, allow_overflow)
         written_dtype = None
