@@ -101,16 +101,7 @@ def verify(files: tuple[str, ...], checkpoint: str | None, fused: str | None, da
     from bnstrip.homework.data import load_split
 
     checkpoint, fused = _files(files, checkpoint, fused)
-    from bnstrip.cli.program import _is_program, verify_programs  # issue 13: two exported programs
-
-    from bnstrip.cli.onnx import verify_onnx  # issue 20: two ONNX models
-    from bnstrip.io.sniff import is_onnx_file
-
-    if fused is not None and (is_onnx_file(checkpoint) or is_onnx_file(fused)):
-        verify_onnx(checkpoint, fused, inputs_file, as_json)
-        return
-    if fused is not None and (_is_program(checkpoint) or _is_program(fused)):
-        verify_programs(checkpoint, fused, inputs_file, as_json)
+    if _verified_other_format(checkpoint, fused, inputs_file, as_json):
         return
     if inputs_file is not None:
         raise click.UsageError("--inputs goes with two exported programs (.pt2) or two ONNX models")
@@ -148,6 +139,21 @@ def verify(files: tuple[str, ...], checkpoint: str | None, fused: str | None, da
         _print_table(result, checkpoint, fused, str(split.source), split.md5)
     if not result.passed:
         raise CheckFailed(_failure(result, fused))
+
+
+def _verified_other_format(checkpoint: str, fused: str | None, inputs_file: str | None, as_json: bool) -> bool:
+    """Two exported programs (issue 13) or two ONNX models (issue 20) are compared on inputs, not on CIFAR-10."""
+    from bnstrip.cli.onnx import verify_onnx
+    from bnstrip.cli.program import _is_program, verify_programs
+    from bnstrip.io.sniff import is_onnx_file
+
+    if fused is not None and (is_onnx_file(checkpoint) or is_onnx_file(fused)):
+        verify_onnx(checkpoint, fused, inputs_file, as_json)
+        return True
+    if fused is not None and (_is_program(checkpoint) or _is_program(fused)):
+        verify_programs(checkpoint, fused, inputs_file, as_json)
+        return True
+    return False
 
 
 def _cpu_capability() -> str:
