@@ -221,8 +221,8 @@ def _attempt(model: nn.Module, inputs: Sequence[Any] | None, keep: Callable[[Mer
 
 def exported_graph(model: nn.Module, inputs: Sequence[Any]) -> tuple[fx.GraphModule | None, Any, str]:
     """(module calls over torch.export's aten graph of `model`, its input/output codegen, '') or (None, None, why)."""
+    from bnstrip.core.torch_env import quiet_torch_logs as _quiet_torch_logs
     from bnstrip.trace.export_tracer import plain_graph_module
-    from bnstrip.trace.export_tracer import _quiet_torch_logs
     from bnstrip.trace.modularize import modularize
 
     try:
