@@ -7,11 +7,12 @@ checks here; bnstrip.fold.rules lists all matchers in its table PATTERNS.
 """
 from __future__ import annotations
 
+from typing import cast
 
 import torch
 from torch import nn
 
-from bnstrip._torch import ConvTransposeNd
+from bnstrip._torch import ConvNd, ConvTransposeNd
 from bnstrip.core.foldmath import BNStats
 from bnstrip.fold.proof import own_forward_issue
 from bnstrip.fold.proof_consumer import own_forward_consumer_issue
@@ -31,6 +32,11 @@ def bn_channels(bn: Op, root: nn.Module) -> int:
     if bn.module is not None:
         return int(module_stats(bn.module).running_mean.numel())
     return int(tensor_at(root, bn.functional.mean).numel())
+
+
+def layer_module(layer: Op) -> ConvNd | nn.Linear:
+    """The module of a 'layer' op: a conv or a Linear (bnstrip.trace.classify sorts layers by isinstance)."""
+    return cast("ConvNd | nn.Linear", layer.module)
 
 
 def out_channels(module: nn.Module) -> int:
