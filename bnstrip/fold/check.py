@@ -34,7 +34,8 @@ def as_inputs(example_inputs: Any) -> tuple[Any, ...] | None:
 @contextlib.contextmanager
 def eps_override(model: nn.Module, eps: float | None) -> Iterator[None]:
     """Every BatchNorm of `model` uses `eps` inside the block (the original as the user asked for it)."""
-    saved = [(m, m.eps) for m in model.modules() if is_batchnorm_like(m) and hasattr(m, "eps")] if eps is not None else []
+    # BatchNorm-likes (duck-typed too) keep eps as a plain float, which nn.Module.__setattr__'s Tensor | Module typing cannot take
+    saved: list[tuple[Any, Any]] = [(m, m.eps) for m in model.modules() if is_batchnorm_like(m) and hasattr(m, "eps")] if eps is not None else []
     for module, _ in saved:
         module.eps = eps
     try:

@@ -11,11 +11,12 @@ differs on real data.  fold_model's real-run check on the example inputs then pr
 from __future__ import annotations
 
 import copy
-from typing import Sequence
+from typing import Sequence, cast
 
 import torch
 from torch import nn
 
+from bnstrip._torch import ConvNd
 from bnstrip.core.compare import seeded_inputs
 from bnstrip.core.foldmath import BNStats, bn_scale_shift, fold_into_producer
 
@@ -33,7 +34,7 @@ def own_forward_issue(layer: nn.Module, input_shape: Sequence[int] | None, stats
         return f"{kind} overrides forward and its input shape is unknown; pass example inputs (example_inputs)"
     scale, shift = bn_scale_shift(stats, name)
     try:
-        original = copy.deepcopy(layer).to(torch.float64)
+        original = cast("ConvNd | nn.Linear", copy.deepcopy(layer).to(torch.float64))  # a 'layer' op: a conv or Linear subclass
         folded = copy.deepcopy(original)
         unit = seeded_inputs(tuple(input_shape), seed=1, dtype=torch.float64) * 2 - 1
         with torch.no_grad():

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
+from typing import cast
 
 import torch
 from torch import nn
 
+from bnstrip._torch import ConvNd
 from bnstrip.core.compare import seeded_inputs
 from bnstrip.core.foldmath import BNStats, bn_scale_shift, fold_into_consumer
 from bnstrip.fold.proof import PROOF_SCALES
@@ -43,7 +45,7 @@ def _absorbs_at(layer: nn.Module, input_shape: Sequence[int], axis: int, stats: 
                 scale: torch.Tensor, shift: torch.Tensor, magnitude: float) -> str | None:
     """Why the folded layer's float64 output differs from the layer on the normalised input at this magnitude."""
     try:
-        wide = copy.deepcopy(layer).to(torch.float64)
+        wide = cast("ConvNd | nn.Linear", copy.deepcopy(layer).to(torch.float64))  # a 'layer' op: a conv or Linear subclass
         x = (seeded_inputs(tuple(input_shape), seed=1, dtype=torch.float64) * 2 - 1) * magnitude
         with torch.no_grad():
             want = wide(x * scale + shift)

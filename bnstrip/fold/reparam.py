@@ -21,13 +21,14 @@ from __future__ import annotations
 import copy
 import operator
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Sequence, cast
 
 import torch
 import torch.fx as fx
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
+from bnstrip._torch import ConvNd
 from bnstrip.core.compare import SelfCheck, compare_models, float64_outputs, fresh_inputs, seeded_outputs
 from bnstrip.errors import InputError, first_line
 from bnstrip.fold.bisect import bisect_folds
@@ -93,8 +94,8 @@ def _plan_sum(found: Sum) -> tuple[list[_Group], list[str]]:
             problem = shape_problem(valid, geometry.rank)
             if problem is None:
                 convs = [b.conv for b in valid if b.conv is not None]
-                # named after the first conv with the full kernel (the "dense" branch), else the first conv
-                target = next((c.name for c in convs if tuple(c.module.kernel_size) == geometry.kernel), convs[0].name)
+                # named after the first conv with the full kernel (the "dense" branch), else the first conv (conv steps hold a ConvNd)
+                target = next((c.name for c in convs if tuple(cast(ConvNd, c.module).kernel_size) == geometry.kernel), convs[0].name)
                 bns = tuple(s.name for b in valid for s in b.steps if s.kind == "bn")
                 merge = Merge(conv=target, branches=tuple(b.describe() for b in valid), bns=bns,
                               kernel_size=geometry.kernel)
@@ -187,6 +188,7 @@ def _attempt(model: nn.Module, inputs: Sequence[Any] | None, keep: Callable[[Mer
     if gm is None and inputs is not None:  # fx cannot trace it: the same matching on torch.export's graph
         gm, codegen, export_error = exported_graph(model, inputs)
     if gm is None:
+        assert error is not None  # fx_trace gives its error whenever it gives no graph
         why = f"torch.fx cannot trace it ({first_line(error, 200)})"
         why += f" and torch.export cannot either ({export_error})" if inputs is not None else \
             "; without example inputs torch.export cannot run"
@@ -221,8 +223,8 @@ def _attempt(model: nn.Module, inputs: Sequence[Any] | None, keep: Callable[[Mer
 
 def exported_graph(model: nn.Module, inputs: Sequence[Any]) -> tuple[fx.GraphModule | None, Any, str]:
     """(module calls over torch.export's aten graph of `model`, its input/output codegen, '') or (None, None, why)."""
-    from bnstrip.trace.export_tracer import plain_graph_module
     from bnstrip.core.torch_env import quiet_torch_logs as _quiet_torch_logs
+    from bnstrip.trace.export_tracer import plain_graph_module
     from bnstrip.trace.modularize import modularize
 
     try:

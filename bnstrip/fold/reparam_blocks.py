@@ -7,6 +7,8 @@ without timm. Each forward sums its branches the way the original code does (`a 
 """
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -48,7 +50,7 @@ class MobileOneBlock(nn.Module):
         out = scale_out + identity_out
         for branch in self.rbr_conv:
             out += branch(x)
-        return F.relu(out)
+        return F.relu(cast(torch.Tensor, out))  # the sum starts from int 0, as timm's does; a tensor once a branch adds in
 
 
 class ACBlock(nn.Module):
@@ -98,8 +100,9 @@ def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
         for module in model.modules():
             if isinstance(module, _BatchNorm):
                 c = module.num_features
-                module.running_mean.copy_(torch.randn(c, generator=gen) * 0.5)
-                module.running_var.copy_(torch.rand(c, generator=gen) * 2 + 0.1)
+                # the replicas' BatchNorms track running statistics (torch types them Tensor | None)
+                cast(torch.Tensor, module.running_mean).copy_(torch.randn(c, generator=gen) * 0.5)
+                cast(torch.Tensor, module.running_var).copy_(torch.rand(c, generator=gen) * 2 + 0.1)
                 if module.affine:
                     module.weight.copy_(torch.randn(c, generator=gen))
                     module.bias.copy_(torch.randn(c, generator=gen))

@@ -9,11 +9,12 @@ channels) and the sum is rounded once to the weights' dtype.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
 
+from bnstrip._torch import ConvNd
 from bnstrip.core.foldmath import BNStats, bn_scale_shift, cast_folded
 from bnstrip.fold.reparam_match import Branch
 
@@ -38,7 +39,7 @@ class Geometry:
 
 
 
-def _int_padding(name: str, conv: nn.Module) -> tuple[int, ...] | str:
+def _int_padding(name: str, conv: ConvNd) -> tuple[int, ...] | str:
     if not isinstance(conv.padding, str):
         return tuple(conv.padding)
     if conv.padding == "valid":
@@ -49,12 +50,12 @@ def _int_padding(name: str, conv: nn.Module) -> tuple[int, ...] | str:
     return tuple(t // 2 for t in totals)
 
 
-def _padded(conv: nn.Module) -> bool:
+def _padded(conv: ConvNd) -> bool:
     """Whether the conv reads padding at all (its padding_mode matters only then)."""
     return conv.padding == "same" or (not isinstance(conv.padding, str) and any(p > 0 for p in conv.padding))
 
 
-def _settings_problem(convs: list[tuple[str, nn.Module]]) -> str | None:
+def _settings_problem(convs: list[tuple[str, ConvNd]]) -> str | None:
     name0, first = convs[0]
     for name, conv in convs[1:]:
         if len(conv.kernel_size) != len(first.kernel_size):
@@ -71,10 +72,12 @@ def _settings_problem(convs: list[tuple[str, nn.Module]]) -> str | None:
     return None
 
 
-def _kernel_layout(convs: list[tuple[str, nn.Module]], pads: dict[str, tuple[int, ...]]
+def _kernel_layout(convs: list[tuple[str, ConvNd]], pads: dict[str, tuple[int, ...]]
                    ) -> tuple[list[int], list[int], list[int]] | str:
     """(kernel, padding, dilation) of the merged conv per dim, or why a branch is not centred in it."""
-    kernel, padding, dilation = [], [], []
+    kernel: list[int] = []
+    padding: list[int] = []
+    dilation: list[int] = []
     for d in range(len(convs[0][1].kernel_size)):
         big_name, big = max(convs, key=lambda item: item[1].kernel_size[d])
         size, pad, dil = big.kernel_size[d], pads[big_name][d], big.dilation[d]
@@ -92,7 +95,7 @@ def _kernel_layout(convs: list[tuple[str, nn.Module]], pads: dict[str, tuple[int
     return kernel, padding, dilation
 
 
-def _identity_problem(branches: list[Branch], first: nn.Module, kernel: list[int], padding: list[int],
+def _identity_problem(branches: list[Branch], first: ConvNd, kernel: list[int], padding: list[int],
                       dilation: list[int]) -> str | None:
     """An identity or BN-alone branch is a centred one-tap kernel: same channels, stride 1, odd aligned kernel."""
     plain = [b for b in branches if b.conv is None]
@@ -108,7 +111,8 @@ def _identity_problem(branches: list[Branch], first: nn.Module, kernel: list[int
             return f"an identity branch is not centred in the merged kernel {tuple(kernel)} with padding {tuple(padding)}"
     for branch in plain:
         for step in branch.steps:
-            channels = (step.stats.running_mean if step.stats else step.module.running_mean).numel() \
+            # a module BatchNorm(-like) step's statistics are set too (reparam_match.linear_step); its module is duck-typed
+            channels = (step.stats.running_mean if step.stats else cast(Any, step.module).running_mean).numel() \
                 if step.kind == "bn" else first.in_channels
             if channels != first.in_channels:
                 return f"BatchNorm {step.name} has {channels} channels, not {first.in_channels}"
@@ -116,7 +120,8 @@ def _identity_problem(branches: list[Branch], first: nn.Module, kernel: list[int
 
 
 def fit_one_conv(branches: list[Branch]) -> Geometry | str:
-    convs = [(b.conv.name, b.conv.module) for b in branches if b.conv is not None]
+    # conv steps hold a ConvNd, never a transposed one (reparam_match.linear_step)
+    convs = [(b.conv.name, cast(ConvNd, b.conv.module)) for b in branches if b.conv is not None]
     if problem := _settings_problem(convs):
         return problem
     pads: dict[str, tuple[int, ...]] = {}
@@ -165,7 +170,7 @@ def _bn_affine(step: Any) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _branch_kernel(branch: Branch, g: Geometry) -> tuple[torch.Tensor, torch.Tensor]:
     """(kernel (out, in/groups, *kernel), bias) of one branch in float64, embedded in the merged kernel."""
-    f64 = dict(dtype=torch.float64, device=g.weight.device)
+    f64: dict[str, Any] = dict(dtype=torch.float64, device=g.weight.device)
     diag = torch.ones(g.in_channels, **f64)
     bias = torch.zeros(g.out_channels, **f64)
     weight: torch.Tensor | None = None
@@ -177,11 +182,12 @@ def _branch_kernel(branch: Branch, g: Geometry) -> tuple[torch.Tensor, torch.Ten
                 weight = weight * step.factor
             bias = bias * step.factor
         elif step.kind == "conv":
-            conv = step.module
+            conv = cast(ConvNd, step.module)  # see fit_one_conv
             small = conv.weight.detach().to(torch.float64) * diag[0]  # only scalars come before a conv
             weight = torch.zeros(g.out_channels, g.in_channels // g.groups, *g.kernel, **f64)
             window = [slice((size - k) // 2, (size - k) // 2 + k) for size, k in zip(g.kernel, conv.kernel_size, strict=True)]
-            weight[(slice(None), slice(None), *window)] = small
+            rows = (slice(None), slice(None), *window)  # one index tuple: mypy (target 3.10) reads a[(x, *y)] as 3.11-only a[x, *y]
+            weight[rows] = small
             bias = conv.bias.detach().to(torch.float64) if conv.bias is not None else bias
         elif step.kind == "bn":
             scale, shift = _bn_affine(step)
@@ -194,7 +200,8 @@ def _branch_kernel(branch: Branch, g: Geometry) -> tuple[torch.Tensor, torch.Ten
         weight = torch.zeros(g.out_channels, g.in_channels // g.groups, *g.kernel, **f64)
         channels = torch.arange(g.in_channels, device=g.weight.device)
         centre = [torch.full_like(channels, (size - 1) // 2) for size in g.kernel]
-        weight[(channels, channels % (g.in_channels // g.groups), *centre)] = diag
+        taps = (channels, channels % (g.in_channels // g.groups), *centre)
+        weight[taps] = diag
     return weight * branch.coeff, bias * branch.coeff
 
 

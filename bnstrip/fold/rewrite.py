@@ -15,17 +15,18 @@ Forms of the folded model:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence, cast
 
 import torch
 import torch.fx as fx
 from torch import nn
 
-from bnstrip._torch import ConvTransposeNd, own_buffers, own_parameters
+from bnstrip._torch import ConvNd, ConvTransposeNd, own_buffers, own_parameters
 from bnstrip.core.foldmath import (BNStats, all_finite, bn_scale_shift, cast_folded, fold_into_consumer, fold_into_producer,
                                    identity_running_var)
 from bnstrip.core.folded_bn import FoldedBatchNorm  # noqa: F401 - re-exported: its old home
 from bnstrip.fold.rules import INTO_PRODUCER, Fold, bn_stats
+from bnstrip.fold.rules_adjacent import layer_module
 from bnstrip.fold.rules_affine import through_stats
 from bnstrip.trace.bn_registry import folded_replacement, is_batchnorm_like
 from bnstrip.trace.opgraph import Op, OpGraph
@@ -42,11 +43,11 @@ def _fold_in_float64(folds: list[Fold], root: nn.Module, eps: float | None,
         for layer, start, stop in fold.parts():  # a concatenation: each layer absorbs its slice of channels
             by_layer.setdefault(layer.name, []).append((fold, layer, slice(start, stop)))
     for layer_name, layer_folds in by_layer.items():
-        module = layer_folds[0][1].module
+        module = layer_module(layer_folds[0][1])
         if _single_producer_fold(module, layer_folds):
             yield layer_name, _fold_rounded(module, layer_folds[0][0], root, eps, layer_name, allow_overflow)
             continue
-        entry = [module, module.weight.detach().to(torch.float64),
+        entry: list[Any] = [module, module.weight.detach().to(torch.float64),
                  None if module.bias is None else module.bias.detach().to(torch.float64)]
         for fold, _, channels in layer_folds:
             stats = _channel_slice(bn_stats(fold.bn, root, eps), channels)
@@ -75,7 +76,7 @@ def _single_producer_fold(module: nn.Module, layer_folds: list[tuple[Fold, Op, s
             and not isinstance(module, ConvTransposeNd))
 
 
-def _fold_rounded(module: nn.Module, fold: Fold, root: nn.Module, eps: float | None, layer_name: str,
+def _fold_rounded(module: ConvNd | nn.Linear, fold: Fold, root: nn.Module, eps: float | None, layer_name: str,
                   allow_overflow: bool) -> list[Any]:
     """[module, weight already rounded to its dtype, bias64] for a single producer fold.
 
@@ -113,8 +114,9 @@ class _Rounded:
 def _channel_slice(stats: BNStats, channels: slice) -> BNStats:
     if channels == slice(None, None):
         return stats
-    part = [None if t is None else t[channels] for t in (stats.running_mean, stats.running_var, stats.weight, stats.bias)]
-    return BNStats(*part, stats.eps)
+    weight, bias = stats.weight, stats.bias
+    return BNStats(stats.running_mean[channels], stats.running_var[channels], None if weight is None else weight[channels],
+                   None if bias is None else bias[channels], stats.eps)
 
 
 def _cast(t64: torch.Tensor, dtype: torch.dtype, name: str, what: str, allow_overflow: bool,
@@ -133,7 +135,8 @@ def _set_tensor(target: torch.Tensor, value: torch.Tensor) -> None:
 
 
 def add_bias(module: nn.Module, value: torch.Tensor) -> None:
-    module.bias = nn.Parameter(value, requires_grad=module.weight.requires_grad)
+    weight = cast(torch.Tensor, module.weight)  # a conv or Linear (fold.load checks that the layer has a weight)
+    module.bias = nn.Parameter(value, requires_grad=weight.requires_grad)
 
 
 def _write_layers(work: Iterable[tuple[str, list[Any]]], held_by_bn: dict[str, tuple[Op, slice, int | None]],
@@ -192,8 +195,8 @@ def strip_graph(gm: fx.GraphModule, bn_ops: Sequence[Op]) -> None:
     """Delete folded BN calls from an fx graph, then the attributes and submodules only they used."""
     dropped_attrs: list[str] = []
     for op in bn_ops:
-        node = op.node
-        data = node.args[0] if node.args else node.kwargs["input"]
+        node = cast(fx.Node, op.node)  # ops traced from this fx graph carry their node
+        data = cast(fx.Node, node.args[0] if node.args else node.kwargs["input"])  # its input tensor
         stats = [n for n in node.all_input_nodes if n is not data]
         node.replace_all_uses_with(data)
         gm.graph.erase_node(node)

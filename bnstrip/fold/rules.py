@@ -95,7 +95,7 @@ class Pattern:
     name: str
     into: str
     where: str
-    matcher: Callable[[Op, OpGraph, nn.Module, bool], Match]
+    matcher: Callable[[Op, OpGraph, nn.Module, bool], Match | Rows | Through]
 
 
 PATTERNS: list[Pattern] = [

@@ -7,11 +7,12 @@ checks here; bnstrip.fold.rules lists all matchers in its table PATTERNS.
 """
 from __future__ import annotations
 
+from typing import cast
 
 import torch
 from torch import nn
 
-from bnstrip._torch import ConvTransposeNd
+from bnstrip._torch import ConvNd, ConvTransposeNd
 from bnstrip.core.foldmath import BNStats
 from bnstrip.fold.proof import own_forward_issue
 from bnstrip.fold.proof_consumer import own_forward_consumer_issue
@@ -30,11 +31,18 @@ when the pattern does not apply at all (it then adds nothing to the reasons)."""
 def bn_channels(bn: Op, root: nn.Module) -> int:
     if bn.module is not None:
         return int(module_stats(bn.module).running_mean.numel())
+    assert bn.functional is not None  # a BatchNorm op is a functional call or a module's
     return int(tensor_at(root, bn.functional.mean).numel())
 
 
+def layer_module(layer: Op) -> ConvNd | nn.Linear:
+    """The module of a 'layer' op: a conv or a Linear (bnstrip.trace.classify sorts layers by isinstance)."""
+    return cast("ConvNd | nn.Linear", layer.module)
+
+
 def out_channels(module: nn.Module) -> int:
-    return module.out_features if isinstance(module, nn.Linear) else module.out_channels
+    """Output channels of a conv or Linear (the module of a 'layer' op, or a layer fold.load found by name)."""
+    return module.out_features if isinstance(module, nn.Linear) else cast(ConvNd, module).out_channels
 
 
 def bn_rank(bn: Op) -> int | None:
@@ -85,7 +93,7 @@ def try_producer(bn: Op, graph: OpGraph, root: nn.Module, calls_ok: int = 1) -> 
     others = [u for u in value_users(producer) if u is not reader]
     if others:
         return f"the output of {producer.name} also feeds {others[0].label}, which must keep the unnormalised values"
-    module = producer.module
+    module = layer_module(producer)
     rank = bn_rank(bn)
     if isinstance(module, nn.Linear):
         if rank is None:
@@ -114,13 +122,13 @@ def own_forward_consumer_proof(consumer: Op, bn: Op, graph: OpGraph, root: nn.Mo
     """Why a layer with its own forward (timm's Linear) cannot absorb `bn` arriving on dim `axis` of its input
     (the output of `source`), proven once per pair on a real-run shape."""
     if not graph.example_run:
-        return (f"{consumer.own_forward.split(', so ')[0]}; folding into it needs a real run to prove it: pass "
+        return (f"{cast(str, consumer.own_forward).split(', so ')[0]}; folding into it needs a real run to prove it: pass "
                 "example inputs (example_inputs)")
     key = (consumer.name, bn.name)
     if key not in graph.proofs:
         shape = shape_of(source)
         shape = (1, *shape[1:]) if shape and axis != 0 else shape
-        graph.proofs[key] = own_forward_consumer_issue(consumer.module, shape, axis, bn_stats(bn, root, None),
+        graph.proofs[key] = own_forward_consumer_issue(layer_module(consumer), shape, axis, bn_stats(bn, root, None),
                                                        f"{bn.name} + {consumer.name}")
     return graph.proofs[key]
 
@@ -128,17 +136,17 @@ def own_forward_consumer_proof(consumer: Op, bn: Op, graph: OpGraph, root: nn.Mo
 def own_forward_proof(producer: Op, bn: Op, graph: OpGraph, stats: BNStats) -> str | None:
     """Why folding `stats` into a layer with its own forward (Conv2dSame) is not exact, proven once per pair."""
     if not graph.example_run:
-        return (f"{producer.own_forward.split(', so ')[0]}; folding into it needs a real run to prove it: pass "
+        return (f"{cast(str, producer.own_forward).split(', so ')[0]}; folding into it needs a real run to prove it: pass "
                 "example inputs (example_inputs)")
     key = (producer.name, bn.name)  # plan_folds asks again on every pass: prove once
     if key not in graph.proofs:
         shape = shape_of(producer.inputs[0]) if producer.inputs else None
         shape = (1, *shape[1:]) if shape else shape  # one sample is enough for a per-channel map
-        graph.proofs[key] = own_forward_issue(producer.module, shape, stats, f"{producer.name} + {bn.name}")
+        graph.proofs[key] = own_forward_issue(layer_module(producer), shape, stats, f"{producer.name} + {bn.name}")
     return graph.proofs[key]
 
 
-def _zero_padded(conv: nn.Module) -> bool:
+def _zero_padded(conv: ConvNd) -> bool:
     """True when the conv reads zeros outside its input (where a BN shift would not be applied)."""
     if conv.padding_mode != "zeros":
         return False
@@ -152,7 +160,7 @@ def _zero_padded(conv: nn.Module) -> bool:
 def tail_issue(bn: Op) -> str | None:
     """Why `bn` can never fold into what follows it: a registered look-alike that applies more after normalising
     (an activation, dropout) sits between its normalisation and every later layer."""
-    if (entry := batchnorm_entry(bn.module)) is not None and entry.post is not None:
+    if bn.module is not None and (entry := batchnorm_entry(bn.module)) is not None and entry.post is not None:
         tail = entry.post(bn.module)
         if all(type(m) is nn.Identity and not has_hooks(m) for m in tail.children()):
             return None  # BatchNormAct2d(act=Identity, drop=Identity): only the normalisation is left
@@ -174,7 +182,7 @@ def try_consumer(bn: Op, graph: OpGraph, root: nn.Module, keep_structure: bool) 
         if consumer.note:
             return f"its output goes to {consumer.label}, which cannot absorb it ({consumer.note})"
         return f"its output goes to {consumer.label}, not directly to a Linear or Conv"
-    module = consumer.module
+    module = layer_module(consumer)
     if consumer.module is not None and isinstance(module, ConvTransposeNd):
         return (f"it feeds ConvTranspose {consumer.name}, where border outputs sum fewer taps of the BatchNorm's "
                 "shift, so folding into it is not exact")
@@ -201,7 +209,7 @@ def try_consumer(bn: Op, graph: OpGraph, root: nn.Module, keep_structure: bool) 
 
 def consumer_fits(bn: Op, consumer: Op, in_channels: int, root: nn.Module, keep_structure: bool) -> Op | str:
     """The checks on the layer after a BatchNorm once its channels are known to land on the layer's inputs."""
-    module = consumer.module
+    module = layer_module(consumer)
     if not isinstance(module, nn.Linear) and _zero_padded(module):
         return (f"the next conv {consumer.name} zero-pads (padding={module.padding}) and padded zeros never get "
                 "the BatchNorm's shift, so folding into it is not exact")
@@ -247,4 +255,5 @@ def bn_stats(bn: Op, root: nn.Module, eps: float | None) -> BNStats:
         return BNStats(tensor_at(root, spec.mean), tensor_at(root, spec.var),
                        tensor_at(root, spec.weight) if spec.weight else None,
                        tensor_at(root, spec.bias) if spec.bias else None, spec.eps)
+    assert bn.module is not None  # a BatchNorm op is a functional call or a module's
     return module_stats(bn.module, eps)

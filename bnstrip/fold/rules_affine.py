@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import fx, nn
 
-from bnstrip._torch import ConvTransposeNd
+from bnstrip._torch import ConvNd, ConvTransposeNd
 from bnstrip.core.foldmath import BNStats, bn_scale_shift
 from bnstrip.fold.rules_adjacent import (
     Match,
@@ -97,14 +98,15 @@ def _step(op: Op, root: nn.Module, channels: int, rank: int) -> tuple[Op, str, t
         constant = first
     else:
         return None
-    value = _constant(constant, {i.node: i.name for i in op.inputs if _attribute(i)}, root, channels, rank)
+    value = _constant(constant, {i.node: i.name for i in op.inputs if i.node is not None and _attribute(i)}, root, channels, rank)
     return None if value is None else (data, kind, value)
 
 
 def try_through_affine(bn: Op, graph: OpGraph, root: nn.Module, keep_structure: bool) -> Match | Through:
     """layer -> * c / + a / - a / / c (constants per channel) -> BN: the layer absorbs it, the ops stay."""
     channels, rank = bn_channels(bn, root), bn_rank(bn)
-    steps, op, reader = [], bn.inputs[0] if bn.inputs else None, bn
+    steps: list[tuple[str, torch.Tensor]] = []
+    op, reader = bn.inputs[0] if bn.inputs else None, bn
     while op is not None and rank is not None and len(steps) < 8 and (step := _step(op, root, channels, rank)):
         if reading_users(op) != [reader]:
             return f"{op.label} also feeds another op, which must keep its values"
@@ -121,8 +123,9 @@ def try_through_affine(bn: Op, graph: OpGraph, root: nn.Module, keep_structure: 
         return issue
     if reading_users(op) != [reader]:
         return f"the output of {op.name} also feeds another op, which must keep the unnormalised values"
-    want = 2 if isinstance(op.module, nn.Linear) else op.module.weight.dim()
-    if rank != want or out_channels(op.module) != channels:
+    module = cast("ConvNd | nn.Linear", op.module)  # a 'layer' op's module is a conv or a Linear
+    want = 2 if isinstance(module, nn.Linear) else module.weight.dim()
+    if rank != want or out_channels(module) != channels:
         return f"{op.name}'s output channels are not the channels it normalises"
     a, b = torch.ones(channels, dtype=torch.float64), torch.zeros(channels, dtype=torch.float64)
     for kind, value in steps:

@@ -12,10 +12,11 @@ The table that lists these matchers is bnstrip.fold.rules.PATTERNS.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 from torch import nn
 
-from bnstrip._torch import ConvTransposeNd
+from bnstrip._torch import ConvNd, ConvTransposeNd
 from bnstrip.fold.rules_adjacent import (
     Match,
     aliasing_issue,
@@ -54,7 +55,7 @@ def _ranges_read(layer: Op, dim: int) -> list[tuple[Op, int | None, int | None]]
         for part in parts:
             cut = channel_slice(part)
             known = cut is not None and cut[0] is layer and cut[1] == dim
-            found.append((part, cut[2], cut[3]) if known else (part, None, None))
+            found.append((part, cut[2], cut[3]) if cut is not None and known else (part, None, None))
     return found
 
 
@@ -62,7 +63,7 @@ def try_slice(bn: Op, graph: OpGraph, root: nn.Module, keep_structure: bool) -> 
     """conv -> one slice of its channels -> BN: the slice's rows of the conv absorb it."""
     piece = bn.inputs[0] if bn.inputs else None
     found = channel_slice(piece) if piece is not None else None
-    if found is None:
+    if piece is None or found is None:
         return None
     layer, dim, start, stop = found
     if layer.kind != "layer":
@@ -76,8 +77,9 @@ def try_slice(bn: Op, graph: OpGraph, root: nn.Module, keep_structure: bool) -> 
     rank = len(shape_of(layer) or ())
     if not rank:
         return f"the shape of {layer.name}'s output is unknown; pass example inputs (example_inputs)"
-    channel_dim = rank - 1 if isinstance(layer.module, nn.Linear) else 1
-    if dim != channel_dim or rank != (2 if isinstance(layer.module, nn.Linear) else layer.module.weight.dim()):
+    module = cast("ConvNd | nn.Linear", layer.module)  # a 'layer' op's module is a conv or a Linear
+    channel_dim = rank - 1 if isinstance(module, nn.Linear) else 1
+    if dim != channel_dim or rank != (2 if isinstance(module, nn.Linear) else module.weight.dim()):
         return f"it normalises a slice along dim {dim} of {layer.name}'s output, not of its channels"
     if (bn_rank(bn) or rank) != rank:
         return f"it normalises a tensor of another rank than {layer.name}'s output"
@@ -96,7 +98,8 @@ def try_slice(bn: Op, graph: OpGraph, root: nn.Module, keep_structure: bool) -> 
 
 def try_consumers(bn: Op, graph: OpGraph, root: nn.Module, keep_structure: bool) -> Match:
     """BN -> ops that keep channels whole -> several Linear/conv layers: each absorbs it (W diag(s), b + W t)."""
-    chain, op = [], bn
+    chain: list[Op] = []
+    op = bn
     while len(readers := reading_users(op)) == 1 and passes_channels(readers[0]) and data_input(readers[0]) is op \
             and len(chain) < 16:
         op = readers[0]
@@ -106,10 +109,12 @@ def try_consumers(bn: Op, graph: OpGraph, root: nn.Module, keep_structure: bool)
         return None
     if not keep_structure and (issue := aliasing_issue(bn, chain[0] if chain else consumers[0], graph)):
         return issue
-    axis: int | str = 1
+    axis = 1
     for step in chain:
-        if isinstance(axis := carry_axis(step, axis), str):
-            return axis
+        carried = carry_axis(step, axis)
+        if isinstance(carried, str):
+            return carried
+        axis = carried
     rank = len(shape_of(op) or ()) or (bn_rank(bn) if not chain else None)
     if rank is None:
         return f"the rank of {op.label}'s output is unknown; pass example inputs (example_inputs)"
@@ -131,7 +136,7 @@ def _consumer_issue(bn: Op, op: Op, consumer: Op, axis: int, rank: int, graph: O
         return issue
     if consumer.inputs != [op]:
         return f"{consumer.name} takes other inputs too"
-    module = consumer.module
+    module = cast("ConvNd | nn.Linear", consumer.module)  # a 'layer' op's module is a conv or a Linear
     if isinstance(module, nn.Linear):
         if axis != rank - 1:
             return f"its channels reach dim {axis} of the input of Linear {consumer.name}, which mixes the last dim"

@@ -11,8 +11,8 @@ from torch import nn
 from bnstrip._torch import ConvTransposeNd
 from bnstrip.core.foldmath import BNStats
 from bnstrip.fold.rules_adjacent import (Match, aliasing_issue, bn_channels, bn_rank, bn_stats, consumer_fits,
-                                         layer_issue, out_channels, own_forward_consumer_proof, own_forward_proof,
-                                         try_producer)
+                                         layer_issue, layer_module, out_channels, own_forward_consumer_proof,
+                                         own_forward_proof, try_producer)
 from bnstrip.trace.channels import carry_axis, concatenated, data_input, passes_channels, shape_of
 from bnstrip.trace.opgraph import Op, OpGraph
 from bnstrip.trace.reads import reading_users
@@ -22,9 +22,10 @@ def _channel_axis(layer: Op, rank: int | None) -> int | None:
     """The dim of `layer`'s output holding its output channels: last for a Linear, 1 for a batched conv."""
     if rank is None:
         return None
-    if isinstance(layer.module, nn.Linear):
+    module = layer_module(layer)
+    if isinstance(module, nn.Linear):
         return rank - 1
-    return {layer.module.weight.dim(): 1, layer.module.weight.dim() - 1: 0}.get(rank)
+    return {module.weight.dim(): 1, module.weight.dim() - 1: 0}.get(rank)
 
 
 def _feeds_only(op: Op, nxt: Op) -> str | None:
@@ -38,7 +39,8 @@ def _feeds_only(op: Op, nxt: Op) -> str | None:
 
 def try_producer_through(bn: Op, graph: OpGraph, root: nn.Module) -> Match:
     """Layer -> reshapes/permutes/averages that keep each channel whole -> BN (LeViT's bn(x.flatten(0, 1)))."""
-    chain, op = [], bn.inputs[0] if bn.inputs else None
+    chain: list[Op] = []
+    op = bn.inputs[0] if bn.inputs else None
     while op is not None and passes_channels(op) and len(chain) < 16:
         chain.insert(0, op)
         op = data_input(op)
@@ -51,16 +53,18 @@ def try_producer_through(bn: Op, graph: OpGraph, root: nn.Module) -> Match:
     for source, nxt in zip([op] + chain, chain + [bn], strict=True):
         if issue := _feeds_only(source, nxt):
             return issue
-    axis: int | str | None = _channel_axis(op, len(shape_of(op) or ()) or op.rank)
+    axis = _channel_axis(op, len(shape_of(op) or ()) or op.rank)
     if axis is None:
         return f"the layout of {op.name}'s output is unknown; pass example inputs (example_inputs)"
     for step in chain:
-        if isinstance(axis := carry_axis(step, axis), str):
-            return axis
+        carried = carry_axis(step, axis)
+        if isinstance(carried, str):
+            return carried
+        axis = carried
     if axis != 1:
         return f"the channels of {op.name} reach dim {axis} of its input, but it normalises dim 1"
-    if out_channels(op.module) != bn_channels(bn, root):
-        return f"{op.name} produces {out_channels(op.module)} channels but it has {bn_channels(bn, root)}"
+    if out_channels(layer_module(op)) != bn_channels(bn, root):
+        return f"{op.name} produces {out_channels(layer_module(op))} channels but it has {bn_channels(bn, root)}"
     return op
 
 
@@ -90,10 +94,10 @@ def try_concat(bn: Op, graph: OpGraph, root: nn.Module) -> Match:
             return f"{joined.label} concatenates {piece.name}'s output along dim 1, which is not its channel dim"
         start = found[-1][2] if found else 0
         if piece.own_forward is not None:  # Conv2dSame-like: prove its slice of the BatchNorm, as try_producer does
-            stop = min(start + out_channels(piece.module), bn_channels(bn, root))
+            stop = min(start + out_channels(layer_module(piece)), bn_channels(bn, root))
             if issue := own_forward_proof(piece, bn, graph, stats_slice(bn_stats(bn, root, None), start, stop)):
                 return f"{joined.label} concatenates {piece.label}: {issue}"
-        found.append((piece, start, start + out_channels(piece.module)))
+        found.append((piece, start, start + out_channels(layer_module(piece))))
     if not found or found[-1][2] != bn_channels(bn, root):
         return f"the concatenated layers produce {found[-1][2] if found else 0} channels but it has {bn_channels(bn, root)}"
     return found
@@ -101,9 +105,9 @@ def try_concat(bn: Op, graph: OpGraph, root: nn.Module) -> Match:
 
 def stats_slice(stats: BNStats, start: int, stop: int) -> BNStats:
     """The statistics of channels [start, stop) of a BatchNorm."""
-    part = [None if t is None else t[start:stop] for t in (stats.running_mean, stats.running_var, stats.weight,
-                                                           stats.bias)]
-    return BNStats(*part, stats.eps)
+    weight, bias = stats.weight, stats.bias
+    return BNStats(stats.running_mean[start:stop], stats.running_var[start:stop],
+                   None if weight is None else weight[start:stop], None if bias is None else bias[start:stop], stats.eps)
 
 
 def try_consumer_through(bn: Op, graph: OpGraph, root: nn.Module, keep_structure: bool) -> Match:
@@ -112,7 +116,8 @@ def try_consumer_through(bn: Op, graph: OpGraph, root: nn.Module, keep_structure
     Exact because every op in between moves or averages each channel's values on their own, and
     averaging commutes with the BatchNorm's x * s + t.
     """
-    chain, op = [], bn
+    chain: list[Op] = []
+    op = bn
     while len(readers := reading_users(op)) == 1 and passes_channels(readers[0]) and data_input(readers[0]) is op:
         op = readers[0]
         chain.append(op)
@@ -132,11 +137,13 @@ def try_consumer_through(bn: Op, graph: OpGraph, root: nn.Module, keep_structure
         return f"the next layer {consumer.name} takes other inputs too"
     if not keep_structure and (issue := aliasing_issue(bn, chain[0], graph)):
         return issue
-    axis: int | str = 1
+    axis = 1
     for step in chain:
-        if isinstance(axis := carry_axis(step, axis), str):
-            return axis
-    module, rank = consumer.module, len(shape_of(op) or ())
+        carried = carry_axis(step, axis)
+        if isinstance(carried, str):
+            return carried
+        axis = carried
+    module, rank = layer_module(consumer), len(shape_of(op) or ())
     if consumer.own_forward is not None and (issue := own_forward_consumer_proof(consumer, bn, graph, root, op, axis)):
         return issue
     if isinstance(module, nn.Linear):

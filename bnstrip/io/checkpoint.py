@@ -24,7 +24,7 @@ import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, Iterable, Iterator, Mapping
+from typing import IO, Any, BinaryIO, Iterable, Iterator, Mapping, cast
 
 from bnstrip.errors import InputError, first_line, printable
 from bnstrip.io.pickle_scan import (
@@ -240,7 +240,8 @@ def _torch_scanner_globals(f: BinaryIO) -> list[str]:
 
     f.seek(0)
     try:
-        return list(torch.serialization.get_unsafe_globals_in_checkpoint(_NoFileno(f)))
+        # torch calls only _NoFileno's methods; typeshed's IO[bytes] names more
+        return list(torch.serialization.get_unsafe_globals_in_checkpoint(cast(IO[bytes], _NoFileno(f))))
     except Exception:  # noqa: BLE001 - the archive already passed our stricter checks
         return []
 
@@ -268,7 +269,7 @@ class _NoFileno:
         return self._f.read(n)
 
     def readinto(self, buffer: Any) -> int:
-        return self._f.readinto(buffer)
+        return cast(io.BufferedIOBase, self._f).readinto(buffer)  # open_regular_file's os.fdopen(fd, "rb"); BinaryIO has no readinto
 
     def readline(self, limit: int = -1) -> bytes:
         return self._f.readline(limit)
@@ -307,7 +308,8 @@ def _torch_load(f: BinaryIO, path: Path) -> Any:
     with _without_unsafe_load_env(), warnings.catch_warnings(), torch.sparse.check_sparse_tensor_invariants(enable=True):
         warnings.simplefilter("ignore")
         try:
-            return torch.load(_NoFileno(f), map_location="cpu", weights_only=True, mmap=False)
+            # torch calls only _NoFileno's methods; typeshed's IO[bytes] names more
+            return torch.load(cast(IO[bytes], _NoFileno(f)), map_location="cpu", weights_only=True, mmap=False)
         except pickle.UnpicklingError as exc:
             raise _weights_only_refusal(path, exc) from None
         except MemoryError:

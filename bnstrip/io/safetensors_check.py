@@ -9,10 +9,11 @@ SIGBUS.
 """
 from __future__ import annotations
 
+import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, cast
 
 from bnstrip.errors import InputError, first_line, printable
 from bnstrip.io.limits import MAX_TENSORS
@@ -147,13 +148,14 @@ def read_tensors(f: BinaryIO, layout: SafetensorsLayout, path: Path) -> dict[str
     import torch
 
     dtypes = torch_dtypes()
+    stream = cast(io.BufferedIOBase, f)  # open_regular_file's os.fdopen(fd, "rb"); typeshed's BinaryIO has no readinto
     tensors: dict[str, Any] = {}
     for name, entry in layout.tensors.items():
         nbytes = entry.end - entry.begin
         buffer = torch.empty(nbytes, dtype=torch.uint8)
         if nbytes:
             f.seek(layout.data_start + entry.begin)
-            got = f.readinto(memoryview(buffer.numpy()))
+            got = stream.readinto(buffer.numpy().data)  # .data: the array's memoryview (numpy types its buffer protocol from 3.12)
             if got != nbytes:
                 raise InputError(f"{printable(path)}: file ended while tensor {printable(repr(name))} was read (it was truncated "
                                  "while bnstrip read it); try again when nothing is writing the file")

@@ -11,7 +11,7 @@ import os
 import pickletools
 import stat
 from pathlib import Path
-from typing import BinaryIO
+from typing import IO, BinaryIO, cast
 
 from bnstrip.errors import InputError, printable
 from bnstrip.io.pickle_scan import BoundedReader
@@ -121,7 +121,8 @@ def parses_as_pickle(f: BinaryIO, size: int) -> bool:
     """True when the stream is a complete old-protocol pickle (statically: nothing runs)."""
     f.seek(0)
     try:
-        for _ in pickletools.genops(BoundedReader(f, size)):
+        # genops only calls read/readline/tell, which BoundedReader has; typeshed asks for a whole IO[bytes]
+        for _ in pickletools.genops(cast(IO[bytes], BoundedReader(f, size))):
             pass
     except Exception:  # noqa: BLE001 - anything malformed simply is not a pickle
         return False

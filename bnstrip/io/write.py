@@ -25,7 +25,7 @@ import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Iterator, Mapping
+from typing import IO, Any, BinaryIO, Callable, Iterator, Mapping, cast
 
 from bnstrip.errors import InputError, Interrupted, first_line, printable
 
@@ -167,21 +167,24 @@ class RecordingWriter:
     def attach(self, f: BinaryIO) -> None:
         self._f = f
 
+    def _attached(self) -> BinaryIO:
+        return cast(BinaryIO, self._f)  # the writers attach the file before they write (None until then)
+
     def write(self, data: Any) -> int:
         try:
-            return self._f.write(data)
+            return self._attached().write(data)
         except OSError as exc:
             self.error = self.error or exc
             raise
 
     def flush(self) -> None:
-        self._f.flush()
+        self._attached().flush()
 
     def tell(self) -> int:
-        return self._f.tell()
+        return self._attached().tell()
 
     def seek(self, *args: Any) -> int:
-        return self._f.seek(*args)
+        return self._attached().seek(*args)
 
 
 def _renameat2_noreplace(source: str, target: Path) -> bool:
@@ -393,7 +396,7 @@ def save_checkpoint(state_dict: Mapping[str, Any], path: str | os.PathLike[str],
     def write_torch(tmp_name: str) -> None:
         with open(tmp_name, "wb") as f:
             recorder.attach(f)
-            torch.save(dict(state_dict), recorder)
+            torch.save(dict(state_dict), cast(IO[bytes], recorder))  # torch calls only its write/flush/tell/seek
             f.flush()
 
     write_atomically(path, write_torch, recorder, replace=force, before_replace=before_replace)

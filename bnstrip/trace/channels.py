@@ -95,9 +95,10 @@ def carry_axis(op: Op, axis: int) -> int | str:
     """Where the channel axis `axis` of `op`'s data input lies in its output, or why it does not survive."""
     source = data_input(op)
     before, after = (shape_of(source) if source else None), shape_of(op)
-    if before is None or after is None:
+    node = op.node
+    if before is None or after is None or node is None:  # a known shape_of(op) has a node
         return f"the shapes around {op.label} are unknown; pass example inputs (example_inputs)"
-    node, rank = op.node, len(before)
+    rank = len(before)
     kind = type(op.module).__name__ if node.op == "call_module" else call_name(node)
     lost = f"{op.label} mixes its channel dim {axis} with others"
     if identity_in_eval(op) or kind in _IDENTITIES:
@@ -112,7 +113,7 @@ def carry_axis(op: Op, axis: int) -> int | str:
         else:
             pair = _dims([_arg(node, 1, "dim0", None), _arg(node, 2, "dim1", None)], rank)
             order = None if pair is None else list(range(rank))
-            if order is not None:
+            if order is not None and pair is not None:
                 order[pair[0]], order[pair[1]] = pair[1], pair[0]
         return lost if order is None or axis not in order else order.index(axis)
     pooled = _ADAPTIVE.get(kind) or next((k for cls, k in ((nn.AdaptiveAvgPool1d, 1), (nn.AdaptiveAvgPool2d, 2),
@@ -188,7 +189,7 @@ def channel_slice(op: Op) -> tuple[Op, int, int, int] | None:
         data = data_input(source)
         shape = shape_of(data) if data is not None else None
         dim = _split_dim(split)
-        if shape is None or not isinstance(dim, int):
+        if data is None or shape is None or not isinstance(dim, int):
             return None
         ranges = _split_ranges(split, shape[dim % len(shape)])
         if ranges is None or not -len(ranges) <= node.args[1] < len(ranges):

@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import operator
 import re
-from typing import Any, Sequence
+from typing import Any, Sequence, cast
 
 import torch
 import torch.fx as fx
 from torch import nn
 from bnstrip._torch import BatchNormBase as _BatchNorm
+from bnstrip._torch import ConvNd
 from bnstrip._torch import graph_codegen
 
 from bnstrip.core.compare import fresh_inputs
@@ -113,7 +114,7 @@ class _ExportNames:
                     bias_arg is not None and self.param_module(bias_arg, "bias") != name):
                 note = f"{name} is called with a bias that is not its own"
         label = f"{name} ({type(module).__name__})" if module is not None else f"{node.target}"
-        return Op(name=name if module is not None else node.name, kind="other" if note else "layer", label=label,
+        return Op(name=name if name is not None and module is not None else node.name, kind="other" if note else "layer", label=label,
                   module=module, note=note, own_forward=None if note or module is None else own_forward_note(module))
 
     def bn_op(self, node: fx.Node) -> Op:
@@ -137,7 +138,7 @@ class _ExportNames:
             elif tuple_form and any(u.target is not operator.getitem or u.args[1] != 0 for u in node.users):
                 note = "its saved statistics are used"
         label = f"{name} ({type(module).__name__})" if module is not None else str(node.target)
-        return Op(name=name if module is not None else node.name, kind="bn", label=label, module=module, note=note)
+        return Op(name=name if name is not None and module is not None else node.name, kind="bn", label=label, module=module, note=note)
 
 
 def graph_export(model: nn.Module, example_inputs: Sequence[torch.Tensor]) -> tuple[OpGraph | None, BaseException | None]:
@@ -154,8 +155,8 @@ def graph_export(model: nn.Module, example_inputs: Sequence[torch.Tensor]) -> tu
     groups = _batchnorm_like_groups(program.graph, names)
     for node in program.graph.nodes:
         if node in groups:
-            if groups[node] is not None:  # the output of a registered BatchNorm look-alike: one op
-                op, data = groups[node]
+            if (group := groups[node]) is not None:  # the output of a registered BatchNorm look-alike: one op
+                op, data = group
                 op.node, op.rank, op.inputs = node, shape_rank(node), [by_node[data]]
                 by_node[node] = op
                 ops.append(op)
@@ -231,7 +232,8 @@ def _absorb_conv_padding(ops: Sequence[Op]) -> None:
     """
     for op in ops:
         module = op.module
-        if op.kind != "layer" or layer_kind(module) != "conv" or module.padding_mode == "zeros" or not op.inputs:
+        if op.kind != "layer" or module is None or layer_kind(module) != "conv" or cast(ConvNd, module).padding_mode == "zeros" \
+                or not op.inputs:
             continue
         pad = op.inputs[0]
         node = pad.node

@@ -18,22 +18,24 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, cast
 
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from bnstrip._torch import op_schema, own_buffers, own_parameters
+from bnstrip._torch import ConvNd, ConvTransposeNd, op_schema, own_buffers, own_parameters
 from bnstrip.trace.modularize_affine import Constants, affine_batchnorm
 
 _A = torch.ops.aten
 _CONV = {_A.conv1d.default: 1, _A.conv2d.default: 2, _A.conv3d.default: 3,
          _A.conv1d.padding: 1, _A.conv2d.padding: 2, _A.conv3d.padding: 3}
 _CONVT = {_A.conv_transpose1d.default: 1, _A.conv_transpose2d.input: 2, _A.conv_transpose3d.input: 3}
-_CONV_CLS = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
-_CONVT_CLS = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
+# rank -> class, called with rank-long tuples (torch types each class's sizes for its own rank only)
+_CONV_CLS: dict[int, Callable[..., ConvNd]] = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+_CONVT_CLS: dict[int, Callable[..., ConvTransposeNd]] = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
 _BN_CLS = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}
 _TRAINING_BN = {_A._native_batch_norm_legit.default, _A._native_batch_norm_legit_functional.default,
                 _A._native_batch_norm_legit.no_stats, _A.native_batch_norm.default, _A.cudnn_batch_norm.default,
@@ -130,7 +132,7 @@ def _layer_for(gm: fx.GraphModule, node: fx.Node,
     if not _holds_only(owner, {"weight", "bias"}, installed, owner_path) or \
             (bias_path is None and own_parameters(owner).get("bias") is not None):
         return None
-    weight = own_parameters(owner).get("weight")
+    weight: torch.Tensor | None = own_parameters(owner).get("weight")
     if weight is None:
         weight = own_buffers(owner).get("weight")
     if weight is None:
@@ -160,7 +162,7 @@ def _layer_for(gm: fx.GraphModule, node: fx.Node,
                                       bias=bias_path is not None, dilation=_tuple(args["dilation"], rank))
     module.weight = _param(weight)
     if bias_path is not None:
-        module.bias = _param(owner.bias)
+        module.bias = _param(cast(torch.Tensor, owner.bias))  # a plain holder's tensor (_holds_only)
     return owner_path, module, data
 
 
@@ -206,7 +208,7 @@ def _bn_module(gm: fx.GraphModule, args: dict[str, Any], rank: int | None,
         return None
     if not affine and (own_parameters(owner).get("weight") is not None or own_parameters(owner).get("bias") is not None):
         return None
-    mean = own_buffers(owner)["running_mean"]
+    mean = cast(torch.Tensor, own_buffers(owner)["running_mean"])  # the holder's buffer the graph reads at mean_path
     with torch.device("meta"):
         module = _BN_CLS[rank](mean.numel(), eps=float(args["eps"]), momentum=float(args["momentum"]), affine=affine)
     for name in ("running_mean", "running_var", "num_batches_tracked"):
@@ -215,8 +217,8 @@ def _bn_module(gm: fx.GraphModule, args: dict[str, Any], rank: int | None,
         else:
             own_buffers(module).pop(name, None)
     if affine:
-        module.weight = _param(owner.weight)
-        module.bias = _param(owner.bias)
+        module.weight = _param(cast(torch.Tensor, owner.weight))  # plain holder's tensors (_holds_only)
+        module.bias = _param(cast(torch.Tensor, owner.bias))
     return owner_path, module.eval()
 
 
@@ -240,7 +242,8 @@ def _same_layer(a: nn.Module, b: nn.Module) -> bool:
     """Same class, hyper-parameters and tensor objects: the second call can call the first's module."""
     if type(a) is not type(b) or a.extra_repr() != b.extra_repr():
         return False
-    tensors = [(own_parameters(a), own_parameters(b)), (own_buffers(a), own_buffers(b))]
+    tensors: list[tuple[Mapping[str, torch.Tensor | None], Mapping[str, torch.Tensor | None]]] = [
+        (own_parameters(a), own_parameters(b)), (own_buffers(a), own_buffers(b))]
     return all(x.keys() == y.keys() and all(x[k] is y[k] for k in x) for x, y in tensors)
 
 

@@ -114,7 +114,7 @@ def affine_batchnorm(gm: fx.GraphModule, node: fx.Node, constants: Constants,
     owners = {path.rpartition(".")[0] for path in leaves}
     name = next(iter(owners)) if len(owners) == 1 and "" not in owners else node.name
     shape = getattr(val, "shape", None)
-    if shape is None or len(shape) not in _BN_CLS or len(shape) < 2 or not isinstance(shape[1], int):
+    if val is None or shape is None or len(shape) not in _BN_CLS or len(shape) < 2 or not isinstance(shape[1], int):
         return name, "it normalises as x * scale + shift, on a tensor whose channels are not known"
     rank, channels = len(shape), int(shape[1])
     scale = _per_channel(constants.value(scale_node), rank, channels, val.dtype)
