@@ -266,9 +266,18 @@ def _is_view(func: Any) -> bool:
 
 def _widen_operands(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
     """_widen on every operand: a flat pass for tensors, scalars and lists of them; pytree for deeper nesting."""
-    if any(isinstance(v, (list, tuple, dict)) for v in (*args, *kwargs.values())):
+    values = (*args, *kwargs.values())
+    if any(isinstance(v, dict) or (isinstance(v, (list, tuple)) and (type(v) not in (list, tuple) or any(
+            isinstance(item, (list, tuple, dict)) for item in v))) for v in values):
         return pytree.tree_map(_widen, (args, kwargs))
-    return tuple(_widen(v) for v in args), {k: _widen(v) for k, v in kwargs.items()}
+    return tuple(_widen_flat(v) for v in args), {k: _widen_flat(v) for k, v in kwargs.items()}
+
+
+def _widen_flat(value: Any) -> Any:
+    """_widen on a value or on each item of a plain list/tuple (a conv's stride, cat's tensors) without pytree."""
+    if type(value) in (list, tuple):
+        return type(value)(_widen(item) for item in value)
+    return _widen(value)
 
 
 class _Float64Mode(NoDynamoDispatchMode):
