@@ -36,6 +36,25 @@ def test_float64_evaluation_of_a_large_linear_goes_block_by_block_and_stays_exac
     assert torch.allclose(float64_outputs(model, [x]), expected, rtol=0, atol=1e-12)
 
 
+def test_a_conv_head_on_a_1x1_input_runs_in_the_dispatch_mode_without_a_second_run(monkeypatch) -> None:
+    """torch's conv2d checks operand dtypes before dispatch on a 1x1 input (timm's conv heads): the one
+    _Float64Mode run must get through it, not fail at the last layer and run again a second way."""
+    from bnstrip.core import compare
+
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Conv2d(8, 5, 1)).eval()
+    x = seeded_inputs((1, 3, 9, 9), dtype=torch.float32)
+
+    def second_way(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the fallback ran")
+
+    monkeypatch.setattr(compare._Float64FunctionMode, "__torch_function__", second_way)
+    with torch.no_grad():
+        expected = copy.deepcopy(model).double()(x.double())
+    got = float64_outputs(model, [x])
+    assert got is not None and torch.equal(got, expected)
+
+
 def test_an_identical_model_passes_and_reports_the_original_rounding() -> None:
     model = _net()
     report = compare_models(model, copy.deepcopy(model), [seeded_inputs((8, 64), dtype=torch.float32)])

@@ -28,6 +28,7 @@ copy of the whole model is ever held.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 from dataclasses import dataclass
@@ -265,9 +266,18 @@ def _is_view(func: Any) -> bool:
 
 def _widen_operands(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
     """_widen on every operand: a flat pass for tensors, scalars and lists of them; pytree for deeper nesting."""
-    if any(isinstance(v, (list, tuple, dict)) for v in (*args, *kwargs.values())):
+    values = (*args, *kwargs.values())
+    if any(isinstance(v, dict) or (isinstance(v, (list, tuple)) and (type(v) not in (list, tuple) or any(
+            isinstance(item, (list, tuple, dict)) for item in v))) for v in values):
         return pytree.tree_map(_widen, (args, kwargs))
-    return tuple(_widen(v) for v in args), {k: _widen(v) for k, v in kwargs.items()}
+    return tuple(_widen_flat(v) for v in args), {k: _widen_flat(v) for k, v in kwargs.items()}
+
+
+def _widen_flat(value: Any) -> Any:
+    """_widen on a value or on each item of a plain list/tuple (a conv's stride, cat's tensors) without pytree."""
+    if type(value) in (list, tuple):
+        return type(value)(_widen(item) for item in value)
+    return _widen(value)
 
 
 class _Float64Mode(NoDynamoDispatchMode):
@@ -297,13 +307,33 @@ def float64_outputs(model: nn.Module, inputs: Sequence[Any]) -> Any | None:
     No float64 copy of the model is made: `_Float64Mode` widens each op's operands as it runs.
     """
     wide = [pytree.tree_map(_widen, item) for item in inputs]
-    for mode in (_Float64Mode, _Float64FunctionMode):
+    for modes in ((_ConvOperandsMode, _Float64Mode), (_Float64FunctionMode,)):
         try:
-            with mode():
+            with contextlib.ExitStack() as stack:
+                for mode in modes:
+                    stack.enter_context(mode())
                 return seeded_outputs(model, wide)
         except Exception:  # noqa: BLE001, PERF203 - a check in a composite op, hard-coded dtypes: next way
             continue
     return None
+
+
+class _ConvOperandsMode(TorchFunctionMode):
+    """Widens the operands of a convolution at torch's Python API, under `_Float64Mode`.
+
+    torch's conv2d checks that input, weight and bias share a dtype before any aten op reaches a
+    dispatch mode when the input is 1x1 (a conv head after global pooling, in most timm models);
+    without this the whole `_Float64Mode` run failed at its last layer and ran again under
+    `_Float64FunctionMode`. The convolution itself gets the float64 operands `_Float64Mode` would give it.
+    """
+
+    _CONVS = frozenset({"conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d"})
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        if getattr(func, "__name__", "") in self._CONVS:
+            args, kwargs = _widen_operands(tuple(args), kwargs)
+        return func(*args, **kwargs)
 
 
 class _Float64FunctionMode(TorchFunctionMode):
