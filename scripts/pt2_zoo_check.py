@@ -16,7 +16,7 @@ import torch
 
 
 def _export(name: str, dynamic: bool, path: Path) -> bool:
-    from bnstrip import zoo
+    from bnstrip.testing import zoo
 
     if path.exists():
         return True
@@ -32,7 +32,7 @@ def _export(name: str, dynamic: bool, path: Path) -> bool:
 
 def main(folder: str) -> None:
     import bnstrip
-    from bnstrip import zoo
+    from bnstrip.testing import zoo
     from bnstrip.io.pt2 import load_program
 
     out: dict[str, object] = {}

@@ -9,7 +9,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from bnstrip import zoo
+from bnstrip.testing import zoo
 from bnstrip.cli import main
 from bnstrip.fold.reparam_blocks import RepNet, randomize_bn
 

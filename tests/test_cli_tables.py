@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from rich.console import Console
 
 import bnstrip.cli.common as common
-from bnstrip import zoo
+from bnstrip.testing import zoo
 from bnstrip.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]

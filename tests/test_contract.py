@@ -20,7 +20,7 @@ import torch
 from click.testing import CliRunner
 from torch import nn
 
-from bnstrip import zoo
+from bnstrip.testing import zoo
 from bnstrip.cli import main
 from bnstrip.errors import BnstripError
 from bnstrip.fold.model import fold_model

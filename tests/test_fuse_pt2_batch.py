@@ -8,7 +8,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from bnstrip import zoo
+from bnstrip.testing import zoo
 from bnstrip.cli import main
 from bnstrip.io.pt2 import load_program
 

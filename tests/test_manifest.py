@@ -61,7 +61,7 @@ def folded_outputs(tmp_path_factory: pytest.TempPathFactory) -> dict:
     .safetensors; the pristine bytes of each OUT and manifest, to restore between cases."""
     import torch
 
-    from bnstrip import zoo
+    from bnstrip.testing import zoo
     from bnstrip.core.compare import seeded_inputs
     from bnstrip.pipeline import fuse_file
 
@@ -72,7 +72,7 @@ def folded_outputs(tmp_path_factory: pytest.TempPathFactory) -> dict:
     for suffix in (".pt", ".safetensors"):
         out = folder / f"out{suffix}"
         fuse_file(str(folder / "in.pt"), str(out), zoo.LinearBNSequence, seeded_inputs(list(x.shape)), eps=1e-3,
-                  arch="bnstrip.zoo:LinearBNSequence")
+                  arch="bnstrip.testing.zoo:LinearBNSequence")
         outs[suffix] = (out, out.read_bytes(), manifest_path(out).read_bytes())
     return {"outs": outs, "x": x, "model": model}
 
@@ -111,7 +111,8 @@ TAMPERED = [
 @pytest.mark.parametrize("name, change, fragment", TAMPERED, ids=[t[0] for t in TAMPERED])
 def test_tampered_manifest_is_an_error_naming_the_field(folded_outputs: dict, tmp_path: Path, suffix: str, name: str,
                                                         change, fragment: str) -> None:
-    from bnstrip import load_folded, zoo
+    from bnstrip import load_folded
+    from bnstrip.testing import zoo
 
     out = _tampered(folded_outputs, suffix, tmp_path, change)
     with pytest.raises(InputError) as info:
@@ -125,7 +126,8 @@ def test_manifest_eps_is_applied_only_when_bound_to_the_checkpoint(folded_output
     metadata, covered by OUT's sha256) or with the caller's eps= (a .pt cannot record it)."""
     import torch
 
-    from bnstrip import load_folded, zoo
+    from bnstrip import load_folded
+    from bnstrip.testing import zoo
 
     x = folded_outputs["x"]
     reference = folded_outputs["model"].eval()

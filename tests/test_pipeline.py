@@ -19,7 +19,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bnstrip import load_folded, zoo  # noqa: E402
+from bnstrip import load_folded  # noqa: E402
+from bnstrip.testing import zoo  # noqa: E402
 from bnstrip.cli import main  # noqa: E402
 from bnstrip.core.compare import seeded_inputs  # noqa: E402
 from bnstrip.errors import InputError  # noqa: E402

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from bnstrip import fold_model, load_folded, zoo
+from bnstrip import fold_model, load_folded
+from bnstrip.testing import zoo
 from bnstrip.errors import InputError
 from bnstrip.io.manifest import manifest_path
 
@@ -18,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 RELOAD = textwrap.dedent("""
     import sys, torch, bnstrip
-    from bnstrip import zoo
+    from bnstrip.testing import zoo
     path, name, inputs, expected = sys.argv[1:5]
     model = bnstrip.load_folded(path, getattr(zoo, name))         # the class, in a process that never folded
     with torch.no_grad():
