@@ -40,6 +40,19 @@ def layer_module(layer: Op) -> ConvNd | nn.Linear:
     return cast("ConvNd | nn.Linear", layer.module)
 
 
+def input_channels(consumer: Op, axis: int, rank: int) -> int | str:
+    """The channels a layer reads along `axis` of its `rank`-D input, or why that axis is not its channel axis
+    (a Linear mixes the last dim; a conv's channel dim is 1 of an input of its weight's rank)."""
+    module = layer_module(consumer)
+    if isinstance(module, nn.Linear):
+        if axis != rank - 1:
+            return f"its channels reach dim {axis} of the input of Linear {consumer.name}, which mixes the last dim"
+        return module.in_features
+    if axis != 1 or rank != module.weight.dim():
+        return f"its channels reach dim {axis} of a {rank}-D input of {consumer.name}, not its channel dim"
+    return module.in_channels
+
+
 def out_channels(module: nn.Module) -> int:
     """Output channels of a conv or Linear (the module of a 'layer' op, or a layer fold.load found by name)."""
     return module.out_features if isinstance(module, nn.Linear) else cast(ConvNd, module).out_channels

@@ -19,6 +19,7 @@ from torch import nn
 from bnstrip._torch import ConvNd, ConvTransposeNd
 from bnstrip.fold.rules_adjacent import (
     Match,
+    input_channels,
     aliasing_issue,
     bn_channels,
     bn_rank,
@@ -136,14 +137,8 @@ def _consumer_issue(bn: Op, op: Op, consumer: Op, axis: int, rank: int, graph: O
         return issue
     if consumer.inputs != [op]:
         return f"{consumer.name} takes other inputs too"
-    module = cast("ConvNd | nn.Linear", consumer.module)  # a 'layer' op's module is a conv or a Linear
-    if isinstance(module, nn.Linear):
-        if axis != rank - 1:
-            return f"its channels reach dim {axis} of the input of Linear {consumer.name}, which mixes the last dim"
-        channels = module.in_features
-    else:
-        if axis != 1 or rank != module.weight.dim():
-            return f"its channels reach dim {axis} of a {rank}-D input of {consumer.name}, not its channel dim"
-        channels = module.in_channels
+    channels = input_channels(consumer, axis, rank)
+    if isinstance(channels, str):
+        return channels
     fits = consumer_fits(bn, consumer, channels, root, keep_structure)
     return None if isinstance(fits, Op) else fits

@@ -11,7 +11,7 @@ from torch import nn
 from bnstrip._torch import ConvTransposeNd
 from bnstrip.core.foldmath import BNStats
 from bnstrip.fold.rules_adjacent import (Match, aliasing_issue, bn_channels, bn_rank, bn_stats, consumer_fits,
-                                         layer_issue, layer_module, out_channels, own_forward_consumer_proof,
+                                         input_channels, layer_issue, layer_module, out_channels, own_forward_consumer_proof,
                                          own_forward_proof, try_producer)
 from bnstrip.trace.channels import carry_axis, concatenated, data_input, passes_channels, shape_of
 from bnstrip.trace.opgraph import Op, OpGraph
@@ -143,17 +143,12 @@ def try_consumer_through(bn: Op, graph: OpGraph, root: nn.Module, keep_structure
         if isinstance(carried, str):
             return carried
         axis = carried
-    module, rank = layer_module(consumer), len(shape_of(op) or ())
+    rank = len(shape_of(op) or ())
     if consumer.own_forward is not None and (issue := own_forward_consumer_proof(consumer, bn, graph, root, op, axis)):
         return issue
-    if isinstance(module, nn.Linear):
-        if axis != rank - 1:
-            return f"its channels reach dim {axis} of the input of Linear {consumer.name}, which mixes the last dim"
-        channels = module.in_features
-    else:
-        if axis != 1 or rank != module.weight.dim():
-            return f"its channels reach dim {axis} of a {rank}-D input of {consumer.name}, not its channel dim"
-        channels = module.in_channels
+    channels = input_channels(consumer, axis, rank)
+    if isinstance(channels, str):
+        return channels
     return consumer_fits(bn, consumer, channels, root, keep_structure)
 
 
