@@ -74,7 +74,7 @@ def test_manifest_on_a_full_disk(tmp_path: Path, full_disk: list[str]) -> None:
 @pytest.mark.slow
 def test_program_on_a_full_disk_is_an_error_not_an_abort(tmp_path: Path, full_disk: list[str]) -> None:
     """torch's zip writer aborts the process on ENOSPC: bnstrip must never hand it the file."""
-    from bnstrip.pipeline import write_program
+    from bnstrip.pipeline_program import write_program
 
     program = torch.export.export(nn.Linear(3, 2).eval(), (torch.randn(1, 3),))
     target = tmp_path / "out.pt2"

@@ -20,7 +20,7 @@ def fuse_program_job(input_path: str, output_path: str, *, arch: str | None, inp
     import click
 
     from bnstrip.errors import InputError, printable
-    from bnstrip.pipeline import fuse_arch_to_program, fuse_program_file, is_program_path
+    from bnstrip.pipeline_program import fuse_arch_to_program, fuse_program_file, is_program_path
 
     program_in = arch is None and (_is_program(input_path) or is_program_path(output_path))
     if not program_in and not is_program_path(output_path):
