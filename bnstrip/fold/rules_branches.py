@@ -27,7 +27,7 @@ from bnstrip.fold.rules_adjacent import (
     layer_issue,
 )
 from bnstrip.trace.channels import (
-    carry_axis,
+    carry_axis_through,
     channel_slice,
     data_input,
     is_split,
@@ -111,11 +111,10 @@ def try_consumers(bn: Op, graph: OpGraph, root: nn.Module, keep_structure: bool)
     if not keep_structure and (issue := aliasing_issue(bn, chain[0] if chain else consumers[0], graph)):
         return issue
     axis = 1
-    for step in chain:
-        carried = carry_axis(step, axis)
-        if isinstance(carried, str):
-            return carried
-        axis = carried
+    carried = carry_axis_through(chain, axis)
+    if isinstance(carried, str):
+        return carried
+    axis = carried
     rank = len(shape_of(op) or ()) or (bn_rank(bn) if not chain else None)
     if rank is None:
         return f"the rank of {op.label}'s output is unknown; pass example inputs (example_inputs)"

@@ -13,7 +13,7 @@ from bnstrip.core.foldmath import BNStats
 from bnstrip.fold.rules_adjacent import (Match, aliasing_issue, bn_channels, bn_rank, bn_stats, consumer_fits,
                                          input_channels, layer_issue, layer_module, out_channels, own_forward_consumer_proof,
                                          own_forward_proof, try_producer)
-from bnstrip.trace.channels import carry_axis, concatenated, data_input, passes_channels, shape_of
+from bnstrip.trace.channels import carry_axis_through, concatenated, data_input, passes_channels, shape_of
 from bnstrip.trace.opgraph import Op, OpGraph
 from bnstrip.trace.reads import reading_users
 
@@ -56,11 +56,10 @@ def try_producer_through(bn: Op, graph: OpGraph, root: nn.Module) -> Match:
     axis = _channel_axis(op, len(shape_of(op) or ()) or op.rank)
     if axis is None:
         return f"the layout of {op.name}'s output is unknown; pass example inputs (example_inputs)"
-    for step in chain:
-        carried = carry_axis(step, axis)
-        if isinstance(carried, str):
-            return carried
-        axis = carried
+    carried = carry_axis_through(chain, axis)
+    if isinstance(carried, str):
+        return carried
+    axis = carried
     if axis != 1:
         return f"the channels of {op.name} reach dim {axis} of its input, but it normalises dim 1"
     if out_channels(layer_module(op)) != bn_channels(bn, root):
@@ -138,11 +137,10 @@ def try_consumer_through(bn: Op, graph: OpGraph, root: nn.Module, keep_structure
     if not keep_structure and (issue := aliasing_issue(bn, chain[0], graph)):
         return issue
     axis = 1
-    for step in chain:
-        carried = carry_axis(step, axis)
-        if isinstance(carried, str):
-            return carried
-        axis = carried
+    carried = carry_axis_through(chain, axis)
+    if isinstance(carried, str):
+        return carried
+    axis = carried
     rank = len(shape_of(op) or ())
     if consumer.own_forward is not None and (issue := own_forward_consumer_proof(consumer, bn, graph, root, op, axis)):
         return issue

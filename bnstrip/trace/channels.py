@@ -129,6 +129,16 @@ def carry_axis(op: Op, axis: int) -> int | str:
     return lost
 
 
+def carry_axis_through(chain: list[Op], axis: int) -> int | str:
+    """carry_axis along a chain of ops, first to last: where `axis` ends up, or why it does not get through."""
+    for step in chain:
+        carried = carry_axis(step, axis)
+        if isinstance(carried, str):
+            return carried
+        axis = carried
+    return axis
+
+
 def concatenated(op: Op) -> tuple[list[Op | None], int] | None:
     """(the concatenated ops in order, dim) when `op` is a torch.cat of graph values, else None."""
     node = op.node
