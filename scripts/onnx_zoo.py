@@ -27,23 +27,6 @@ from typing import Any
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 
-def export_zoo(name: str) -> Any:
-    """A zoo model exported with its BatchNorms kept (PRESERVE, no constant folding)."""
-    import io
-
-    import onnx
-    import torch
-
-    from bnstrip.testing.zoo import build
-
-    model, example = build(name)
-    buffer = io.BytesIO()
-    with torch.no_grad():
-        torch.onnx.export(model, (example,), buffer, dynamo=False, training=torch.onnx.TrainingMode.PRESERVE,
-                          do_constant_folding=False, opset_version=17)
-    return onnx.load_from_string(buffer.getvalue())
-
-
 def bn_left(model: Any) -> int:
     from bnstrip.onnxfold.load import iter_graphs
 
@@ -120,6 +103,7 @@ def run_tool(tool: Callable[[Any], Any], model: Any, reference: Any) -> dict[str
 
 def cases(only: list[str] | None) -> list[tuple[str, Callable[[], Any]]]:
     from bnstrip.onnxfold.samples import SAMPLES
+    from bnstrip.testing.onnx_zoo import export_zoo
     from bnstrip.testing.zoo import ZOO
 
     found = [(f"zoo:{name}", (lambda n=name: export_zoo(n))) for name in ZOO]

@@ -1,25 +1,13 @@
 """The zoo exported to ONNX with its BatchNorms kept: every BatchNormalization listed once, folds proven, files valid."""
 from __future__ import annotations
 
-import io
 
 import pytest
 
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
-
-def _export(name: str):
-    import torch
-
-    from bnstrip.testing.zoo import build
-
-    model, example = build(name)
-    buffer = io.BytesIO()
-    with torch.no_grad():
-        torch.onnx.export(model, (example,), buffer, dynamo=False, training=torch.onnx.TrainingMode.PRESERVE,
-                          do_constant_folding=False, opset_version=17)
-    return onnx.load_from_string(buffer.getvalue())
+from bnstrip.testing.onnx_zoo import export_zoo
 
 
 @pytest.mark.slow
@@ -29,7 +17,7 @@ def test_zoo_export_folds_with_every_bn_listed_once(name):
     from bnstrip.onnxfold.fold import fold_onnx
     from bnstrip.onnxfold.load import iter_graphs
 
-    model = _export(name)
+    model = export_zoo(name)
     bns = [n for g in iter_graphs(model.graph) for n in g.node if n.op_type == "BatchNormalization"]
     result = fold_onnx(model)
     listed = [bn for _, bn in result.folded] + [bn for bn, _ in result.skipped]
