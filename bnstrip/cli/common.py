@@ -349,7 +349,6 @@ class Progress:
 
 def arch_input_shape(arch: str, input_shape: str | None) -> list[int]:
     """--input-shape as a list of positive ints; required with --arch."""
-    from bnstrip.cli.common import parse_int_list
     from bnstrip.errors import InputError
 
     if not input_shape:

@@ -13,6 +13,7 @@ from bnstrip.cli.common import (
     make_table,
     plain,
     stdout_console,
+    strict_gate,
     warn,
 )
 
@@ -76,20 +77,12 @@ def _report(report: Any, as_json: bool, strict: bool) -> None:
     result = report.result
     for note in report.warnings:
         warn(note)
-    if result.skipped and not result.folded:
-        warn(f"{report.input}: none of its {len(result.skipped)} BatchNorm(s) could be folded; the reasons are listed "
-             "(use --strict to make this an error)")
     failed = strict and bool(result.skipped)
     if as_json:
         emit_json({**core_json("fuse", not failed, report.seconds), **report.to_dict()})
     else:
         _print(report)
-    if failed:
-        from bnstrip.errors import CheckFailed
-
-        bn, reason = result.skipped[0]
-        raise CheckFailed(f"{report.input}: --strict: {len(result.skipped)} BatchNorm(s) not folded ({report.output} "
-                          f"was written), first {bn}: {reason}")
+    strict_gate(report.input, report.output, result.skipped, strict)
 
 
 def _print(report: Any) -> None:

@@ -212,12 +212,3 @@ def canonical_expr(text: str, symbols: SymbolTable) -> str:
     if not isinstance(text, str):
         raise ExprError("not a string")
     return _Parser(text, symbols).parse()
-
-
-def symbol_name(text: str) -> str | None:
-    """The symbol's name when `text` is exactly one size symbol (either form), else None."""
-    stripped = text.strip()
-    match = re.fullmatch(r"Symbol\('([su]\d{1,9})'(?:,[^)]*)?\)", stripped)
-    if match:
-        return match.group(1)
-    return stripped if SYMBOL.fullmatch(stripped) else None

@@ -228,8 +228,10 @@ def fold_onnx(model: Any, *, check: bool = True, allow_overflow: bool = False,
             raise CheckFailed(f"{printable(loaded.path)}: the folded model fails onnx.checker ({issue}); "
                               "this is a bnstrip bug, please report it")
         warnings.append(f"{printable(loaded.path)}: the input itself fails onnx.checker ({issue})")
-    return OnnxFoldResult(model=done.model, folded=done.folded,
-                          skipped=[(label, done.skipped[label]) for label in done.order if label in done.skipped],
-                          into=done.into, gained_bias=done.gained_bias, warnings=warnings,
+    from bnstrip.fold.model import with_none_folded_warning  # the one none-folded warning of every path
+
+    skipped = [(label, done.skipped[label]) for label in done.order if label in done.skipped]
+    return OnnxFoldResult(model=done.model, folded=done.folded, skipped=skipped, into=done.into,
+                          gained_bias=done.gained_bias, warnings=with_none_folded_warning(warnings, done.folded, skipped),
                           check=report if isinstance(report, SelfCheck) else None, external=loaded.external,
                           source_sha256=loaded.sha256)

@@ -79,10 +79,6 @@ def externalize(model: Any, location: str) -> bytes:
     return bytes(blob)
 
 
-def _write_bytes(path: str, data: bytes) -> None:
-    Path(path).write_bytes(data)
-
-
 def check_onnx_outputs(output: str, inputs: list[str], force: bool, external: bool) -> None:
     """Every path the ONNX job writes, checked before any work (io.write.check_output_path)."""
     from bnstrip.io.manifest import manifest_path
@@ -101,7 +97,7 @@ def write_onnx(model: Any, output: str, force: bool, external: bool, manifest: d
     import onnx
 
     from bnstrip.io.manifest import write_manifest
-    from bnstrip.io.write import write_atomically
+    from bnstrip.io.write import write_bytes_atomically
 
     final = onnx.ModelProto()
     final.CopyFrom(model)
@@ -109,15 +105,14 @@ def write_onnx(model: Any, output: str, force: bool, external: bool, manifest: d
     if external:
         data_file = data_path(output)
         blob = externalize(final, data_file.name)
-        write_atomically(data_file, lambda tmp: _write_bytes(tmp, blob), replace=force)
+        write_bytes_atomically(data_file, blob, replace=force)
     payload = final.SerializeToString()
 
     def manifest_first(tmp_name: str) -> None:
         if manifest is not None:
             write_manifest(output, {**manifest, "output_sha256": hashlib.sha256(payload).hexdigest()}, force=force)
 
-    write_atomically(Path(output), lambda tmp: _write_bytes(tmp, payload), replace=force,
-                     before_replace=manifest_first)
+    write_bytes_atomically(Path(output), payload, replace=force, before_replace=manifest_first)
     return None if data_file is None else str(data_file)
 
 
