@@ -111,7 +111,8 @@ def check_folded(original: nn.Module, folded: nn.Module, example_inputs: Any, fo
         raise InputError("check_folded needs example_inputs to run both models on")
     work = copy_model(original)
     with eps_override(work, eps):
-        outputs, outputs64 = seeded_outputs(work, inputs), float64_outputs(work, inputs)
+        outputs = seeded_outputs(work, inputs)
+        outputs64 = outputs if all_float64(work, inputs) else float64_outputs(work, inputs)
     reference = Reference(outputs, outputs64, model_dtype(original), samples_of(inputs))
     pairs, after = list(folded_pairs), set(consumers)
     reference.measure = lambda: measure_sensitivity(original, inputs, eps, reference, pairs, after)

@@ -18,48 +18,46 @@ from torch import nn
 from bnstrip._torch import ConvNd
 from bnstrip.core.compare import seeded_inputs
 from bnstrip.core.foldmath import BNStats, bn_scale_shift, fold_into_consumer
-from bnstrip.fold.proof import PROOF_SCALES
-
-_RELATIVE = 1e-9
-"""float64 agreement asked for, relative to the output scale (a wrong fold is off by the order of the outputs)."""
+from bnstrip.fold.proof import _RELATIVE, PROOF_SCALES  # the same proof, the consumer side
 
 
 def own_forward_consumer_issue(layer: nn.Module, input_shape: Sequence[int] | None, axis: int, stats: BNStats,
                                name: str) -> str | None:
     """Why folding `stats` (on dim `axis` of the input) into `layer`, whose class overrides forward, is not exact,
-    or None when it is on a seeded float64 input of `input_shape`."""
+    or None when it is on seeded float64 inputs of `input_shape` at every PROOF_SCALES."""
     kind = type(layer).__name__
     if input_shape is None:
         return f"{kind} overrides forward and its input shape is unknown; pass example inputs (example_inputs)"
     scale, shift = bn_scale_shift(stats, name)
     view = [1] * len(input_shape)
     view[axis] = -1
-    for magnitude in PROOF_SCALES:  # small and large inputs, not just the example's (a clamp or branch shows there)
-        problem = _absorbs_at(layer, input_shape, axis, stats, name, scale.reshape(view), shift.reshape(view), magnitude)
+    scale, shift = scale.reshape(view), shift.reshape(view)
+    try:
+        original = cast("ConvNd | nn.Linear", copy.deepcopy(layer).to(torch.float64))  # a 'layer' op: a conv or Linear subclass
+        folded = copy.deepcopy(original)
+        unit = seeded_inputs(tuple(input_shape), seed=1, dtype=torch.float64) * 2 - 1
+        with torch.no_grad():
+            bias = None if folded.bias is None else folded.bias.detach()
+            weight, new_bias = fold_into_consumer(folded.weight.detach(), bias, stats,
+                                                  groups=getattr(folded, "groups", 1), name=name)
+            folded.weight.copy_(weight)
+            if folded.bias is None:
+                folded.bias = nn.Parameter(new_bias)
+            else:
+                folded.bias.copy_(new_bias)
+            # small and large inputs, not just the example's (a clamp or branch shows there)
+            pairs = [(original(unit * m * scale + shift), folded(unit * m)) for m in PROOF_SCALES]
+    except Exception as exc:  # noqa: BLE001 - user code in forward (dtype checks, ...)
+        return f"{kind} overrides forward, and it cannot be run in float64 to prove the fold ({type(exc).__name__})"
+    for magnitude, (want, got) in zip(PROOF_SCALES, pairs, strict=True):
+        problem = _gap(want, got)
         if problem is not None:
             return f"{kind} overrides forward, and {problem} (inputs of magnitude {magnitude:g}), so it cannot absorb it"
     return None
 
 
-def _absorbs_at(layer: nn.Module, input_shape: Sequence[int], axis: int, stats: BNStats, name: str,
-                scale: torch.Tensor, shift: torch.Tensor, magnitude: float) -> str | None:
-    """Why the folded layer's float64 output differs from the layer on the normalised input at this magnitude."""
-    try:
-        wide = cast("ConvNd | nn.Linear", copy.deepcopy(layer).to(torch.float64))  # a 'layer' op: a conv or Linear subclass
-        x = (seeded_inputs(tuple(input_shape), seed=1, dtype=torch.float64) * 2 - 1) * magnitude
-        with torch.no_grad():
-            want = wide(x * scale + shift)
-            bias = None if wide.bias is None else wide.bias.detach()
-            weight, new_bias = fold_into_consumer(wide.weight.detach(), bias, stats,
-                                                  groups=getattr(wide, "groups", 1), name=name)
-            wide.weight.copy_(weight)
-            if wide.bias is None:
-                wide.bias = nn.Parameter(new_bias)
-            else:
-                wide.bias.copy_(new_bias)
-            got = wide(x)
-    except Exception as exc:  # noqa: BLE001 - user code in forward (dtype checks, ...)
-        return f"it cannot be run in float64 to prove the fold ({type(exc).__name__})"
+def _gap(want: object, got: object) -> str | None:
+    """None when the folded layer's output `got` is the layer's output on the normalised input, else what differs."""
     if not isinstance(want, torch.Tensor) or not isinstance(got, torch.Tensor) or got.shape != want.shape:
         return "its output is not one tensor"
     gap = float((got - want).abs().max())

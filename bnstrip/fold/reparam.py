@@ -214,7 +214,7 @@ def _attempt(model: nn.Module, inputs: Sequence[Any] | None, keep: Callable[[Mer
         result.model = model
         return result
     if codegen is not None:  # the program's own input/output structure (pytree), as fold_program keeps it
-        gm.graph._codegen = copy.copy(codegen)
+        gm.graph.set_codegen(copy.copy(codegen))
     gm.graph.lint()
     gm.recompile()
     gm.eval()

@@ -51,7 +51,7 @@ def save_result(result: FoldResult, path: str | os.PathLike[str], *, force: bool
     output = Path(path)
     check_output_path(output, [], force)
     check_output_path(manifest_path(output), [], force, what="manifest", checkpoint=False)
-    architecture = getattr(result, "architecture", None) or type(result.model).__name__
+    architecture = type(result.model).__name__
     manifest = _manifest(result, output, architecture)
     metadata = {"bnstrip_version": __version__, "architecture": architecture, "form": result.form,
                 "folded_pairs": ",".join(f"{layer}+{bn}" for layer, bn in result.folded), "eps": repr(result.eps)}
