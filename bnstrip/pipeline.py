@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import torch
@@ -186,32 +185,13 @@ def _fold_generic(model: nn.Module, example_inputs: tuple[Any, ...], source: str
                    warnings=list(result.warnings), result=result)
 
 
-def _write(folded: _Folded, output_path: str, input_path: str, force: bool, metadata: dict[str, str],
-           manifest: dict[str, Any] | None) -> None:
-    """Manifest first (it holds OUT's sha256, taken from OUT's complete temp file), then OUT is put in place."""
-    from bnstrip.io.checkpoint import save_checkpoint, sha256_file
-    from bnstrip.io.manifest import write_manifest
-
-    def write_manifest_first(tmp_name: str) -> None:
-        assert manifest is not None  # only passed as a callback when there is one
-        write_manifest(output_path, {**manifest, "output_sha256": sha256_file(tmp_name)})
-
-    save_checkpoint(folded.state, output_path, force=force, inputs=[input_path], metadata=metadata,
-                    before_replace=write_manifest_first if manifest is not None else None)
-
-
 def _manifest(folded: _Folded, name: str, shape: list[int], input_path: str, output_path: str, source_sha256: str,
               entries: dict[str, Any]) -> dict[str, Any]:
     """What load_folded needs, and the evidence (the check's figures); OUT's sha256 is added when it is known."""
-    from bnstrip import __version__
+    from bnstrip.io.manifest import manifest_document
 
-    check = folded.check
-    return {
-        "bnstrip_version": __version__, "architecture": name, "input_shape": shape, "source": str(input_path),
-        "source_sha256": source_sha256, "output": Path(output_path).name, **entries,
-        "self_check": {"max_abs_diff": check.max_abs_diff, "output_scale": check.output_scale,
-                       "rounding": check.rounding, "tolerance": check.tolerance, "samples": check.samples},
-    }
+    return manifest_document(name, entries, folded.check, output_path, input_shape=shape, source=str(input_path),
+                             source_sha256=source_sha256)
 
 
 def _fold_smallnet(state: dict[str, Any], eps: float | None, input_path: str,
@@ -279,7 +259,9 @@ def fuse_file(input_path: str, output_path: str, model_factory: Callable[[], nn.
     shape = list(map(int, inputs[0].shape)) if not smallnet and isinstance(inputs[0], torch.Tensor) else []
     manifest = None if smallnet else _manifest(folded, name, shape, input_path, output_path, loaded.sha256, entries)
     if not dry_run:
-        _write(folded, output_path, input_path, force, metadata, manifest)
+        from bnstrip.io.manifest import save_with_manifest
+
+        save_with_manifest(folded.state, output_path, manifest, force=force, inputs=[input_path], metadata=metadata)
     return FuseReport(input=str(input_path), output=str(output_path), arch=name,
                       dtype=str(written_dtype).replace("torch.", ""), source_format=loaded.format,
                       self_check=folded.check, pairs=folded.pairs, eps=eps_used,

@@ -10,25 +10,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from bnstrip.errors import InputError
 
 if TYPE_CHECKING:
     from bnstrip.fold.model import FoldResult
-
-
-def _manifest(result: FoldResult, output: Path, architecture: str) -> dict[str, Any]:
-    from bnstrip._version import __version__
-
-    check = result.check
-    assert check is not None
-    return {
-        "bnstrip_version": __version__, "architecture": architecture, "input_shape": [], "source": None,
-        "source_sha256": None, "output": output.name, **result.manifest_entries(),
-        "self_check": {"max_abs_diff": check.max_abs_diff, "output_scale": check.output_scale,
-                       "rounding": check.rounding, "tolerance": check.tolerance, "samples": check.samples},
-    }
 
 
 def save_result(result: FoldResult, path: str | os.PathLike[str], *, force: bool = False) -> Path:
@@ -38,9 +25,8 @@ def save_result(result: FoldResult, path: str | os.PathLike[str], *, force: bool
     Returns the manifest's path.
     """
     from bnstrip._version import __version__
-    from bnstrip.io.checkpoint import sha256_file
-    from bnstrip.io.manifest import manifest_path, write_manifest
-    from bnstrip.io.write import check_output_path, save_checkpoint
+    from bnstrip.io.manifest import manifest_document, manifest_path, save_with_manifest
+    from bnstrip.io.write import check_output_path
 
     if result.form == "program":
         raise InputError("an exported program's fold is saved with torch.export.save(result.program, PATH), not "
@@ -52,13 +38,9 @@ def save_result(result: FoldResult, path: str | os.PathLike[str], *, force: bool
     check_output_path(output, [], force)
     check_output_path(manifest_path(output), [], force, what="manifest", checkpoint=False)
     architecture = type(result.model).__name__
-    manifest = _manifest(result, output, architecture)
+    manifest = manifest_document(architecture, result.manifest_entries(), result.check, output)
     metadata = {"bnstrip_version": __version__, "architecture": architecture, "form": result.form,
                 "folded_pairs": ",".join(f"{layer}+{bn}" for layer, bn in result.folded), "eps": repr(result.eps)}
-
-    def write_manifest_first(tmp_name: str) -> None:
-        write_manifest(output, {**manifest, "output_sha256": sha256_file(tmp_name)}, force=force)
-
-    save_checkpoint(result.model.state_dict(), output, force=force, metadata=metadata,
-                    before_replace=write_manifest_first)
+    save_with_manifest(result.model.state_dict(), output, manifest, force=force, metadata=metadata,
+                       replace_manifest=force)
     return manifest_path(output)

@@ -46,6 +46,37 @@ def write_manifest(output: str | os.PathLike[str], payload: dict[str, Any], *, f
     return path
 
 
+def manifest_document(architecture: str, entries: dict[str, Any], check: Any, output: str | os.PathLike[str], *,
+                      input_shape: list[int] | None = None, source: str | None = None,
+                      source_sha256: str | None = None) -> dict[str, Any]:
+    """What load_folded needs, and the evidence (the check's figures); OUT's sha256 is added when OUT is written."""
+    from bnstrip._version import __version__
+
+    return {
+        "bnstrip_version": __version__, "architecture": architecture, "input_shape": list(input_shape or []),
+        "source": source, "source_sha256": source_sha256, "output": Path(output).name, **entries,
+        "self_check": {"max_abs_diff": check.max_abs_diff, "output_scale": check.output_scale,
+                       "rounding": check.rounding, "tolerance": check.tolerance, "samples": check.samples},
+    }
+
+
+def save_with_manifest(state: dict[str, Any], output: str | os.PathLike[str], manifest: dict[str, Any] | None, *,
+                       force: bool, inputs: list[str | os.PathLike[str]] | None = None,
+                       metadata: dict[str, str] | None = None,
+                       replace_manifest: bool = True) -> None:
+    """OUT's state_dict and its manifest: the manifest first (it holds OUT's sha256, taken from OUT's complete temp
+    file), then OUT is put in place, so a manifest never names an OUT that is not there."""
+    from bnstrip.io.checkpoint import sha256_file
+    from bnstrip.io.write import save_checkpoint
+
+    def write_manifest_first(tmp_name: str) -> None:
+        assert manifest is not None  # only passed as a callback when there is one
+        write_manifest(output, {**manifest, "output_sha256": sha256_file(tmp_name)}, force=replace_manifest)
+
+    save_checkpoint(state, output, force=force, inputs=inputs, metadata=metadata,
+                    before_replace=write_manifest_first if manifest is not None else None)
+
+
 def _rewrite(path: Path, problem: str) -> InputError:
     return InputError(f"{printable(path)}: {problem}; rewrite it with `bnstrip fuse --arch`")
 
