@@ -21,7 +21,7 @@ from torch.nn.modules.conv import _ConvTransposeNd as ConvTransposeNd  # the one
 from torch.utils._python_dispatch import TorchDispatchMode  # see every aten call of a run; no public dispatch mode
 
 __all__ = ["BatchNormBase", "ConvNd", "ConvTransposeNd", "NoDynamoDispatchMode", "OpOverload", "TorchDispatchMode",
-           "graph_codegen", "has_forward_hooks", "has_module_hooks", "global_module_hooks", "op_schema", "own_buffers", "own_parameters",
+           "graph_codegen", "has_forward_hooks", "tensor_version", "has_module_hooks", "global_module_hooks", "op_schema", "own_buffers", "own_parameters",
            "pytree", "traceable_assert", "weights_only_allowed_globals"]
 
 OpOverload = torch._ops.OpOverload
@@ -42,6 +42,15 @@ class NoDynamoDispatchMode(TorchDispatchMode):
     @classmethod
     def _should_skip_dynamo(cls) -> bool:
         return False
+
+
+def tensor_version(tensor: torch.Tensor) -> int | None:
+    """How many in-place writes the tensor's memory has had (shared by its views); None where torch keeps no count
+    (inference-mode tensors). `Tensor._version` is the only way to know a tensor is unchanged without copying it."""
+    try:
+        return int(tensor._version)
+    except RuntimeError:
+        return None
 
 
 def op_schema(target: Any) -> Any:

@@ -136,3 +136,13 @@ def test_dtype_itemsize_is_public() -> None:  # what replaced torch._utils._elem
 
 def test_every_name_the_fence_promises_is_there() -> None:
     assert set(_torch.__all__) <= set(dir(_torch))
+
+
+def test_tensor_version_counts_in_place_writes_through_views_and_is_none_for_inference_tensors() -> None:
+    t = torch.zeros(4)
+    before = _torch.tensor_version(t)
+    t[1:].add_(1)  # a write through a view counts on the base: views share the counter
+    assert before is not None and _torch.tensor_version(t) == before + 1
+    assert _torch.tensor_version(t + 1) is not None
+    with torch.inference_mode():
+        assert _torch.tensor_version(torch.zeros(2)) is None

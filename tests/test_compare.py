@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from bnstrip.core.compare import (ROUNDING_FACTOR, compare_models, float64_outputs, outputs_match, seeded_inputs,
-                                  tolerance_for)
+from bnstrip.core.compare import (IMPLIED_FRACTION, ROUNDING_FACTOR, compare_models, compare_outputs, float64_outputs,
+                                  implied_check, outputs_match, same_arguments, seeded_inputs, tolerance_for)
 
 
 def _net() -> nn.Module:
@@ -152,3 +152,50 @@ def test_the_sensitivity_adds_to_the_own_rounding_and_the_floor_depends_on_the_d
     assert tolerance_for(torch.float64, 2.0, 0.0) == FLOOR_ULPS * eps64 * 2.0  # a float64 model: no own rounding
     assert tolerance_for(torch.float64, 2.0, 0.0, 1e-13) == PERTURBATION_FACTOR * 1e-13
     assert tolerance_for(torch.bfloat16, 2.0, 0.0) == FLOOR_ULPS_HALF * torch.finfo(torch.bfloat16).eps * 2.0
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("scale", [0.03, 1.0, 7.5, 4e3])
+def test_a_gap_the_implied_check_accepts_passes_the_float64_rule_whatever_the_own_rounding(dtype: torch.dtype,
+                                                                                           scale: float) -> None:
+    """The worst case for the shortcut: the fold's gap and the original's own error add up, and the original's own
+    error also lowers the float64 scale the floor is taken at. For every own error, the full rule still passes."""
+    eps = torch.finfo(dtype).eps
+    original = torch.tensor([scale, -scale / 3, scale / 7], dtype=torch.float64)
+    accepted = implied_check(original, original.clone(), dtype)
+    assert accepted is not None and accepted.passed and accepted.implied and accepted.rounding is None
+    bound = accepted.tolerance
+    folded = original.clone()
+    folded[0] += bound
+    while implied_check(original, folded, dtype) is None:  # the largest gap the shortcut accepts, to the last ulp
+        folded[0] = torch.nextafter(folded[0], original[0])
+    assert float(folded[0] - original[0]) > 0.9 * bound
+    for own_ulps in [0.0, 0.5, 1.0, 2.0, 3.0, 3.9, 4.0, 4.1, 6.0, 16.0, 100.0, 1e4]:
+        own = own_ulps * eps * max(scale, 1.0)
+        original64 = original.clone()
+        original64[0] -= own  # away from the folded value, and a smaller output scale
+        report = compare_outputs(original, folded, original64, dtype)
+        assert report is not None and report.passed, (own_ulps, report)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64])
+def test_the_implied_check_leaves_a_larger_gap_to_the_float64_rule(dtype: torch.dtype) -> None:
+    original = torch.tensor([2.0, -1.0], dtype=torch.float64)
+    bound = implied_check(original, original, dtype).tolerance
+    assert bound == pytest.approx(IMPLIED_FRACTION * (16 if dtype.itemsize >= 4 else 1) * torch.finfo(dtype).eps * 2.0)
+    folded = original.clone()
+    folded[1] += 1.01 * bound
+    assert implied_check(original, folded, dtype) is None
+    folded[1] = float("nan")
+    assert implied_check(original, folded, dtype) is None
+    assert implied_check(original, torch.zeros(3, dtype=torch.float64), dtype) is None  # another shape: the full rule
+
+
+def test_same_arguments_compares_values_dtypes_and_structure() -> None:
+    x = torch.arange(6.0).reshape(2, 3)
+    assert same_arguments(((x,), {"k": 2}), ((x.clone(),), {"k": 2}))
+    assert not same_arguments(((x,), {}), ((x + 1,), {}))
+    assert not same_arguments(((x,), {}), ((x.double(),), {}))
+    assert not same_arguments(((x,), {}), ((x, x), {}))
+    assert not same_arguments(((x,), {"k": 2}), ((x,), {"k": 3}))
+    assert not same_arguments(((torch.tensor([float("nan")]),), {}), ((torch.tensor([float("nan")]),), {}))

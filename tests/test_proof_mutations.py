@@ -54,3 +54,46 @@ def test_the_sensitivity_is_what_lets_a_float64_fold_pass(dtype: torch.dtype) ->
     if report.sensitivity is not None:
         assert report.tolerance >= PERTURBATION_FACTOR * report.sensitivity
         assert report.tolerance >= ROUNDING_FACTOR * (report.rounding or 0.0)
+
+
+def _count_float64_runs(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    import bnstrip.fold.check as check
+
+    runs = [0]
+    real = check.float64_outputs
+
+    def counted(*args: object, **kwargs: object) -> object:
+        runs[0] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(check, "float64_outputs", counted)
+    return runs
+
+
+def test_a_gap_that_already_decides_skips_the_float64_evaluation(monkeypatch: pytest.MonkeyPatch) -> None:
+    """float32, well conditioned: the folded outputs are within a few ulps of the original's, which passes the
+    float64 rule whatever the original's own rounding (core.compare.implied_check), so no float64 run is made."""
+    runs = _count_float64_runs(monkeypatch)
+    model, x = proof_net("well", torch.float32)
+    result = fold_model(model, x)
+    assert len(result.folded) == 4 and result.check is not None and result.check.passed and result.check.implied
+    report = check_folded(model, exact_fold(model), x, PAIRS, consumers=["bn3"])
+    assert report is not None and report.passed and report.implied
+    assert runs[0] == 0
+
+
+def test_a_gap_that_does_not_decide_gets_the_float64_evaluation_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """float16: its floor is one ulp, so the gap of an exact fold often does not decide; the float64 rule then does,
+    with one float64 run per fold. A wrong fold always goes to the float64 rule, and fails it."""
+    runs = _count_float64_runs(monkeypatch)
+    by_float64 = 0
+    for conditioning in CONDITIONINGS:
+        model, x = proof_net(conditioning, torch.float16)
+        before = runs[0]
+        result = fold_model(model, x)
+        assert len(result.folded) == 4 and result.check is not None and result.check.passed
+        assert (result.check.implied, runs[0] - before) in ((True, 0), (False, 1))
+        by_float64 += not result.check.implied
+        wrong = check_folded(model, exact_fold(model, MUTATIONS[0]), x, PAIRS, consumers=["bn3"])
+        assert wrong is not None and not wrong.passed and not wrong.implied and wrong.rounding is not None
+    assert by_float64 >= 2  # huge_gamma and random_stats

@@ -116,3 +116,77 @@ def test_export_tracer_names_ops_after_their_modules() -> None:
 def test_without_example_inputs_an_untraceable_model_says_how_to_fix_it() -> None:
     graph = build_graph(_ShapeBranch().eval(), None)
     assert graph.tracer == "none" and "example_inputs" in graph.untraced[""]
+
+
+class _WideConvNet(nn.Module):
+    """A conv worth remembering (64 * 3 * 3 multiply-adds per output) and a thin one computed again."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.thin, self.wide, self.bn = nn.Conv2d(3, 64, 1), nn.Conv2d(64, 8, 3, padding=1), nn.BatchNorm2d(8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.wide(self.thin(x)))
+
+
+def _count_conv_calls(monkeypatch: object) -> dict[int, int]:
+    calls: dict[int, int] = {}
+    real = nn.Conv2d._conv_forward
+
+    def counted(self: nn.Conv2d, *args: object) -> torch.Tensor:
+        calls[id(self)] = calls.get(id(self), 0) + 1
+        return real(self, *args)
+
+    monkeypatch.setattr(nn.Conv2d, "_conv_forward", counted)  # type: ignore[attr-defined]
+    return calls
+
+
+def test_the_graph_run_takes_a_wide_convs_output_from_the_real_run(monkeypatch: object) -> None:
+    model = _WideConvNet().eval()
+    calls = _count_conv_calls(monkeypatch)
+    x = torch.rand(1, 3, 8, 8)
+    graph = build_graph(model, (x,))
+    assert graph.tracer == "torch.fx"
+    assert calls == {id(model.thin): 2, id(model.wide): 1}  # the graph's run got the same input, so the same output
+    with torch.no_grad():
+        assert torch.equal(graph.model_output, model(x))
+
+
+class _WritesOnlyWhenTraced(nn.Module):
+    """fx's proxies are no tensors, so the traced graph takes the branch that negates the conv's output in place:
+    the real run's output is that very tensor, which the graph's run must not change."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.wide = nn.Conv2d(64, 8, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.wide(x)
+        if not isinstance(y, torch.Tensor):
+            y.mul_(-1)
+        return y
+
+
+def test_a_graph_that_writes_into_the_real_runs_tensors_is_run_again_apart_and_rejected(monkeypatch: object) -> None:
+    from bnstrip.trace import fx_tracer
+
+    model = _WritesOnlyWhenTraced().eval()
+    x = torch.rand(1, 64, 6, 6)
+    gm, _, _ = fx_tracer.fx_trace(model)
+    record = observe_run(model, (x,), [], capture={""}, remember={"wide"})
+    before = record.output.clone()
+    shared = fx_tracer._RankProp(gm, "m", record.results)
+    shared.propagate((x,))
+    assert shared.changed_the_run() and torch.equal(record.output, -before)  # the real run's own output, negated
+
+    runs: list[frozenset[str]] = []
+    real_observe = fx_tracer.observe_run
+
+    def observed(*args: object, **kwargs: object) -> object:
+        runs.append(frozenset(kwargs.get("remember", ())))
+        return real_observe(*args, **kwargs)
+
+    monkeypatch.setattr(fx_tracer, "observe_run", observed)  # type: ignore[attr-defined]
+    graph, error = graph_fx(model, (x,))
+    assert graph is None and "differ from the model's own" in str(error)
+    assert runs == [frozenset({"wide"}), frozenset()]  # the second time apart

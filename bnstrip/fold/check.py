@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from torch import nn
 
-from bnstrip.core.compare import SelfCheck, compare_outputs, float64_outputs, fresh_inputs, model_dtype, seeded_outputs
+from bnstrip.core.compare import SelfCheck, compare_outputs, float64_outputs, implied_check, fresh_inputs, model_dtype, seeded_outputs
 from bnstrip.errors import InputError, first_line
 from bnstrip.fold.bisect import bisect_folds  # noqa: F401 - re-exported: fold.model imports it from here
 from bnstrip.trace.bn_registry import is_batchnorm_like
@@ -57,11 +57,25 @@ class Reference:
     """How far one ulp of the folded parameters moves outputs64 (bnstrip.core.perturb), once measured."""
     measure: Callable[[], float | None] | None = None
     """Measures `sensitivity`; called (once) only when a check fails without it: it costs two float64 runs."""
+    evaluate64: Callable[[], Any] | None = None
+    """Computes `outputs64` (then None): called (once) only when a check is not decided by the gap in the model's
+    own dtype (core.compare.implied_check), since the float64 evaluation costs two to three forwards."""
+
+    def float64(self) -> Any:
+        """outputs64, evaluated now if it was left for later."""
+        if self.evaluate64 is not None:
+            evaluate, self.evaluate64 = self.evaluate64, None
+            self.outputs64 = evaluate()
+        return self.outputs64
 
 
 def _compare(reference: Reference, got: Any) -> SelfCheck | None:
-    """The one rule on `got`; the sensitivity is measured the first time the rule needs it."""
-    report = compare_outputs(reference.outputs, got, reference.outputs64, reference.dtype, reference.samples,
+    """The one rule on `got`; the float64 evaluation and the sensitivity are computed the first time the rule needs them."""
+    if reference.evaluate64 is not None:
+        implied = implied_check(reference.outputs, got, reference.dtype, reference.samples)
+        if implied is not None:
+            return implied
+    report = compare_outputs(reference.outputs, got, reference.float64(), reference.dtype, reference.samples,
                              reference.sensitivity)
     if report is not None and not report.passed and report.rounding is not None and reference.measure is not None:
         measure, reference.measure = reference.measure, None
@@ -69,6 +83,12 @@ def _compare(reference: Reference, got: Any) -> SelfCheck | None:
         report = compare_outputs(reference.outputs, got, reference.outputs64, reference.dtype, reference.samples,
                                  reference.sensitivity)
     return report
+
+
+def later_float64(work: nn.Module, inputs: Sequence[Any], eps: float | None) -> Any | None:
+    """The float64 evaluation of `work` (the original, or a copy nothing else runs) with the eps the fold used."""
+    with eps_override(work, eps):
+        return float64_outputs(work, inputs)
 
 
 def measure_sensitivity(model: nn.Module, inputs: tuple[Any, ...], eps: float | None, reference: Reference,
@@ -80,7 +100,7 @@ def measure_sensitivity(model: nn.Module, inputs: tuple[Any, ...], eps: float | 
 
     work = copy_model(model)
     with eps_override(work, eps):
-        return rounding_sensitivity(work, inputs, folded, consumers, reference.outputs64,
+        return rounding_sensitivity(work, inputs, folded, consumers, reference.float64(),
                                     lambda bn: module_stats(bn, eps),
                                     run=seeded_outputs if all_float64(work, inputs) else float64_outputs)
 
@@ -112,8 +132,10 @@ def check_folded(original: nn.Module, folded: nn.Module, example_inputs: Any, fo
     work = copy_model(original)
     with eps_override(work, eps):
         outputs = seeded_outputs(work, inputs)
-        outputs64 = outputs if all_float64(work, inputs) else float64_outputs(work, inputs)
-    reference = Reference(outputs, outputs64, model_dtype(original), samples_of(inputs))
+    reference = Reference(outputs, outputs if all_float64(work, inputs) else None, model_dtype(original),
+                          samples_of(inputs))
+    if reference.outputs64 is None:
+        reference.evaluate64 = lambda: later_float64(work, inputs, eps)
     pairs, after = list(folded_pairs), set(consumers)
     reference.measure = lambda: measure_sensitivity(original, inputs, eps, reference, pairs, after)
     return check_candidate(reference, folded, inputs)[0]

@@ -18,11 +18,11 @@ import torch
 from torch import nn
 
 from bnstrip._torch import own_buffers
-from bnstrip.core.compare import SelfCheck, float64_outputs, model_dtype, seeded_outputs
+from bnstrip.core.compare import SelfCheck, model_dtype, seeded_outputs
 from bnstrip.errors import InputError
 from bnstrip.fold.check import (Reference, all_float64, as_inputs, bisect_folds, check_candidate, check_folded,
-                                copy_model, eps_override, measure_sensitivity, modes_as_given, samples_of,
-                                training_batchnorms)
+                                copy_model, eps_override, later_float64, measure_sensitivity, modes_as_given,
+                                samples_of, training_batchnorms)
 from bnstrip.fold.options import FoldOptions
 from bnstrip.refusals import refusal
 from bnstrip.fold.plan import plan_folds, replay_graph
@@ -174,8 +174,11 @@ def _fold_copy(model: nn.Module, inputs: tuple[Any, ...] | None, options: FoldOp
         with eps_override(work, eps):
             outputs = graph.model_output if eps is None and graph.model_output is not None \
                 else seeded_outputs(work, inputs)
-            outputs64 = outputs if all_float64(work, inputs) else float64_outputs(work, inputs)
-        reference = Reference(outputs, outputs64, model_dtype(model), samples_of(inputs))
+        # The float64 evaluation (on a fresh copy: `work` is folded below) only where the check needs it.
+        reference = Reference(outputs, outputs if all_float64(work, inputs) else None, model_dtype(model),
+                              samples_of(inputs))
+        if reference.outputs64 is None:
+            reference.evaluate64 = lambda: later_float64(copy_model(model), inputs, eps)
     folds, reasons = plan_folds(graph, work, keep_structure, eps)
     applied = apply_folds(folds, graph, work, eps, keep_structure, options.allow_overflow)
     folded_names = {f.bn.name for f in folds}

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.multiprocessing.reductions import StorageWeakRef
 
-from bnstrip._torch import NoDynamoDispatchMode, op_schema, pytree
+from bnstrip._torch import NoDynamoDispatchMode, op_schema, pytree, tensor_version
 from bnstrip.core.compare import fresh_inputs
 from bnstrip.errors import InputError
 from bnstrip.trace.alias import byte_range, own_tensors
@@ -33,6 +33,39 @@ class RunRecord:
     captured: dict[str, tuple[tuple[Any, ...], dict[str, Any], Any]] = field(default_factory=dict)
     input_written: dict[str, str] = field(default_factory=dict)
     """BatchNorm name -> the op that wrote into its input in place after it ran."""
+    results: dict[str, list[Remembered | None]] = field(default_factory=dict)
+    """For the modules named in `remember`: each call, in call order (None for one not kept)."""
+
+
+MAX_REMEMBERED_BYTES = 256 << 20
+"""The most observe_run keeps alive of remembered calls' inputs and outputs; calls after that are not kept."""
+
+
+@dataclass
+class Remembered:
+    """One call of a module in the real run: its (args, kwargs) before any pre-hook and its final output.
+
+    The tensors are the run's own, not copies (copying cost as much as a 1x1 conv): `versions` are
+    their in-place write counts when they were kept, and `get` gives the call only while none changed.
+    """
+
+    arguments: Any
+    output: Any
+    versions: list[int]
+
+    def get(self) -> tuple[Any, Any] | None:
+        """(arguments, output) if no tensor of them has been written in place since, else None."""
+        now = [tensor_version(t) for t in _tensors((self.arguments, self.output))]
+        return (self.arguments, self.output) if now == self.versions else None
+
+
+def _tensors(value: Any) -> list[torch.Tensor]:
+    return [t for t in pytree.tree_leaves(value) if isinstance(t, torch.Tensor)]
+
+
+def _versions(value: Any) -> list[int] | None:
+    found = [tensor_version(t) for t in _tensors(value)]
+    return None if any(v is None for v in found) else [int(v) for v in found if v is not None]
 
 
 class _RunWatcher(NoDynamoDispatchMode):
@@ -138,17 +171,43 @@ def _watched_memory(model: nn.Module, watched: Sequence[str]) -> dict[int, list[
 
 
 def observe_run(model: nn.Module, example_inputs: Sequence[Any], watched: Sequence[str],
-                capture: AbstractSet[str] = frozenset()) -> RunRecord:
+                capture: AbstractSet[str] = frozenset(), remember: AbstractSet[str] = frozenset()) -> RunRecord:
     """Run `model` once on the example inputs, counting module calls, BatchNorm input ranks, and reads of the
     tensors of the `watched` modules from anywhere but their own forward; keeps a copy of the first call's
     (args, kwargs, output) of each module named in `capture`, as its forward saw and returned them
-    (after the module's forward pre-hooks, before its forward hooks): what its fx graph must reproduce."""
+    (after the module's forward pre-hooks, before its forward hooks): what its fx graph must reproduce.
+
+    For the modules named in `remember` (the convs and Linears of a traced graph) it keeps a copy of each
+    call's args and kwargs (before any pre-hook) and final output, up to MAX_REMEMBERED_BYTES: a run of
+    the graph that gives such a module the same arguments gets the same output without computing it again."""
     names = {id(m): n for n, m in model.named_modules()}
     captured: dict[str, tuple[tuple[Any, ...], dict[str, Any], Any]] = {}
     calls: Counter = Counter()
     ranks: dict[str, set[int]] = {}
     stack: list[str] = []
     memory = _watched_memory(model, watched)
+    results: dict[str, list[Remembered | None]] = {}
+    kept = [0]
+    pending: dict[str, list[tuple[Any, list[int]] | None]] = {}
+
+    def size(value: Any) -> int:
+        return sum(t.numel() * t.element_size() for t in _tensors(value))
+
+    def recall_in(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        arguments = (tuple(args), dict(kwargs))
+        versions = _versions(arguments)
+        pending.setdefault(names[id(module)], []).append(None if versions is None else (arguments, versions))
+
+    def recall_out(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        waiting = pending.get(names[id(module)], [])
+        given = waiting.pop() if waiting else None
+        versions = _versions(output)
+        cost = size(output) + (size(given[0]) if given is not None else 0)
+        call = None
+        if given is not None and versions is not None and kept[0] + cost <= MAX_REMEMBERED_BYTES:
+            kept[0] += cost
+            call = Remembered(given[0], output, given[1] + versions)
+        results.setdefault(names[id(module)], []).append(call)  # a call not kept still takes its index
 
     def enter(module: nn.Module, args: tuple[Any, ...]) -> None:
         name = names[id(module)]
@@ -179,6 +238,9 @@ def observe_run(model: nn.Module, example_inputs: Sequence[Any], watched: Sequen
             handles.append(module.register_forward_hook(leave, always_call=True))
             if names.get(id(module)) in capture:  # first in line: the raw forward output, before user hooks
                 handles.append(module.register_forward_hook(keep, with_kwargs=True, prepend=True))
+            if names.get(id(module)) in remember:  # args before any pre-hook, the output after every hook
+                handles.append(module.register_forward_pre_hook(recall_in, prepend=True, with_kwargs=True))
+                handles.append(module.register_forward_hook(recall_out))
         with torch.no_grad(), torch.random.fork_rng():
             torch.manual_seed(0)
             with mode:
@@ -190,7 +252,7 @@ def observe_run(model: nn.Module, example_inputs: Sequence[Any], watched: Sequen
         for handle in handles:
             handle.remove()
     return RunRecord(output=output, calls=calls, ranks=ranks, foreign_reads=mode.found, captured=captured,
-                     input_written=mode.written)
+                     input_written=mode.written, results=results)
 
 
 def runtime_refusals(ops: Sequence[Op], record: RunRecord, graph_calls: Counter) -> dict[str, str]:
