@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib.util
 import json
 import os
 import re
@@ -71,6 +72,11 @@ DEFAULT_MODELS = [
     "timm:efficientvit_m0", "timm:mobilevit_xxs", "timm:mobilevitv2_050", "timm:fastvit_t8",
     "timm:botnet26t_256", "timm:halonet26t",
 ]
+
+# Added to the default list where ultralytics is installed: built from their yaml (random init, no download),
+# with ultralytics' own fuse() measured beside torch.fx's fuser.
+ULTRALYTICS_MODELS = ["ult:yolov8n.yaml@320", "ult:yolo11n.yaml@320", "ult:yolov10s.yaml@320",
+                      "ult:yolov8n-seg.yaml@320", "ult:rtdetr-l.yaml@320"]
 
 TIMEOUT_S = 300
 
@@ -202,6 +208,7 @@ def worker(spec: str, seed: int, reparameterize: bool = False) -> dict[str, Any]
     import torch
 
     import bnstrip
+    import bnstrip.fold  # noqa: F401 - imported before the timing, as torch.fx's fuser is in _fx_fuse
 
     torch.manual_seed(seed)
     model, size = _build(spec)
@@ -225,6 +232,9 @@ def worker(spec: str, seed: int, reparameterize: bool = False) -> dict[str, Any]
         row["merges"] = len(getattr(result, "merged", []))
         row["convs"] = [_convs(model), _convs(result.model)]
         row["tracer"] = result.tracer
+        check = result.check  # how the proof was decided: the gap alone, or the float64 evaluation too
+        row["proof"] = None if check is None else "gap" if check.implied else "float64" if check.rounding is not None \
+            else "own dtype"
         row["folded"] = [list(p) for p in result.folded]
         row["skipped"] = [list(p) for p in result.skipped]
         row["fx_s"], row["fx_folded"], row["fx_error"] = _fx_fuse(model)
@@ -361,6 +371,14 @@ def _model_line(r: dict[str, Any], refused: dict[str, list[str]]) -> str:
             f"({r['orig32_err']:.1e}) |")
 
 
+def _median(values: list[float]) -> float:
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    middle = len(ordered) // 2
+    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+
+
 def report(rows: list[dict[str, Any]], seconds: float | None) -> str:
     """The markdown coverage table, totals and refusal categories with examples."""
     took = f"; {seconds / 60:.1f} min" if seconds else ""
@@ -399,6 +417,7 @@ def report(rows: list[dict[str, Any]], seconds: float | None) -> str:
         if r["fx_s"] is not None:
             ratios.append((r["fold_s"] / (r["fx_s"] + r["forward_s"]), r["model"]))
         tot["models"] += 1
+        tot["by_gap"] += r.get("proof") == "gap"
         tot["bn"] += r["bn"]
         tot["folded"] += len(r["folded"])
         tot["merged_bns"] += len(r.get("merged_bns", []))
@@ -424,8 +443,10 @@ def report(rows: list[dict[str, Any]], seconds: float | None) -> str:
               f"- models where bnstrip folded nothing: {tot['none_folded']}; extra entries in folded+skipped "
               f"(a BN listed twice): {tot['double_listed']}",
               f"- refused BNs whose input also feeds an add (issue 14): {tot['add']}",
-              "- fold time / (fx fuse + forward), worst five: "
-              + ", ".join(f"{m} {v:.1f}x" for v, m in ratios[:5]), "",
+              f"- fold time / (fx fuse + forward): median {_median([v for v, _ in ratios]):.2f}x over "
+              f"{len(ratios)} models, worst five: " + ", ".join(f"{m} {v:.1f}x" for v, m in ratios[:5]),
+              f"- proofs decided by the gap in the model's own dtype, without a float64 run: {tot['by_gap']} of "
+              f"{tot['models']} models", "",
               "## Refusals by category", "",
               "| category | BNs | models | examples (model `module`) |", "|---|---|---|---|"]
     lines += [f"| {c} | {n} | {len(cat_models[c])} | {'; '.join(examples[c])} |" for c, n in cat_total.most_common()]
@@ -454,7 +475,8 @@ def main() -> None:
     if args.report_from:
         Path(args.out).write_text(report(json.loads(Path(args.report_from).read_text()), None))
         return
-    specs = args.models.split(",") if args.models else DEFAULT_MODELS
+    specs = args.models.split(",") if args.models else DEFAULT_MODELS + (
+        ULTRALYTICS_MODELS if importlib.util.find_spec("ultralytics") else [])
     rows, t0 = [], time.perf_counter()
     # Each model runs in its own single-threaded process; --jobs of them at once (fold-time ratios are
     # then measured under that load, which scales fold and fx fuse alike).

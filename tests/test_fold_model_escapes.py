@@ -91,6 +91,33 @@ def test_without_restoring_the_cache_the_tracer_would_leave_fake_anchors(monkeyp
         pytest.skip(f"torch traced the replica with {result.tracer}; the fake-cache path is not exercised")
 
 
+class BiasCacheInADict(nn.Module):
+    """timm's EfficientViT-MSRA: an eval forward fills a dict it holds with a tensor it computed, in place, and reads it
+    back on later calls; `len(x)` keeps torch.fx out, so torch.export traces it (with fake tensors)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+        self.biases = nn.Parameter(torch.randn(4, generator=torch.Generator().manual_seed(2)))
+        self.cache: dict[str, torch.Tensor] = {}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = len(x)
+        if "cpu" not in self.cache:
+            self.cache["cpu"] = self.biases.view(1, -1, 1, 1) * 2
+        return self.bn(self.conv(x)) + self.cache["cpu"] * rows
+
+
+def test_a_dict_the_forward_fills_in_place_is_emptied_of_the_tracers_tensors() -> None:
+    model = BiasCacheInADict().eval()
+    x = _inputs()
+    result = fold_model(model, x)
+    assert result.folded == [("conv", "bn")] and result.check is not None and result.check.passed, result.skipped
+    assert model.cache == {}  # the input model is untouched, its cache too
+    with torch.no_grad():
+        assert torch.allclose(result.model(x), model(x), atol=1e-5)
+
+
 def test_functional_batch_norm_on_plain_tensors_is_refused_with_a_reason() -> None:
     result = fold_model(FunctionalOnPlainTensors().eval(), _inputs())
     assert result.folded == []
@@ -103,3 +130,35 @@ def test_a_shared_module_with_such_a_batch_norm_is_listed_once_with_a_reason() -
     result = fold_model(SharedFunctionalModule().eval(), _inputs())
     assert result.folded == [] and len(result.skipped) == 1
     assert result.check is not None and result.check.passed
+
+
+def test_a_copy_that_shares_parameters_still_copies_buffers_and_attributes() -> None:
+    from bnstrip.fold.check import copy_model
+
+    model = AnchorCachingHead().eval()
+    shared = copy_model(model, share_parameters=True)
+    assert shared.conv.weight is model.conv.weight
+    assert shared.bn.running_mean is not model.bn.running_mean and shared.anchors is not model.anchors
+    with torch.no_grad():
+        shared(_inputs())
+    assert model.shape is None  # the forward's cache went into the copy
+
+
+class WritesItsParameter(nn.Module):
+    """A forward that counts its calls in a Parameter, in place: no run may share its parameters with the caller's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+        self.calls = nn.Parameter(torch.zeros(1), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls.add_(1)
+        return self.bn(self.conv(x)) * 0 + self.bn(self.conv(x)) + self.calls * 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_a_forward_that_writes_its_parameters_leaves_the_callers_untouched(dtype: torch.dtype) -> None:
+    model = WritesItsParameter().eval().to(dtype)
+    fold_model(model, _inputs().to(dtype))
+    assert float(model.calls) == 0

@@ -61,24 +61,28 @@ def bn_scale_shift(stats: BNStats, name: str = "BatchNorm") -> tuple[torch.Tenso
 
 def _cast_back(tensor64: torch.Tensor, dtype: torch.dtype, name: str, what: str, allow_overflow: bool) -> torch.Tensor:
     out = tensor64.to(dtype)
-    if not allow_overflow and all_finite(tensor64) and not all_finite(out):
+    if all_finite(out):  # then the float64 values were finite too, and nothing overflowed
+        return out
+    if not all_finite(tensor64):
+        raise InputError(f"{name}: folded {what} is not finite; the BatchNorm statistics are degenerate, recalibrate them")
+    if not allow_overflow:
         raise InputError(
             f"{name}: folded {what} overflows {str(dtype).replace('torch.', '')} (max |value| {tensor64.abs().max().item():.3g}); "
             "save the checkpoint in a wider dtype (float32/float64) or pass --allow-overflow"
         )
-    if not all_finite(tensor64):
-        raise InputError(f"{name}: folded {what} is not finite; the BatchNorm statistics are degenerate, recalibrate them")
     return out
 
 
 def fold_into_producer(weight: torch.Tensor, bias: torch.Tensor | None, stats: BNStats, *, out_axis: int = 0,
-                       groups: int = 1, name: str = "layer", allow_overflow: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                       groups: int = 1, name: str = "layer", allow_overflow: bool = False,
+                       scale_shift: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Fold BN that follows a conv/linear into it: returns (W', b') with W' scaled per output channel.
 
     `out_axis` is 0 for Conv/Linear weights (out, in, ...) and 1 for ConvTranspose
     weights (in, out/groups, ...), where `groups` says how output channels are laid out.
+    `scale_shift`: bn_scale_shift(stats) where the caller already computed (and so validated) it.
     """
-    scale, shift = bn_scale_shift(stats, name)
+    scale, shift = scale_shift if scale_shift is not None else bn_scale_shift(stats, name)
     if out_axis == 0:
         out_channels = weight.shape[0]
         if out_channels != scale.numel():
@@ -138,6 +142,30 @@ def _scale_rows_blockwise(weight: torch.Tensor, scale: torch.Tensor, name: str, 
     return _cast_back(weight.to(torch.float64) * scale.reshape(-1, *trailing), weight.dtype, name, "weight", allow_overflow)
 
 
+def _scale_columns_blockwise(weight: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, name: str,
+                             allow_overflow: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weight * scale per input channel (axis 1), cast once; weight applied to shift, float64) for groups=1.
+
+    One float64 block of output rows at a time serves both (as _scale_rows_blockwise): no float64 copy of the
+    layer, and one pass over it where the whole-tensor form made four.
+    """
+    out = torch.empty_like(weight)
+    extra = torch.empty(weight.shape[0], dtype=torch.float64, device=weight.device)
+    s = scale.reshape(1, -1, *([1] * (weight.dim() - 2)))
+    rows = max(1, _BLOCK_ELEMENTS // max(1, weight[0].numel())) if weight.shape[0] else 1
+    buffer = torch.empty((min(rows, weight.shape[0]), *weight.shape[1:]), dtype=torch.float64, device=weight.device)
+    for start in range(0, weight.shape[0], rows):
+        block = buffer[:min(rows, weight.shape[0] - start)]
+        block.copy_(weight[start:start + rows])
+        per_channel = block if block.dim() == 2 else block.flatten(2).sum(-1)  # a conv's taps all see the same shift
+        torch.mv(per_channel, shift, out=extra[start:start + rows])
+        block.mul_(s)
+        out[start:start + rows].copy_(block)
+    if all_finite(out):
+        return out, extra
+    return _cast_back(weight.to(torch.float64) * s, weight.dtype, name, "weight", allow_overflow), extra
+
+
 def fold_into_consumer(weight: torch.Tensor, bias: torch.Tensor | None, stats: BNStats, *, groups: int = 1,
                        name: str = "layer", allow_overflow: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Fold BN that precedes a Linear or an unpadded Conv (weight (out, in/groups, ...)) into it.
@@ -146,10 +174,15 @@ def fold_into_consumer(weight: torch.Tensor, bias: torch.Tensor | None, stats: B
     Exact for a conv only when every output reads no padding (padding 0), which the caller checks.
     """
     scale, shift = bn_scale_shift(stats, name)
-    w = weight.detach().to(torch.float64)
-    out_channels, in_per_group = w.shape[0], w.shape[1]
+    out_channels, in_per_group = weight.shape[0], weight.shape[1]
     if in_per_group * groups != scale.numel() or out_channels % groups:
         raise InputError(f"{name}: takes {in_per_group * groups} input channels but the BatchNorm before it has {scale.numel()}; they cannot be folded")
+    b = torch.zeros(out_channels, dtype=torch.float64, device=scale.device) if bias is None else bias.detach().to(torch.float64).reshape(-1)
+    bias_dtype = weight.dtype if bias is None else bias.dtype
+    if groups == 1:
+        w_cast, extra = _scale_columns_blockwise(weight.detach(), scale, shift, name, allow_overflow)
+        return w_cast, _cast_back(b + extra, bias_dtype, name, "bias", allow_overflow)
+    w = weight.detach().to(torch.float64)
     out_per_group = out_channels // groups
     spatial = [1] * (w.dim() - 2)
     s = scale.reshape(groups, 1, in_per_group, *spatial)
@@ -157,8 +190,6 @@ def fold_into_consumer(weight: torch.Tensor, bias: torch.Tensor | None, stats: B
     grouped = w.reshape(groups, out_per_group, in_per_group, *w.shape[2:])
     w_folded = (grouped * s).reshape(w.shape)
     extra = (grouped * t).sum(dim=tuple(range(2, grouped.dim()))).reshape(out_channels)
-    b = torch.zeros(out_channels, dtype=torch.float64, device=scale.device) if bias is None else bias.detach().to(torch.float64).reshape(-1)
-    bias_dtype = weight.dtype if bias is None else bias.dtype
     return (_cast_back(w_folded, weight.dtype, name, "weight", allow_overflow),
             _cast_back(b + extra, bias_dtype, name, "bias", allow_overflow))
 

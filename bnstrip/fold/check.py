@@ -169,9 +169,15 @@ def training_batchnorms(model: nn.Module) -> list[str]:
     return [name for name, module in model.named_modules() if is_batchnorm_like(module) and module.training]
 
 
-def copy_model(model: nn.Module) -> nn.Module:
+def copy_model(model: nn.Module, share_parameters: bool = False) -> nn.Module:
+    """A copy of `model` in eval mode (its training-mode BatchNorms as given) that runs without touching it.
+
+    share_parameters=True keeps the Parameters themselves (everything else is copied): for a run that only reads
+    them, where copying a large model's weights would cost more than the run (the float64 evaluation).
+    """
+    memo: dict[int, Any] = {id(p): p for p in model.parameters()} if share_parameters else {}
     try:
-        work = copy.deepcopy(model).eval()
+        work = copy.deepcopy(model, memo).eval()
     except Exception as exc:
         weight_norm = any(isinstance(getattr(m, "weight_g", None), nn.Parameter) for m in model.modules())
         hint = ("; a torch.nn.utils.weight_norm module cannot be copied: use torch.nn.utils.parametrizations."

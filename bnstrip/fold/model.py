@@ -9,6 +9,7 @@ The check itself and the bisection live in bnstrip.fold.check (re-exported here)
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import warnings
 from dataclasses import dataclass, field
@@ -17,7 +18,7 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import nn
 
-from bnstrip._torch import own_buffers
+from bnstrip._torch import own_buffers, tensor_version
 from bnstrip.core.compare import SelfCheck, model_dtype, seeded_outputs
 from bnstrip.errors import InputError
 from bnstrip.fold.check import (Reference, all_float64, as_inputs, bisect_folds, check_candidate, check_folded,
@@ -120,9 +121,13 @@ def _attributes_kept(model: nn.Module) -> Iterator[None]:
     """The plain attributes of every module (not parameters, buffers or children) as they were before the block.
 
     Tracing runs the forward, and a forward that caches what it computed (ultralytics' detection head keeps
-    the anchors of the last input size) would keep the tracer's fake tensors, which no real run can use.
+    the anchors of the last input size, timm's EfficientViT-MSRA its attention biases in a dict it fills in
+    place) would keep the tracer's fake tensors, which no real run can use. Plain dicts, lists and sets get
+    their contents back too, in the same container.
     """
     saved = [(module, dict(module.__dict__)) for module in model.modules()]
+    contents = [(value, copy.copy(value)) for _, before in saved for key, value in before.items()
+                if not key.startswith("_") and type(value) in (dict, list, set)]
     try:
         yield
     finally:
@@ -132,6 +137,19 @@ def _attributes_kept(model: nn.Module) -> Iterator[None]:
             for key, value in before.items():
                 if not key.startswith("_") and module.__dict__.get(key) is not value:
                     module.__dict__[key] = value
+        for container, old in contents:
+            container.clear()
+            if isinstance(container, list):
+                container.extend(old)
+            else:
+                container.update(old)
+
+
+def _parameter_versions(model: nn.Module) -> list[int] | None:
+    """The in-place write counts of the model's parameters (None where torch keeps none): equal before and after
+    a run when the forward never wrote into them."""
+    versions = [tensor_version(p) for p in model.parameters()]
+    return None if any(v is None for v in versions) else [int(v) for v in versions if v is not None]
 
 
 def _restore_statistics(model: nn.Module, result: FoldResult) -> None:
@@ -162,6 +180,7 @@ def _fold_copy(model: nn.Module, inputs: tuple[Any, ...] | None, options: FoldOp
     work = copy_model(model)
     earlier = traced.get("graph") if traced is not None else None
     graph = replay_graph(earlier, work) if earlier is not None else None
+    written = _parameter_versions(work)
     if graph is None:
         with _attributes_kept(work):
             graph = build_graph(work, inputs)
@@ -177,8 +196,9 @@ def _fold_copy(model: nn.Module, inputs: tuple[Any, ...] | None, options: FoldOp
         # The float64 evaluation (on a fresh copy: `work` is folded below) only where the check needs it.
         reference = Reference(outputs, outputs if all_float64(work, inputs) else None, model_dtype(model),
                               samples_of(inputs))
-        if reference.outputs64 is None:
-            reference.evaluate64 = lambda: later_float64(copy_model(model), inputs, eps)
+        if reference.outputs64 is None:  # a forward that writes into its own parameters gets them copied too
+            share = written is not None and written == _parameter_versions(work)
+            reference.evaluate64 = lambda: later_float64(copy_model(model, share_parameters=share), inputs, eps)
     folds, reasons = plan_folds(graph, work, keep_structure, eps)
     applied = apply_folds(folds, graph, work, eps, keep_structure, options.allow_overflow)
     folded_names = {f.bn.name for f in folds}

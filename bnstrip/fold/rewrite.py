@@ -87,11 +87,11 @@ def _fold_rounded(module: ConvNd | nn.Linear, fold: Fold, root: nn.Module, eps: 
     what the general path names: the statistics "layer + bn", the rounding the layer.
     """
     stats = bn_stats(fold.bn, root, eps)
-    bn_scale_shift(stats, f"{layer_name} + {fold.bn.name}")  # validates, with the general path's name
+    scale_shift = bn_scale_shift(stats, f"{layer_name} + {fold.bn.name}")  # validates, with the general path's name
     bias = module.bias.detach().to(torch.float64) if module.bias is not None else \
         torch.zeros(module.weight.shape[0], dtype=torch.float64, device=module.weight.device)
     weight, bias64 = fold_into_producer(module.weight.detach(), bias, stats, out_axis=0, name=layer_name,
-                                        allow_overflow=allow_overflow)
+                                        allow_overflow=allow_overflow, scale_shift=scale_shift)
     return [module, _Rounded(weight), bias64]
 
 
@@ -122,7 +122,7 @@ def _channel_slice(stats: BNStats, channels: slice) -> BNStats:
 def _cast(t64: torch.Tensor, dtype: torch.dtype, name: str, what: str, allow_overflow: bool,
           warnings: list[str]) -> torch.Tensor:
     out = cast_folded(t64, dtype, name, what, allow_overflow)
-    if not all_finite(out):
+    if allow_overflow and not all_finite(out):  # without allow_overflow cast_folded raised
         warnings.append(f"{name}: folded {what} overflows {str(dtype).replace('torch.', '')} and was kept as inf "
                         "(allow_overflow=True)")
     return out
@@ -147,7 +147,7 @@ def _write_layers(work: Iterable[tuple[str, list[Any]]], held_by_bn: dict[str, t
     for name, (module, w64, b64) in work:
         dtype = module.weight.dtype
         if isinstance(w64, _Rounded):
-            if not all_finite(w64.tensor):  # only reachable with allow_overflow=True: fold_into_producer raised else
+            if allow_overflow and not all_finite(w64.tensor):  # without allow_overflow fold_into_producer raised
                 warnings.append(f"{name}: folded weight overflows {str(dtype).replace('torch.', '')} and was kept as "
                                 "inf (allow_overflow=True)")
             _set_tensor(module.weight, w64.tensor)
