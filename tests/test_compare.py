@@ -55,10 +55,13 @@ def test_a_conv_head_on_a_1x1_input_runs_in_the_dispatch_mode_without_a_second_r
     assert got is not None and torch.equal(got, expected)
 
 
-def test_an_identical_model_passes_and_reports_the_original_rounding() -> None:
+def test_an_identical_model_passes_on_the_gap_alone_or_with_the_original_rounding() -> None:
     model = _net()
-    report = compare_models(model, copy.deepcopy(model), [seeded_inputs((8, 64), dtype=torch.float32)])
-    assert report is not None and report.passed and report.rounding is not None
+    x = [seeded_inputs((8, 64), dtype=torch.float32)]
+    report = compare_models(model, copy.deepcopy(model), x, evaluate64=lambda: pytest.fail("the gap decides"))
+    assert report is not None and report.passed and report.implied and report.max_abs_diff == 0
+    report = compare_models(model, copy.deepcopy(model), x, original64=float64_outputs(model, x))
+    assert report is not None and report.passed and report.rounding is not None and not report.implied
     assert report.tolerance >= ROUNDING_FACTOR * report.rounding
 
 

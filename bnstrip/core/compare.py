@@ -433,16 +433,22 @@ def model_dtype(model: nn.Module) -> torch.dtype:
 def compare_models(original: nn.Module, folded: nn.Module, inputs: Sequence[Any], *,
                    original_outputs: Any = None, original64: Any = None,
                    run: Callable[[nn.Module, Sequence[Any]], Any] = seeded_outputs,
-                   sensitivity: float | None = None) -> SelfCheck | None:
-    """Run what is not given yet (the original in its dtype and in float64, the folded model) and compare.
+                   sensitivity: float | None = None, evaluate64: Callable[[], Any] | None = None) -> SelfCheck | None:
+    """Run what is not given yet (the original in its dtype, the folded model, the original in float64) and compare.
 
+    Without `original64` the float64 evaluation runs only where the gap in the model's own dtype does not
+    already decide (implied_check): `evaluate64()` where given, else float64_outputs(original, inputs).
     None when the folded model's outputs have another structure or shape than the original's.
     """
     if original_outputs is None:
         original_outputs = run(original, inputs)
-    if original64 is None:
-        original64 = float64_outputs(original, inputs)
     got = run(folded, inputs)
     first = inputs[0] if inputs else None
     samples = int(first.shape[0]) if isinstance(first, torch.Tensor) and first.dim() else 1
-    return compare_outputs(original_outputs, got, original64, model_dtype(original), samples, sensitivity)
+    dtype = model_dtype(original)
+    if original64 is None:
+        implied = implied_check(original_outputs, got, dtype, samples)
+        if implied is not None:
+            return implied
+        original64 = evaluate64() if evaluate64 is not None else float64_outputs(original, inputs)
+    return compare_outputs(original_outputs, got, original64, dtype, samples, sensitivity)

@@ -151,8 +151,8 @@ def _check(original: nn.Module, folded: Any, in_spec: Any, leaves: list[Any], na
            sensitivity: float | None = None) -> SelfCheck:
     """The one comparator on the re-exported program; `sensitivity` is fold_model's measure for the same folds."""
     reference = _Flat(original, in_spec)
-    check = compare_models(reference, _Flat(folded.module(), in_spec), leaves,
-                           original64=_float64_outputs(original, in_spec, leaves), sensitivity=sensitivity)
+    check = compare_models(reference, _Flat(folded.module(), in_spec), leaves, sensitivity=sensitivity,
+                           evaluate64=lambda: _float64_outputs(original, in_spec, leaves))
     if check is None:
         raise CheckFailed(f"{name}: the folded program's outputs have another structure or shape than the "
                           "original's; not writing it")
@@ -250,7 +250,7 @@ def compare_programs(reference: Any, candidate: Any, example_inputs: Any = None,
     original = reference.module()
     try:
         check = compare_models(_Flat(original, in_spec), _Flat(candidate.module(), in_spec), leaves,
-                               original64=_float64_outputs(original, in_spec, leaves))
+                               evaluate64=lambda: _float64_outputs(original, in_spec, leaves))
     except Exception as exc:  # noqa: BLE001 - a program that rejects the inputs (guards, shapes)
         raise InputError(f"{name}: the programs do not run on these inputs ({type(exc).__name__}: "
                          f"{first_line(exc, 200, '')}); pass inputs the programs accept") from None

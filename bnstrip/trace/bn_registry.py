@@ -142,7 +142,13 @@ def _resolves_to(cls: type, entry: BatchNormLike) -> bool:
     if entry.distribution is None:
         return True
     path = getattr(module, "__file__", None)
-    return isinstance(path, str) and os.path.realpath(path) in _distribution_files(entry.distribution)
+    return isinstance(path, str) and _real_path(path) in _distribution_files(entry.distribution)
+
+
+@functools.lru_cache(maxsize=1024)
+def _real_path(path: str) -> str:
+    """os.path.realpath, once per module file: it is asked for every call of a registered look-alike."""
+    return os.path.realpath(path)
 
 
 def batchnorm_entry(module: nn.Module | None) -> BatchNormLike | None:

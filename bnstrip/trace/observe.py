@@ -177,9 +177,10 @@ def observe_run(model: nn.Module, example_inputs: Sequence[Any], watched: Sequen
     (args, kwargs, output) of each module named in `capture`, as its forward saw and returned them
     (after the module's forward pre-hooks, before its forward hooks): what its fx graph must reproduce.
 
-    For the modules named in `remember` (the convs and Linears of a traced graph) it keeps a copy of each
-    call's args and kwargs (before any pre-hook) and final output, up to MAX_REMEMBERED_BYTES: a run of
-    the graph that gives such a module the same arguments gets the same output without computing it again."""
+    For the modules named in `remember` (the wide convs and Linears of a traced graph) it keeps each call's
+    args and kwargs (before any pre-hook) and final output, the run's own tensors with their write counts
+    (Remembered), up to MAX_REMEMBERED_BYTES: a run of the graph that gives such a module the same arguments
+    gets the same output without computing it again."""
     names = {id(m): n for n, m in model.named_modules()}
     captured: dict[str, tuple[tuple[Any, ...], dict[str, Any], Any]] = {}
     calls: Counter = Counter()
