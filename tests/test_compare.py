@@ -157,7 +157,8 @@ def test_the_sensitivity_adds_to_the_own_rounding_and_the_floor_depends_on_the_d
     assert tolerance_for(torch.bfloat16, 2.0, 0.0) == FLOOR_ULPS_HALF * torch.finfo(torch.bfloat16).eps * 2.0
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2, torch.float16, torch.bfloat16, torch.float32,
+                                   torch.float64])
 @pytest.mark.parametrize("scale", [0.03, 1.0, 7.5, 4e3])
 def test_a_gap_the_implied_check_accepts_passes_the_float64_rule_whatever_the_own_rounding(dtype: torch.dtype,
                                                                                            scale: float) -> None:

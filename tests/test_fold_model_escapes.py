@@ -137,7 +137,7 @@ def test_a_copy_that_shares_parameters_still_copies_buffers_and_attributes() -> 
 
     model = AnchorCachingHead().eval()
     shared = copy_model(model, share_parameters=True)
-    assert shared.conv.weight is model.conv.weight
+    assert shared.conv.weight is not model.conv.weight and shared.conv.weight.data_ptr() == model.conv.weight.data_ptr()
     assert shared.bn.running_mean is not model.bn.running_mean and shared.anchors is not model.anchors
     with torch.no_grad():
         shared(_inputs())
@@ -162,3 +162,39 @@ def test_a_forward_that_writes_its_parameters_leaves_the_callers_untouched(dtype
     model = WritesItsParameter().eval().to(dtype)
     fold_model(model, _inputs().to(dtype))
     assert float(model.calls) == 0
+
+
+class RenormalisingHead(nn.Conv2d):
+    """A cosine-classifier head: each call rebinds its weight's `.data` (no in-place write count shows it)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight.data
+        self.weight.data = F.normalize(w.flatten(1), dim=1).view_as(w)
+        return self._conv_forward(x, self.weight, self.bias)
+
+
+class FollowsItsInputsDtype(nn.Conv2d):
+    """A layer that converts itself to its input's dtype: only the float64 evaluation ever takes that branch."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != self.weight.dtype:
+            self.to(x.dtype)
+        return self._conv_forward(x, self.weight, self.bias)
+
+
+@pytest.mark.parametrize("head", [RenormalisingHead, FollowsItsInputsDtype])
+def test_the_float64_evaluation_never_reaches_the_callers_parameters(head: type) -> None:
+    """A large bias cancelled by the running mean keeps the gap from deciding, so the float64 run happens."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), head(8, 4, 1)).eval()
+    with torch.no_grad():
+        model[0].bias.fill_(1000.0)
+        model[1].running_mean.fill_(1000.0)
+        model[1].running_var.uniform_(0.5, 2)
+        model[3].weight.copy_(F.normalize(model[3].weight.flatten(1), dim=1).view_as(model[3].weight))
+    weight = model[3].weight.detach().clone()
+    result = fold_model(model, torch.rand(1, 3, 16, 16))
+    assert result.folded == [("0", "1")] and result.check is not None and not result.check.implied
+    assert model[3].weight.dtype == torch.float32 and torch.equal(model[3].weight, weight)
+    with torch.no_grad():
+        model(torch.rand(1, 3, 16, 16))  # still runs as a float32 model

@@ -58,7 +58,8 @@ FLOOR_ULPS_HALF = 1.0
 IMPLIED_FRACTION = 0.74
 """max|f - o| <= IMPLIED_FRACTION * floor * eps * max(max|o|, 1) passes the rule for every own rounding error a =
 max|o - o64| (implied_check): |f - o64| <= |f - o| + a, which is at most 4a once a >= a third of that bound, and
-below the floor (taken at max|o64| >= max|o| - a) otherwise. 3/4 would do exactly; 0.74 covers the scale's move."""
+below the floor (taken at max|o64| >= max|o| - a) otherwise. Exactly: a fraction up to 3 / (4 + floor * eps), 0.7485
+for bfloat16 and 0.727 for float8_e4m3fn (implied_check takes the smaller); 0.74 covers float32 to bfloat16."""
 _BLOCK_ELEMENTS = 1 << 18
 """Elements of a matrix operand widened to float64 at once (2 MB): a 16M-parameter Linear is never widened whole."""
 
@@ -126,7 +127,9 @@ def implied_check(original: Any, folded: Any, dtype: torch.dtype, samples: int =
     if measured is None or not math.isfinite(measured[0]):
         return None
     gap, scale = measured
-    bound = IMPLIED_FRACTION * _floor(dtype, scale)
+    floor = _floor(dtype, scale)
+    ulps = floor / max(scale, 1.0)  # floor multiplier * eps: the floor's own share of the scale's move
+    bound = min(IMPLIED_FRACTION, 0.999 * 3.0 / (4.0 + ulps)) * floor  # 3 / (4 + ulps) is exact; float8 needs it
     if gap > bound:
         return None
     return SelfCheck(max_abs_diff=gap, output_scale=scale, tolerance=bound, samples=samples, implied=True)
@@ -351,13 +354,18 @@ class _Float64Mode(NoDynamoDispatchMode):
         return func(*args, **kwargs)
 
 
-def float64_outputs(model: nn.Module, inputs: Sequence[Any]) -> Any | None:
+def float64_outputs(model: nn.Module, inputs: Sequence[Any], *, writes_only_copies: bool = False) -> Any | None:
     """The model's outputs on `inputs` evaluated in float64 (seeded); None when it cannot run that way.
 
-    No float64 copy of the model is made: `_Float64Mode` widens each op's operands as it runs.
+    No float64 copy of the model is made: `_Float64Mode` widens each op's operands as it runs, so an
+    in-place op writes into a widened copy, never into a float32 (or narrower) tensor the model holds.
+    writes_only_copies=True keeps to that way (no `_Float64FunctionMode` fallback, whose in-place
+    methods write into their own operand): for a model whose parameters are shared with another's.
     """
     wide = [pytree.tree_map(_widen, item) for item in inputs]
-    for modes in ((_ConvOperandsMode, _Float64Mode), (_Float64FunctionMode,)):
+    ways = ((_ConvOperandsMode, _Float64Mode),) if writes_only_copies else \
+        ((_ConvOperandsMode, _Float64Mode), (_Float64FunctionMode,))
+    for modes in ways:
         try:
             with contextlib.ExitStack() as stack:
                 for mode in modes:

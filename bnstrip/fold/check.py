@@ -86,9 +86,26 @@ def _compare(reference: Reference, got: Any) -> SelfCheck | None:
 
 
 def later_float64(work: nn.Module, inputs: Sequence[Any], eps: float | None) -> Any | None:
-    """The float64 evaluation of `work` (the original, or a copy nothing else runs) with the eps the fold used."""
+    """The float64 evaluation of `work` (a copy nothing else runs) with the eps the fold used."""
     with eps_override(work, eps):
         return float64_outputs(work, inputs)
+
+
+def original_float64(model: nn.Module, inputs: Sequence[Any], eps: float | None, share_parameters: bool) -> Any | None:
+    """The float64 evaluation of the caller's `model`, which must stay untouched, with the eps the fold used.
+
+    With share_parameters (the forward was not seen writing its parameters) the copy keeps the parameters'
+    memory (new Parameter objects over it, so rebinding `.data` or `.to()` in a forward reaches only the copy)
+    and runs only the op-by-op widening, which writes into widened copies: safe while no parameter is
+    float64 already. Where that way cannot run the model, a full copy runs every way.
+    """
+    if share_parameters and all(type(p) is nn.Parameter and p.dtype != torch.float64 for p in model.parameters()):
+        shared = copy_model(model, share_parameters=True)
+        with eps_override(shared, eps):
+            outputs = float64_outputs(shared, inputs, writes_only_copies=True)
+        if outputs is not None:
+            return outputs
+    return later_float64(copy_model(model), inputs, eps)
 
 
 def measure_sensitivity(model: nn.Module, inputs: tuple[Any, ...], eps: float | None, reference: Reference,
@@ -172,10 +189,12 @@ def training_batchnorms(model: nn.Module) -> list[str]:
 def copy_model(model: nn.Module, share_parameters: bool = False) -> nn.Module:
     """A copy of `model` in eval mode (its training-mode BatchNorms as given) that runs without touching it.
 
-    share_parameters=True keeps the Parameters themselves (everything else is copied): for a run that only reads
-    them, where copying a large model's weights would cost more than the run (the float64 evaluation).
+    share_parameters=True gives the copy new Parameter objects over the same memory (everything else is copied):
+    for a run that only reads them, where copying a large model's weights would cost more than the run (the
+    float64 evaluation, original_float64).
     """
-    memo: dict[int, Any] = {id(p): p for p in model.parameters()} if share_parameters else {}
+    memo: dict[int, Any] = {id(p): nn.Parameter(p.detach(), requires_grad=p.requires_grad)
+                            for p in model.parameters()} if share_parameters else {}
     try:
         work = copy.deepcopy(model, memo).eval()
     except Exception as exc:

@@ -22,7 +22,7 @@ from bnstrip._torch import own_buffers, tensor_version
 from bnstrip.core.compare import SelfCheck, model_dtype, seeded_outputs
 from bnstrip.errors import InputError
 from bnstrip.fold.check import (Reference, all_float64, as_inputs, bisect_folds, check_candidate, check_folded,
-                                copy_model, eps_override, later_float64, measure_sensitivity, modes_as_given,
+                                copy_model, eps_override, measure_sensitivity, modes_as_given, original_float64,
                                 samples_of, training_batchnorms)
 from bnstrip.fold.options import FoldOptions
 from bnstrip.refusals import refusal
@@ -198,7 +198,7 @@ def _fold_copy(model: nn.Module, inputs: tuple[Any, ...] | None, options: FoldOp
                               samples_of(inputs))
         if reference.outputs64 is None:  # a forward that writes into its own parameters gets them copied too
             share = written is not None and written == _parameter_versions(work)
-            reference.evaluate64 = lambda: later_float64(copy_model(model, share_parameters=share), inputs, eps)
+            reference.evaluate64 = lambda: original_float64(model, inputs, eps, share)
     folds, reasons = plan_folds(graph, work, keep_structure, eps)
     applied = apply_folds(folds, graph, work, eps, keep_structure, options.allow_overflow)
     folded_names = {f.bn.name for f in folds}
