@@ -14,7 +14,9 @@ Setup (a separate venv; never in CI):
 
     python3 -m venv .zoo-venv && . .zoo-venv/bin/activate && pip install torch==2.13.0 \
       && pip install -e '.[zoo]' torch==2.13.0      # torchvision + timm, keeping that torch
-    nice -n 10 python scripts/zoo.py --jobs 2 --out zoo.md --json zoo.json [--reparameterize]
+    nice -n 10 python scripts/zoo.py --jobs 1 --out zoo.md --json zoo.json [--reparameterize]
+
+--jobs 1 for the fold-time figures: models measured at once share the cores.
 
 The registry's torchvision wheel is a CUDA build: beside the CPU torch its C extension fails to
 load, and `import torchvision` (so `import timm`) then fails with "operator torchvision::nms
@@ -269,6 +271,8 @@ CATEGORIES = [
     ("producer output also feeds an add", r"also feeds (add|\.add|iadd|\+)"),
     ("producer output also feeds another op", r"also feeds"),
     ("BatchNorm subclass with its own forward (torch.export path)", r"overrides forward, so it is not a plain"),
+    ("BN after a cat that includes a block's input (DenseNet's pooled or earlier features, DPN's dense path), which "
+     "cannot absorb its channels", r"also concatenates .* which cannot absorb its channels"),
     ("producer is a layer subclass with its own forward", r"cannot absorb it"),
     ("BN after cat", r"comes from (cat|torch\.cat|\.cat)"),
     ("BN after flatten/reshape (Linear on (B,N,C))", r"comes from \.?(flatten|reshape|view|permute|transpose)"),
