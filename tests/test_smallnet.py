@@ -136,3 +136,23 @@ def test_self_check_figures_do_not_depend_on_the_thread_count(random_smallnet_st
     finally:
         torch.set_num_threads(before)
     assert figures[0] == figures[1] and figures[0][0] > 0
+
+
+def test_the_self_check_builds_the_float64_model_only_where_the_gap_does_not_decide(random_smallnet_state,
+                                                                                    monkeypatch) -> None:
+    """The trained checkpoint: the folded model is within a few ulps of the original, which decides the rule, so no
+    float64 model is built; random statistics (ill-conditioned): the gap does not decide, the float64 model does."""
+    import bnstrip.homework.smallnet as smallnet
+
+    built: list[int] = []
+    real = smallnet._float64_model
+
+    def counted(*args: object, **kwargs: object) -> object:
+        built.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(smallnet, "_float64_model", counted)
+    check = fuse_smallnet(load_checkpoint(SMALLNET_SAVED).state_dict, check_samples=2).self_check
+    assert check.passed and check.implied and built == []
+    check = fuse_smallnet(random_smallnet_state, check_samples=2).self_check
+    assert check.passed and not check.implied and check.rounding is not None and len(built) == 1

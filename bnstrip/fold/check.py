@@ -16,7 +16,8 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from torch import nn
 
-from bnstrip.core.compare import SelfCheck, compare_outputs, float64_outputs, implied_check, fresh_inputs, model_dtype, seeded_outputs
+from bnstrip.core.compare import (SelfCheck, compare_outputs, float64_outputs, fresh_inputs, implied_check, model_dtype,
+                                  seeded_outputs)
 from bnstrip.errors import InputError, first_line
 from bnstrip.fold.bisect import bisect_folds  # noqa: F401 - re-exported: fold.model imports it from here
 from bnstrip.trace.bn_registry import is_batchnorm_like
