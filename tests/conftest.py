@@ -16,6 +16,20 @@ SAMPLE_PATH = REPO_ROOT / "tests" / "data" / "cifar10_test_first200.npz"
 SMALLNET_SAVED = REPO_ROOT / "smallNetSaved"
 
 
+class ExportOnly(torch.nn.Module):
+    """Wraps a model so that torch.fx cannot trace it (a range over a traced size) but torch.export can: the tests
+    of the export path use it."""
+
+    def __init__(self, inner: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, *args: torch.Tensor):  # noqa: ANN201 - whatever the wrapped model returns
+        for _ in range(args[0].shape[0] - args[0].shape[0]):
+            pass
+        return self.inner(*args)
+
+
 def randomise_batchnorms(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     """Give every BatchNorm non-trivial statistics (var over 1e-3..1e3) and affine parameters."""
     gen = torch.Generator().manual_seed(seed)

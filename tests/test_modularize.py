@@ -11,6 +11,7 @@ from bnstrip import fold_model
 from bnstrip.fold.program import fold_program
 from bnstrip.trace.export_tracer import real_module_path
 from bnstrip.testing.zoo_patterns import FrozenBatchNorm2d, FrozenFPN, SlicedBackbone
+from conftest import ExportOnly
 
 EXACT = 1e-12
 
@@ -86,22 +87,13 @@ def test_call_like_path_segments_map_to_the_real_module() -> None:
     assert real_module_path("model.slice(None, -1, None).7.bn", model) == "model.slice(None, -1, None).7.bn"
 
 
-class _ExportOnly(nn.Module):
-    def __init__(self, inner: nn.Module) -> None:
-        super().__init__()
-        self.inner = inner
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for _ in range(x.shape[0] - x.shape[0]):
-            pass
-        return self.inner(x)
 
 
 def test_a_sequential_slice_called_in_forward_folds_on_every_path() -> None:
     model = _frozen_stats(SlicedBackbone()).double()
     x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
     expected = [("model.0.stem1.conv", "model.0.stem1.bn"), ("model.1.0", "model.1.1")]
-    exported = fold_model(_ExportOnly(model).eval(), x)
+    exported = fold_model(ExportOnly(model).eval(), x)
     assert exported.tracer == "torch.export"
     assert exported.folded == [(f"inner.{a}", f"inner.{b}") for a, b in expected] and exported.skipped == []
     program = fold_program(torch.export.export(model, (x,), strict=False))

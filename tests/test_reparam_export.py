@@ -12,6 +12,7 @@ from bnstrip.errors import InputError
 from bnstrip.fold.reparam import rebuild_merges
 from bnstrip.fold.reparam_blocks import RepNet, ShapeLoopRepNet, randomize_bn
 from bnstrip.testing.zoo_patterns import build
+from conftest import ExportOnly
 
 EXACT = 1e-12
 
@@ -42,21 +43,12 @@ def test_a_model_fx_cannot_trace_merges_as_fx_would() -> None:
             assert _rel(model(sample), via_export.model(sample)) <= EXACT
 
 
-class _ExportOnly(nn.Module):
-    def __init__(self, inner: nn.Module) -> None:
-        super().__init__()
-        self.inner = inner
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for _ in range(x.shape[0] - x.shape[0]):
-            pass
-        return self.inner(x)
 
 
 @pytest.mark.slow  # export, merge, fold again, each proven in float64: seconds
 def test_the_batchnorm_after_a_merged_sum_folds_on_the_export_path_too() -> None:
     inner, (x,) = build("RepViTLike")
-    model = _ExportOnly(inner).eval()
+    model = ExportOnly(inner).eval()
     result = fold_model(model, x, reparameterize=True)
     assert result.tracer == "torch.export" and len(result.merged) == 2
     assert result.skipped == [] and {bn for _, bn in result.folded} >= {"inner.mixer.bn", "inner.mixer2.bn"}

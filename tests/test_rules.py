@@ -16,6 +16,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from bnstrip import fold_model
 from bnstrip.testing.zoo import randomize_bn
 from bnstrip.refusals import refusal_code
+from conftest import ExportOnly
 
 REL_TOL = 1e-5
 
@@ -132,17 +133,6 @@ class SharedPair(nn.Module):
         return x
 
 
-class _ExportOnly(nn.Module):
-    """Wraps a model so that fx cannot trace it (range over a traced size) but torch.export can."""
-
-    def __init__(self, inner: nn.Module) -> None:
-        super().__init__()
-        self.inner = inner
-
-    def forward(self, *args: torch.Tensor):
-        for _ in range(args[0].shape[0] - args[0].shape[0]):
-            pass
-        return self.inner(*args)
 
 
 CASES = {
@@ -160,7 +150,7 @@ def _build(name: str, export_only: bool) -> tuple[nn.Module, tuple[torch.Tensor,
     torch.manual_seed(0)
     model = randomize_bn(cls()).eval()
     if export_only:
-        model = _ExportOnly(model).eval()
+        model = ExportOnly(model).eval()
         expected = {f"inner.{bn}": " + ".join(f"inner.{layer}" for layer in layers.split(" + "))
                     for bn, layers in expected.items()}
     gen = torch.Generator().manual_seed(1)

@@ -19,6 +19,7 @@ from bnstrip.trace.bn_registry import (
 )
 from bnstrip.testing.zoo import randomize_bn
 from bnstrip.testing.zoo_patterns import PATTERN_ZOO, BatchNormAct2d, TimmLinear, build
+from conftest import ExportOnly
 
 SLOW = {"RepViTLike"}
 """Merging then folding again runs several float64 depthwise convs and proofs: seconds, so CI's slow job."""
@@ -47,17 +48,6 @@ def _registered_norm_act():
     unregister_batchnorm(BatchNormAct2d)
 
 
-class _ExportOnly(nn.Module):
-    """fx cannot trace it (range over a traced size); torch.export can."""
-
-    def __init__(self, inner: nn.Module) -> None:
-        super().__init__()
-        self.inner = inner
-
-    def forward(self, *args: torch.Tensor):
-        for _ in range(args[0].shape[0] - args[0].shape[0]):
-            pass
-        return self.inner(*args)
 
 
 def _outputs(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
@@ -78,7 +68,7 @@ def test_each_pattern_folds_exactly_in_float64(name: str, export_only: bool) -> 
     if export_only:
         if name == "RepViTLike":
             pytest.skip("merging on the export path: test_reparam_export.py")
-        model = _ExportOnly(model).eval()
+        model = ExportOnly(model).eval()
         expected = {f"inner.{bn}": " + ".join(f"inner.{p}" for p in layer.split(" + ")) for bn, layer in expected.items()}
     result = fold_model(model, inputs, reparameterize=name == "RepViTLike")
     assert result.tracer == ("torch.export" if export_only else "torch.fx")

@@ -11,7 +11,7 @@ differs on real data.  fold_model's real-run check on the example inputs then pr
 from __future__ import annotations
 
 import copy
-from typing import Sequence, cast
+from typing import Callable, Sequence, cast
 
 import torch
 from torch import nn
@@ -34,17 +34,9 @@ def own_forward_issue(layer: nn.Module, input_shape: Sequence[int] | None, stats
         return f"{kind} overrides forward and its input shape is unknown; pass example inputs (example_inputs)"
     scale, shift = bn_scale_shift(stats, name)
     try:
-        original = cast("ConvNd | nn.Linear", copy.deepcopy(layer).to(torch.float64))  # a 'layer' op: a conv or Linear subclass
-        folded = copy.deepcopy(original)
-        unit = seeded_inputs(tuple(input_shape), seed=1, dtype=torch.float64) * 2 - 1
+        original, folded = float64_pair(layer, lambda w, b: fold_into_producer(w, b, stats, out_axis=0, groups=1, name=name))
+        unit = proof_inputs(input_shape)
         with torch.no_grad():
-            bias = None if folded.bias is None else folded.bias.detach()
-            weight, new_bias = fold_into_producer(folded.weight.detach(), bias, stats, out_axis=0, groups=1, name=name)
-            folded.weight.copy_(weight)
-            if folded.bias is None:
-                folded.bias = nn.Parameter(new_bias)
-            else:
-                folded.bias.copy_(new_bias)
             pairs = [(original(unit * scale), folded(unit * scale)) for scale in PROOF_SCALES]
     except Exception as exc:  # noqa: BLE001 - user code in forward (dtype checks, ...)
         return f"{kind} overrides forward and cannot be run in float64 to prove the fold ({type(exc).__name__})"
@@ -53,6 +45,27 @@ def own_forward_issue(layer: nn.Module, input_shape: Sequence[int] | None, stats
         if problem is not None:
             return f"{kind} overrides forward, and {problem} (inputs of magnitude {magnitude:g}), so it cannot absorb it"
     return None
+
+
+def proof_inputs(input_shape: Sequence[int]) -> torch.Tensor:
+    """Seeded float64 inputs in [-1, 1) of the shape the layer got, scaled by each of PROOF_SCALES in turn."""
+    return seeded_inputs(tuple(input_shape), seed=1, dtype=torch.float64) * 2 - 1
+
+
+def float64_pair(layer: nn.Module, fold: Callable[[torch.Tensor, torch.Tensor | None], tuple[torch.Tensor, torch.Tensor]],
+                 ) -> tuple[nn.Module, nn.Module]:
+    """The layer in float64, and a float64 copy whose weight and bias are `fold(weight, bias)`: the fold under proof
+    (the layer is a conv or Linear subclass; a missing bias becomes a Parameter)."""
+    original = cast("ConvNd | nn.Linear", copy.deepcopy(layer).to(torch.float64))
+    folded = copy.deepcopy(original)
+    with torch.no_grad():
+        weight, new_bias = fold(folded.weight.detach(), None if folded.bias is None else folded.bias.detach())
+        folded.weight.copy_(weight)
+        if folded.bias is None:
+            folded.bias = nn.Parameter(new_bias)
+        else:
+            folded.bias.copy_(new_bias)
+    return original, folded
 
 
 def _scaled_gap(layer: nn.Module, expected: object, got: object, scale: torch.Tensor, shift: torch.Tensor) -> str | None:

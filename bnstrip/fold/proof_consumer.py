@@ -8,17 +8,13 @@ check on the example inputs then proves the whole model as usual.
 """
 from __future__ import annotations
 
-import copy
 from collections.abc import Sequence
-from typing import cast
 
 import torch
 from torch import nn
 
-from bnstrip._torch import ConvNd
-from bnstrip.core.compare import seeded_inputs
 from bnstrip.core.foldmath import BNStats, bn_scale_shift, fold_into_consumer
-from bnstrip.fold.proof import _RELATIVE, PROOF_SCALES  # the same proof, the consumer side
+from bnstrip.fold.proof import _RELATIVE, PROOF_SCALES, float64_pair, proof_inputs  # the same proof, the consumer side
 
 
 def own_forward_consumer_issue(layer: nn.Module, input_shape: Sequence[int] | None, axis: int, stats: BNStats,
@@ -33,18 +29,10 @@ def own_forward_consumer_issue(layer: nn.Module, input_shape: Sequence[int] | No
     view[axis] = -1
     scale, shift = scale.reshape(view), shift.reshape(view)
     try:
-        original = cast("ConvNd | nn.Linear", copy.deepcopy(layer).to(torch.float64))  # a 'layer' op: a conv or Linear subclass
-        folded = copy.deepcopy(original)
-        unit = seeded_inputs(tuple(input_shape), seed=1, dtype=torch.float64) * 2 - 1
+        original, folded = float64_pair(
+            layer, lambda w, b: fold_into_consumer(w, b, stats, groups=getattr(layer, "groups", 1), name=name))
+        unit = proof_inputs(input_shape)
         with torch.no_grad():
-            bias = None if folded.bias is None else folded.bias.detach()
-            weight, new_bias = fold_into_consumer(folded.weight.detach(), bias, stats,
-                                                  groups=getattr(folded, "groups", 1), name=name)
-            folded.weight.copy_(weight)
-            if folded.bias is None:
-                folded.bias = nn.Parameter(new_bias)
-            else:
-                folded.bias.copy_(new_bias)
             # small and large inputs, not just the example's (a clamp or branch shows there)
             pairs = [(original(unit * m * scale + shift), folded(unit * m)) for m in PROOF_SCALES]
     except Exception as exc:  # noqa: BLE001 - user code in forward (dtype checks, ...)
