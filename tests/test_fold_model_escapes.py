@@ -145,7 +145,7 @@ def test_a_copy_that_shares_parameters_still_copies_buffers_and_attributes() -> 
 
 
 class WritesItsParameter(nn.Module):
-    """A forward that counts its calls in a Parameter, in place: no run may share its parameters with the caller's."""
+    """A forward that counts its calls in a Parameter, in place: no run of bnstrip's may change the caller's."""
 
     def __init__(self) -> None:
         super().__init__()

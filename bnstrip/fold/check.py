@@ -92,15 +92,14 @@ def later_float64(work: nn.Module, inputs: Sequence[Any], eps: float | None) -> 
         return float64_outputs(work, inputs)
 
 
-def original_float64(model: nn.Module, inputs: Sequence[Any], eps: float | None, share_parameters: bool) -> Any | None:
+def original_float64(model: nn.Module, inputs: Sequence[Any], eps: float | None) -> Any | None:
     """The float64 evaluation of the caller's `model`, which must stay untouched, with the eps the fold used.
 
-    With share_parameters (the forward was not seen writing its parameters) the copy keeps the parameters'
-    memory (new Parameter objects over it, so rebinding `.data` or `.to()` in a forward reaches only the copy)
-    and runs only the op-by-op widening, which writes into widened copies: safe while no parameter is
-    float64 already. Where that way cannot run the model, a full copy runs every way.
+    The copy keeps the parameters' memory (new Parameter objects over it, so rebinding `.data` or `.to()` in a
+    forward reaches only the copy) and runs only the op-by-op widening, whose in-place ops write into widened
+    copies: safe while no parameter is float64 already. Where that cannot be, a full copy runs every way.
     """
-    if share_parameters and all(type(p) is nn.Parameter and p.dtype != torch.float64 for p in model.parameters()):
+    if all(type(p) is nn.Parameter and p.dtype != torch.float64 for p in model.parameters()):
         shared = copy_model(model, share_parameters=True)
         with eps_override(shared, eps):
             outputs = float64_outputs(shared, inputs, writes_only_copies=True)

@@ -18,7 +18,7 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import nn
 
-from bnstrip._torch import own_buffers, tensor_version
+from bnstrip._torch import own_buffers
 from bnstrip.core.compare import SelfCheck, model_dtype, seeded_outputs
 from bnstrip.errors import InputError
 from bnstrip.fold.check import (Reference, all_float64, as_inputs, bisect_folds, check_candidate, check_folded,
@@ -145,13 +145,6 @@ def _attributes_kept(model: nn.Module) -> Iterator[None]:
                 container.update(old)
 
 
-def _parameter_versions(model: nn.Module) -> list[int] | None:
-    """The in-place write counts of the model's parameters (None where torch keeps none): equal before and after
-    a run when the forward never wrote into them."""
-    versions = [tensor_version(p) for p in model.parameters()]
-    return None if any(v is None for v in versions) else [int(v) for v in versions if v is not None]
-
-
 def _restore_statistics(model: nn.Module, result: FoldResult) -> None:
     """The runs of the check updated the running statistics of BatchNorms left in training mode: put back the
     model's own, so the output holds what the input held."""
@@ -180,7 +173,6 @@ def _fold_copy(model: nn.Module, inputs: tuple[Any, ...] | None, options: FoldOp
     work = copy_model(model)
     earlier = traced.get("graph") if traced is not None else None
     graph = replay_graph(earlier, work) if earlier is not None else None
-    written = _parameter_versions(work)
     if graph is None:
         with _attributes_kept(work):
             graph = build_graph(work, inputs)
@@ -196,9 +188,8 @@ def _fold_copy(model: nn.Module, inputs: tuple[Any, ...] | None, options: FoldOp
         # The float64 evaluation (on a fresh copy: `work` is folded below) only where the check needs it.
         reference = Reference(outputs, outputs if all_float64(work, inputs) else None, model_dtype(model),
                               samples_of(inputs))
-        if reference.outputs64 is None:  # a forward that writes into its own parameters gets them copied too
-            share = written is not None and written == _parameter_versions(work)
-            reference.evaluate64 = lambda: original_float64(model, inputs, eps, share)
+        if reference.outputs64 is None:
+            reference.evaluate64 = lambda: original_float64(model, inputs, eps)
     folds, reasons = plan_folds(graph, work, keep_structure, eps)
     applied = apply_folds(folds, graph, work, eps, keep_structure, options.allow_overflow)
     folded_names = {f.bn.name for f in folds}
